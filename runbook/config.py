@@ -1,0 +1,329 @@
+"""Playbook configuration: one schema, one loader.
+
+What the platform looks like (hosts, containers, databases, URLs, thresholds) is data in ``playbooks/*.yaml``.
+Every file is validated by the pydantic models below; errors name the file, the path inside it and what was
+expected. Secrets are never inline: a ``SecretRef`` names an environment variable (or an ``env_file`` entry, the
+docker-compose habit the Pafar team already has) or a Prefect Secret block, and is resolved only when used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from runbook.errors import ConfigError, MissingSecret
+from runbook.redact import redact, register_secret
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+"""Names of environments, services, databases, hosts: safe to log, to pass as arguments and to match alert labels."""
+
+EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(Strict):
+    """A reference to a secret: exactly one of an environment variable or a Prefect Secret block."""
+
+    env: EnvVarName | None = None
+    prefect_secret: Name | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretRef:
+        if (self.env is None) == (self.prefect_secret is None):
+            raise ValueError("give exactly one of 'env' (an environment variable) or 'prefect_secret' (a block name)")
+        return self
+
+    def describe(self) -> str:
+        return f"environment variable {self.env}" if self.env else f"Prefect Secret block {self.prefect_secret!r}"
+
+
+class DatabaseConfig(Strict):
+    dsn: SecretRef
+    key_tables: list[Name] = Field(default_factory=list, description="tables whose row counts matter")
+    connect_timeout_s: float = Field(3.0, gt=0, le=60)
+    statement_timeout_ms: int = Field(5000, gt=0, le=600_000)
+
+
+class DockerConfig(Strict):
+    base_url: str = Field(pattern=r"^(unix|tcp|ssh|npipe)://.+")
+    compose_project: Name = "pafar"
+    timeout_s: float = Field(10.0, gt=0, le=120)
+
+
+class SSHHostConfig(Strict):
+    host: str = Field(pattern=r"^[A-Za-z0-9.:-]{1,253}$")
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    key_file: Path
+    known_hosts: Path
+    timeout_s: float = Field(5.0, gt=0, le=120)
+
+
+class RedisConfig(Strict):
+    url: str = Field(pattern=r"^rediss?://[^@\s]+$", description="no credentials in the URL: use password")
+    password: SecretRef | None = None
+    timeout_s: float = Field(3.0, gt=0, le=60)
+
+
+class ElasticsearchConfig(Strict):
+    url: str = Field(pattern=r"^https?://\S+$")
+    index_pattern: str = Field("logstash-pafar-*", pattern=r"^[a-z0-9*._-]+$")
+    api_key: SecretRef | None = None
+    timeout_s: float = Field(5.0, gt=0, le=120)
+    media_type: Literal["elasticsearch", "plain-json"] = Field(
+        "elasticsearch", description="plain-json only for OpenSearch-compatible servers that reject ES media types"
+    )
+
+
+class HttpCheckConfig(Strict):
+    url: str = Field(pattern=r"^https?://\S+$")
+    expect_status: int = Field(200, ge=100, le=599)
+    timeout_s: float = Field(5.0, gt=0, le=120)
+
+
+class BackupConfig(Strict):
+    directory: Path
+    ssh_host: Name | None = None
+    rpo_hours: float = Field(26.0, gt=0)
+    log_file: Path | None = None
+
+
+class ServiceConfig(Strict):
+    min_replicas: int = Field(1, ge=0, le=100)
+    max_replicas: int = Field(1, ge=1, le=100)
+    writer: bool = Field(False, description="writes to the database: stopped before a restore")
+    health_url: str | None = Field(None, pattern=r"^https?://\S+$")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServiceConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class Thresholds(Strict):
+    """The runbook's alert thresholds plus the limits remediations act on."""
+
+    error_rate_per_s: float = Field(0.1, ge=0, description="HighErrorRate: 5xx per second")
+    p95_latency_s: float = Field(2.0, gt=0, description="HighResponseTime")
+    memory_percent: float = Field(85.0, gt=0, le=100, description="HighMemoryUsage")
+    cpu_percent: float = Field(80.0, gt=0)
+    disk_percent: float = Field(90.0, gt=0, le=100)
+    db_connections: int = Field(80, gt=0, description="DatabaseConnectionHigh: pg_stat_database_numbackends")
+    slow_response_ms: int = Field(5000, gt=0, description="the runbook's 'Performance Issues' log query")
+    long_query_s: float = Field(300.0, gt=0, description="active queries older than this are cancelled")
+    idle_in_transaction_s: float = Field(120.0, gt=0, description="idle-in-transaction blockers older are terminated")
+    cache_hit_ratio: float = Field(0.8, ge=0, le=1)
+
+
+class Environment(Strict):
+    description: str = ""
+    env_file: Path | None = Field(None, description="KEY=VALUE file (relative to the playbook) consulted for secrets")
+    docker: DockerConfig | None = None
+    ssh_hosts: dict[Name, SSHHostConfig] = Field(default_factory=dict)
+    databases: dict[Name, DatabaseConfig] = Field(default_factory=dict)
+    prometheus_url: str | None = Field(None, pattern=r"^https?://\S+$")
+    elasticsearch: ElasticsearchConfig | None = None
+    redis: RedisConfig | None = None
+    http_checks: dict[Name, HttpCheckConfig] = Field(default_factory=dict)
+    backups: BackupConfig | None = None
+    services: dict[Name, ServiceConfig] = Field(default_factory=dict)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+
+    _name: str = PrivateAttr("")
+    _source: Path = PrivateAttr(Path("."))
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def source(self) -> Path:
+        return self._source
+
+    @model_validator(mode="after")
+    def _backup_host_exists(self) -> Environment:
+        if self.backups and self.backups.ssh_host and self.backups.ssh_host not in self.ssh_hosts:
+            raise ValueError(f"backups.ssh_host {self.backups.ssh_host!r} is not one of ssh_hosts")
+        return self
+
+    def database(self, name: str) -> DatabaseConfig:
+        """The named database, or a ConfigError naming the ones that exist."""
+        try:
+            return self.databases[name]
+        except KeyError:
+            known = ", ".join(sorted(self.databases)) or "none"
+            raise ConfigError(
+                f"{self._source}: environments.{self._name}.databases: no database {name!r} (known: {known})"
+            ) from None
+
+    def resolve_secret(self, ref: SecretRef, where: str) -> str:
+        """Return the secret's value; a MissingSecret names the playbook file, the path in it and the variable."""
+        if ref.env:
+            value = os.environ.get(ref.env)
+            if value is None and self.env_file is not None:
+                value = _read_env_file(self._source.parent / self.env_file).get(ref.env)
+            if not value:
+                raise MissingSecret(
+                    f"{self._source}: environments.{self._name}.{where}: environment variable {ref.env} is not set"
+                )
+        else:
+            value = _load_prefect_secret(ref.prefect_secret or "", f"{self._source}: environments.{self._name}.{where}")
+        register_secret(value)
+        return value
+
+
+class PlaybookFile(Strict):
+    """One file in playbooks/. Later sections (alert routes) join as optional keys."""
+
+    environments: dict[Name, Environment] = Field(default_factory=dict)
+
+
+class Playbooks(BaseModel):
+    """Everything loaded from the playbook directories, environments by name."""
+
+    environments: dict[str, Environment]
+    files: list[Path]
+
+    def environment(self, name: str) -> Environment:
+        try:
+            return self.environments[name]
+        except KeyError:
+            known = ", ".join(sorted(self.environments)) or "none"
+            hint = " (start it with `runbook sandbox up`)" if name == "sandbox" else ""
+            raise ConfigError(f"unknown environment {name!r}{hint}; known: {known}") from None
+
+
+def default_playbook_dirs() -> list[Path]:
+    """The project's playbooks/ and the sandbox's generated ones, or $RUNBOOK_PLAYBOOKS (os.pathsep-separated)."""
+    configured = os.environ.get("RUNBOOK_PLAYBOOKS")
+    if configured:
+        return [Path(p) for p in configured.split(os.pathsep) if p]
+    from runbook.sandbox import state_dir  # local import: the sandbox is optional at run time
+
+    return [PROJECT_ROOT / "playbooks", state_dir() / "playbooks"]
+
+
+def load_playbooks(dirs: Sequence[Path] | None = None) -> Playbooks:
+    """Load and validate every ``*.yaml`` under the given directories; all errors are collected, then raised."""
+    dirs = list(dirs) if dirs is not None else default_playbook_dirs()
+    files: list[Path] = []
+    for d in dirs:
+        if d.is_file():
+            files.append(d)
+        elif d.is_dir():
+            files.extend(sorted([*d.glob("*.yaml"), *d.glob("*.yml")]))
+    errors: list[str] = []
+    envs: dict[str, Environment] = {}
+    for path in files:
+        parsed = _load_file(path, errors)
+        if parsed is None:
+            continue
+        for name, env in parsed.environments.items():
+            if name in envs:
+                errors.append(f"{path}: environments.{name}: already defined in {envs[name].source}")
+                continue
+            env._name, env._source = name, path
+            envs[name] = env
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return Playbooks(environments=envs, files=files)
+
+
+def playbook_json_schema() -> dict[str, Any]:
+    """The JSON schema of a playbook file, for editors (yaml-language-server) and reviewers."""
+    return PlaybookFile.model_json_schema()
+
+
+def _load_file(path: Path, errors: list[str]) -> PlaybookFile | None:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        errors.append(f"{path}: {where}not valid YAML: {getattr(exc, 'problem', None) or exc}")
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        errors.append(f"{path}: cannot read: {exc}")
+        return None
+    if raw is None:
+        return PlaybookFile()
+    try:
+        return PlaybookFile.model_validate(raw)
+    except ValidationError as exc:
+        errors.extend(f"{path}: {_format_error(e)}" for e in exc.errors(include_url=False))
+        return None
+
+
+def _format_error(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict | list) else f" (got {redact(str(got))[:60]!r})"
+    return f"{loc}: {err['msg']}{shown}"
+
+
+_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    """Parse a docker-compose style env file. Hand-written: ten lines, and python-dotenv is not in our stack."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return values
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _ENV_LINE.match(line)
+        if m:
+            key, value = m.groups()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[key] = value
+    return values
+
+
+def _load_prefect_secret(block: str, where: str) -> str:
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block, validate=False).get()
+    except ValueError as exc:  # Prefect raises ValueError for a missing block
+        raise MissingSecret(f"{where}: Prefect Secret block {block!r} cannot be loaded: {exc}") from None
+    return str(value)
+
+
+def iter_secret_refs(env: Environment) -> Iterable[tuple[str, SecretRef]]:
+    """Every secret an environment refers to, with its path, for `runbook check --env`."""
+    for name, db in env.databases.items():
+        yield f"databases.{name}.dsn", db.dsn
+    if env.redis and env.redis.password:
+        yield "redis.password", env.redis.password
+    if env.elasticsearch and env.elasticsearch.api_key:
+        yield "elasticsearch.api_key", env.elasticsearch.api_key

@@ -1,0 +1,32 @@
+"""The project's own errors. Third-party exceptions are mapped to these at one boundary (runbook.clients)."""
+
+from __future__ import annotations
+
+
+class RunbookError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class ConfigError(RunbookError):
+    """A playbook is invalid or names something that does not exist. Exit code 2."""
+
+
+class MissingSecret(ConfigError):
+    """A referenced secret (environment variable or Prefect Secret block) is not available. Exit code 2."""
+
+
+class BadInput(RunbookError):
+    """A CLI argument, parameter or payload was rejected. Exit code 2."""
+
+
+class TargetUnreachable(RunbookError):
+    """A target (database, host, API) could not be reached in time. Flows turn this into a finding."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        super().__init__(f"{target} unreachable: {reason}")
+        self.target = target
+        self.reason = reason
+
+
+class RemediationFailed(RunbookError):
+    """A remediation's apply raised, or its verify did not confirm the change."""

@@ -1,0 +1,330 @@
+"""Findings and reports: data first, rendering later (the Robusta shape).
+
+A flow collects ``Finding``s (what it saw) and ``ActionResult``s (what it did or would do) into one ``Report``.
+The same report is rendered as Prefect artifacts for the UI, a rich view for the terminal and JSON for machines;
+every renderer redacts secrets on the way out.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from runbook.redact import redact, redact_obj
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return {"info": 0, "warning": 1, "critical": 2}[self.value]
+
+
+class MarkdownBlock(BaseModel):
+    kind: Literal["markdown"] = "markdown"
+    text: str
+
+
+class TableBlock(BaseModel):
+    kind: Literal["table"] = "table"
+    title: str = ""
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+class CodeBlock(BaseModel):
+    kind: Literal["code"] = "code"
+    title: str = ""
+    language: str = ""
+    text: str
+
+
+Block = Annotated[MarkdownBlock | TableBlock | CodeBlock, Field(discriminator="kind")]
+
+
+class Finding(BaseModel):
+    """One thing a diagnostic saw. ``aggregation_key`` groups repeats of the same problem (e.g. per subject)."""
+
+    title: str
+    severity: Severity = Severity.INFO
+    subject: str = Field(description="what the finding is about: a database, a pid, a container, a host")
+    details: dict[str, Any] = Field(default_factory=dict)
+    blocks: list[Block] = Field(default_factory=list)
+    aggregation_key: str = ""
+
+
+class Change(BaseModel):
+    """One planned change of a remediation, with the before/after a dry run shows (Ansible's diff)."""
+
+    action: str = Field(description="verb: cancel, terminate, scale, restart ...")
+    subject: str = Field(description="exactly what it acts on, e.g. 'pid 4242'")
+    before: dict[str, Any] = Field(default_factory=dict)
+    after: dict[str, Any] = Field(default_factory=dict)
+
+
+class ActionResult(BaseModel):
+    """What the remediation runner did: the plan, whether it changed anything, whether verify confirmed it."""
+
+    name: str
+    target: str
+    dry_run: bool
+    planned: list[Change] = Field(default_factory=list)
+    changed: bool = False
+    verified: bool | None = None
+    skipped_reason: str = ""
+    error: str = ""
+    detail: str = ""
+
+
+class Report(BaseModel):
+    procedure: str
+    env: str
+    dry_run: bool
+    started: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    finished: datetime | None = None
+    findings: list[Finding] = Field(default_factory=list)
+    actions: list[ActionResult] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    flow_run_id: str | None = None
+
+    def add(self, finding: Finding) -> Finding:
+        self.findings.append(finding)
+        return finding
+
+    @property
+    def worst(self) -> Severity:
+        return max((f.severity for f in self.findings), key=lambda s: s.rank, default=Severity.INFO)
+
+    @property
+    def has_critical(self) -> bool:
+        return self.worst is Severity.CRITICAL or any(a.error for a in self.actions)
+
+    def finish(self) -> Report:
+        self.finished = datetime.now(UTC)
+        return self
+
+
+# ---------------------------------------------------------------- JSON
+
+
+def report_to_json(report: Report) -> dict[str, Any]:
+    """The machine-readable document of ``runbook run --output json``: stable keys, secrets masked."""
+    doc = {
+        "procedure": report.procedure,
+        "env": report.env,
+        "dry_run": report.dry_run,
+        "started": report.started.isoformat(),
+        "finished": report.finished.isoformat() if report.finished else None,
+        "flow_run_id": report.flow_run_id,
+        "worst_severity": report.worst.value,
+        "findings": [
+            {
+                "severity": f.severity.value,
+                "title": f.title,
+                "subject": f.subject,
+                "details": f.details,
+                "blocks": [b.model_dump(mode="json") for b in f.blocks],
+            }
+            for f in report.findings
+        ],
+        "actions": [
+            {
+                "name": a.name,
+                "target": a.target,
+                "dry_run": a.dry_run,
+                "planned": [c.model_dump(mode="json") for c in a.planned],
+                "changed": a.changed,
+                "verified": a.verified,
+                "skipped_reason": a.skipped_reason,
+                "error": a.error,
+                "detail": a.detail,
+            }
+            for a in report.actions
+        ],
+        "notes": report.notes,
+    }
+    return redact_obj(json.loads(json.dumps(doc, default=str)))
+
+
+def report_from_json(doc: dict[str, Any]) -> Report:
+    """Rebuild a Report from ``report_to_json`` output (a flow's return value crossing a process boundary)."""
+    return Report(
+        procedure=doc["procedure"],
+        env=doc["env"],
+        dry_run=doc["dry_run"],
+        started=doc["started"],
+        finished=doc.get("finished"),
+        flow_run_id=doc.get("flow_run_id"),
+        findings=[Finding(**f) for f in doc.get("findings", [])],
+        actions=[ActionResult(**a) for a in doc.get("actions", [])],
+        notes=doc.get("notes", []),
+    )
+
+
+# ---------------------------------------------------------------- Markdown (Prefect UI)
+
+
+def _md_cell(value: Any) -> str:
+    text = redact(_short(value, 160))
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(columns: list[str], rows: list[list[Any]]) -> str:
+    head = "| " + " | ".join(_md_cell(c) for c in columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _md_block(block: Block) -> str:
+    if isinstance(block, MarkdownBlock):
+        return redact(block.text)
+    if isinstance(block, TableBlock):
+        title = f"**{redact(block.title)}**\n\n" if block.title else ""
+        return title + (_md_table(block.columns, block.rows) if block.rows else "_(none)_")
+    title = f"**{redact(block.title)}**\n\n" if block.title else ""
+    return f"{title}```{block.language}\n{redact(block.text)}\n```"
+
+
+_ICON = {Severity.CRITICAL: "🔴", Severity.WARNING: "🟠", Severity.INFO: "🔵"}
+
+
+def report_to_markdown(report: Report) -> str:
+    """The report as one markdown document: the Prefect artifact an operator reads in the UI."""
+    mode = "DRY RUN (nothing was changed)" if report.dry_run else "APPLY"
+    lines = [
+        f"# {report.procedure} on `{report.env}`: {mode}",
+        f"Worst severity: **{report.worst.value}** · {len(report.findings)} findings · "
+        f"{sum(a.changed for a in report.actions)} of {len(report.actions)} remediations changed something",
+        "",
+        "## Findings",
+    ]
+    for f in sorted(report.findings, key=lambda f: -f.severity.rank):
+        lines += [f"### {_ICON[f.severity]} {redact(f.title)}", f"*{f.severity.value}* · subject `{redact(f.subject)}`"]
+        if f.details:
+            lines.append(_md_table(["detail", "value"], [[k, v] for k, v in f.details.items()]))
+        lines += [_md_block(b) for b in f.blocks]
+        lines.append("")
+    lines.append("## Remediations")
+    if not report.actions:
+        lines.append("_None ran._")
+    for a in report.actions:
+        lines.append(f"### {a.name} → `{redact(a.target)}`: {_action_status(a)}")
+        if a.planned:
+            lines.append(_md_table(["action", "subject", "before", "after"], [_change_row(c) for c in a.planned]))
+        for text in (a.skipped_reason, a.detail, a.error):
+            if text:
+                lines.append(redact(text))
+        lines.append("")
+    if report.notes:
+        lines += ["## Notes", *[f"- {redact(n)}" for n in report.notes]]
+    return "\n".join(lines)
+
+
+def _action_status(a: ActionResult) -> str:
+    if a.error:
+        return "FAILED"
+    if not a.planned:
+        return "no change needed"
+    if a.dry_run:
+        return f"would change {len(a.planned)} (dry run)"
+    if a.changed:
+        return "changed, verified" if a.verified else "changed, NOT verified"
+    return "no change"
+
+
+def _change_row(c: Change) -> list[Any]:
+    return [c.action, c.subject, _kv(c.before), _kv(c.after)]
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_short(v, 80)}" for k, v in d.items())
+
+
+def _short(value: Any, limit: int) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------- Prefect artifacts
+
+
+def publish_artifacts(report: Report) -> None:
+    """Publish the report to the Prefect UI: one markdown artifact plus a table of the findings."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = report.procedure.replace("_", "-")
+    create_markdown_artifact(
+        markdown=report_to_markdown(report), key=f"{key}-report", description=f"{report.procedure} report"
+    )
+    create_table_artifact(
+        table=[
+            {"severity": f.severity.value, "title": redact(f.title), "subject": redact(f.subject)}
+            for f in report.findings
+        ]
+        or [{"severity": "", "title": "no findings", "subject": ""}],
+        key=f"{key}-findings",
+        description=f"{report.procedure} findings",
+    )
+
+
+# ---------------------------------------------------------------- terminal
+
+
+_STYLE = {Severity.CRITICAL: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+
+
+def render_terminal(report: Report, console: Console) -> None:
+    """A view a person can scan at 3 a.m.: findings by severity, then what was (or would be) done."""
+    mode = "[bold green]DRY RUN[/] — nothing was changed" if report.dry_run else "[bold magenta]APPLY[/]"
+    console.rule(f"[bold]{report.procedure}[/] on [bold]{report.env}[/]")
+    console.print(mode)
+    for f in sorted(report.findings, key=lambda f: -f.severity.rank):
+        parts: list[Any] = []
+        if f.details:
+            t = Table(show_header=False, box=None, pad_edge=False)
+            for k, v in f.details.items():
+                t.add_row(f"[dim]{k}[/]", redact(_short(v, 200)))
+            parts.append(t)
+        for b in f.blocks:
+            parts.append(_rich_block(b))
+        title = Text.assemble((f"{f.severity.value.upper()} ", _STYLE[f.severity]), redact(f.title))
+        console.print(Panel(Group(*parts) if parts else Text(redact(f.subject), style="dim"), title=title,
+                            title_align="left", subtitle=redact(f.subject), subtitle_align="right"))
+    if report.actions:
+        t = Table(title="Remediations", show_lines=False)
+        for col in ("remediation", "target", "status", "planned changes"):
+            t.add_column(col)
+        for a in report.actions:
+            planned = "\n".join(f"{c.action} {c.subject}: {_kv(c.before)}" for c in a.planned) or "-"
+            status = _action_status(a) + (f"\n{a.error}" if a.error else "") + (
+                f"\n{a.skipped_reason}" if a.skipped_reason else "")
+            t.add_row(a.name, redact(a.target), redact(status), redact(planned))
+        console.print(t)
+    for n in report.notes:
+        console.print(f"[dim]note:[/] {redact(n)}")
+    console.print(f"worst severity: [{_STYLE[report.worst]}]{report.worst.value}[/]")
+
+
+def _rich_block(block: Block) -> Any:
+    if isinstance(block, TableBlock):
+        t = Table(title=redact(block.title) or None, title_justify="left")
+        for c in block.columns:
+            t.add_column(c)
+        for row in block.rows:
+            t.add_row(*(redact(_short(v, 120)) for v in row))
+        return t
+    if isinstance(block, CodeBlock):
+        return Text(redact(block.text), style="dim")
+    return Text(redact(block.text))
