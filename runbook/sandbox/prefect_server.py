@@ -1,0 +1,140 @@
+"""A Prefect server on SQLite in the state dir, so flows run against a real API instead of ephemeral mode.
+
+Migrating a fresh Prefect database takes ~8 s of the ~14 s a first start needs. After the first start the
+migrated database is snapshotted into a cache keyed by the Prefect version, and later starts begin from a
+copy of it (~5 s). The cache lives outside the state dir so `down` does not throw it away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from . import net, process
+from .base import Requirement, Service, ServiceRecord
+from .errors import SandboxError
+
+START_TIMEOUT_S = 60.0
+DB_FILE = "prefect.db"
+
+
+def prefect_executable() -> Path:
+    """The `prefect` script of the running interpreter's environment (not resolved: venvs symlink python)."""
+    return Path(sys.executable).parent / "prefect"
+
+
+def api_url(port: int) -> str:
+    """Prefect API URL of a server on 127.0.0.1:port."""
+    return f"http://{net.LOOPBACK}:{port}/api"
+
+
+def server_env(home: Path) -> dict[str, str]:
+    """Environment for the server: isolated PREFECT_HOME and SQLite DB, telemetry off."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / DB_FILE}",
+    )
+    return env
+
+
+def cache_dir() -> Path:
+    """$RUNBOOK_SANDBOX_CACHE_DIR, else $XDG_CACHE_HOME/runbook/sandbox (default ~/.cache/runbook/sandbox)."""
+    explicit = os.environ.get("RUNBOOK_SANDBOX_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "runbook" / "sandbox"
+
+
+def template_db() -> Path:
+    """The cached, already migrated database for this Prefect version."""
+    return cache_dir() / f"prefect-{importlib.metadata.version('prefect')}.db"
+
+
+def save_template(db: Path) -> None:
+    """Snapshot a running server's freshly migrated DB with SQLite's online backup; best effort."""
+    target = template_db()
+    with contextlib.suppress(OSError, sqlite3.Error):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        os.close(fd)
+        try:
+            with (
+                contextlib.closing(sqlite3.connect(db, timeout=5)) as src,
+                contextlib.closing(sqlite3.connect(tmp)) as dst,
+            ):
+                src.backup(dst)
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+class PrefectServer(Service):
+    name = "prefect"
+    requirements = (
+        Requirement(str(prefect_executable()), "prefect", f"{sys.executable} -m pip install prefect", kind="Python"),
+    )
+
+    def start(self, state: Path, port: int) -> ServiceRecord:
+        home = self.fresh_dir(state)
+        template = template_db()
+        from_template = template.is_file()
+        if from_template:
+            shutil.copyfile(template, home / DB_FILE)
+        try:
+            record = self._start(home, port)
+        except SandboxError as exc:
+            if from_template:  # a bad template must not break every later up: the next one migrates afresh
+                template.unlink(missing_ok=True)
+                raise SandboxError(f"{exc}\n(removed the cached template {template})") from exc
+            raise
+        if not from_template:
+            save_template(home / DB_FILE)
+        return record
+
+    def _start(self, home: Path, port: int) -> ServiceRecord:
+        log = home / "server.log"
+        exe = str(prefect_executable())
+        cmd = [exe, "server", "start", "--host", net.LOOPBACK, "--port", str(port), "--analytics-off"]
+        proc = process.spawn(cmd, log, env=server_env(home), cwd=home)
+        record = ServiceRecord(
+            name=self.name,
+            pid=proc.pid,
+            port=port,
+            log_file=str(log),
+            paths={"home": str(home), "database": str(home / DB_FILE)},
+            cmdline_markers=[exe, "server start", f"--port {port}"],
+        )
+        ok = process.wait_until(
+            lambda: process.child_exited(proc.pid) is not None or self.is_healthy(record), START_TIMEOUT_S, 0.25
+        )
+        if not ok or not self.is_healthy(record):
+            exited = process.child_exited(proc.pid)
+            record.proc_start = process.start_ticks(proc.pid)
+            if exited is None:
+                self.stop(record)
+            reason = f"exited with {exited}" if exited is not None else f"not healthy within {START_TIMEOUT_S:.0f}s"
+            raise process.failure(f"prefect server on 127.0.0.1:{port} {reason}", log)
+        record.proc_start = process.start_ticks(proc.pid)
+        record.running = True
+        return record
+
+    def is_healthy(self, record: ServiceRecord) -> bool:
+        try:
+            return httpx.get(f"{api_url(record.port)}/health", timeout=2.0, trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+SERVICE = PrefectServer()
