@@ -1,0 +1,186 @@
+"""Procedure: Database Performance Issues (the runbook's "check slow queries / check locks / analyze query plans").
+
+Diagnose: connections against max_connections and the DatabaseConnectionHigh threshold; long-running active
+queries; lock waits as a blocking tree naming the root blocker; the slowest statements from pg_stat_statements;
+their plans; index analysis of hot tables with a suggested index where a filter column has none.
+Remediate (dry run unless dry_run=False): cancel queries running past ``long_query_s``; terminate root blockers
+idle in transaction past ``idle_in_transaction_s``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from prefect import flow
+from pydantic import Field
+
+from runbook.findings import Finding, Report, Severity, TableBlock
+from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
+from tasks.postgres import (
+    analyze_indexes,
+    explain_statements,
+    get_activity_snapshot,
+    get_top_statements,
+    seq_scan_filters,
+)
+from tasks.postgres_remediations import CancelLongQueries, TerminateIdleBlockers
+
+DbName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="database name from the playbook")]
+
+
+@flow(name="db-slowness", log_prints=False)
+def db_slowness(
+    env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
+    database: DbName = "main",
+    dry_run: bool = True,
+    long_query_s: Annotated[float | None, Field(gt=0, description="cancel active queries older (s)")] = None,
+    idle_in_transaction_s: Annotated[float | None, Field(gt=0, description="terminate idle blockers older (s)")] = None,
+    top: Annotated[int, Field(ge=1, le=50, description="how many statements to rank and explain")] = 10,
+) -> dict[str, Any]:
+    """Diagnose a slow database and, unless dry_run, cancel runaway queries and terminate idle root blockers."""
+    report, environment = start_report("db-slowness", env, dry_run)
+    long_s = long_query_s or environment.thresholds.long_query_s
+    idle_s = idle_in_transaction_s or environment.thresholds.idle_in_transaction_s
+    with unreachable_as_finding(report):
+        snapshot_f = get_activity_snapshot.submit(environment, database)
+        top_f = get_top_statements.submit(environment, database, top)
+        snapshot, statements = snapshot_f.result(), top_f.result()
+        assess_connections(report, snapshot["totals"], environment.thresholds.db_connections)
+        assess_long_queries(report, snapshot["sessions"], long_s)
+        assess_locks(report, snapshot["sessions"], idle_s)
+        plans = explain_statements(environment, database, [s["query"] for s in statements[:3]])
+        assess_statements(report, statements, plans)
+        filters = _filter_columns(plans)
+        indexes = analyze_indexes(environment, database, list(filters), filters)
+        assess_indexes(report, indexes)
+        for rem in (CancelLongQueries(environment, database, long_s),
+                    TerminateIdleBlockers(environment, database, idle_s)):
+            report.actions.append(remediate(rem, dry_run=dry_run))
+    return finish_report(report)
+
+
+# ------------------------------------------------------------------ assessments (pure: data in, findings out)
+
+
+def assess_connections(report: Report, totals: dict[str, Any], threshold: int) -> None:
+    used, limit = int(totals["total_clients"]), int(totals["max_connections"]) - int(totals["reserved"])
+    numbackends = int(totals["numbackends"] or 0)
+    severity = Severity.INFO
+    if numbackends > threshold or used >= 0.9 * limit:
+        severity = Severity.CRITICAL
+    elif used >= 0.75 * limit:
+        severity = Severity.WARNING
+    report.add(Finding(
+        title=f"{numbackends} connections to {totals['database']} ({used} of {limit} usable server-wide)",
+        severity=severity, subject=f"database {totals['database']}",
+        details={"numbackends": numbackends, "alert_threshold": threshold, "server_clients": used,
+                 "max_connections": totals["max_connections"], "server_version": totals["server_version"]},
+        aggregation_key="db-connections",
+    ))
+
+
+def assess_long_queries(report: Report, sessions: list[dict[str, Any]], threshold_s: float) -> None:
+    long = [s for s in sessions if s["state"] == "active" and (s["query_age_s"] or 0) > threshold_s
+            and s["wait_event_type"] != "Lock"]
+    if not long:
+        return
+    report.add(Finding(
+        title=f"{len(long)} active quer{'y' if len(long) == 1 else 'ies'} running longer than {threshold_s:g} s",
+        severity=Severity.WARNING, subject="long-running queries",
+        blocks=[TableBlock(columns=["pid", "user", "age s", "wait", "query"], rows=[
+            [s["pid"], s["usename"], round(s["query_age_s"], 1), s["wait_event"] or "", s["query"][:200]]
+            for s in long])],
+        aggregation_key="db-long-queries",
+    ))
+
+
+def blocking_tree(sessions: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Root blocker pid -> every pid waiting on it, directly or through a chain."""
+    blocked_by = {s["pid"]: list(s["blocked_by"] or []) for s in sessions}
+    roots: dict[int, list[int]] = {}
+    for pid, blockers in blocked_by.items():
+        stack, seen = list(blockers), set()
+        while stack:
+            b = stack.pop()
+            if b in seen:
+                continue
+            seen.add(b)
+            upstream = blocked_by.get(b, [])
+            if upstream:
+                stack.extend(upstream)
+            else:
+                roots.setdefault(b, []).append(pid)
+    return {root: sorted(set(waiters)) for root, waiters in roots.items()}
+
+
+def assess_locks(report: Report, sessions: list[dict[str, Any]], idle_threshold_s: float) -> None:
+    by_pid = {s["pid"]: s for s in sessions}
+    for root, waiters in sorted(blocking_tree(sessions).items()):
+        r = by_pid.get(root, {})
+        state = r.get("state") or "unknown"
+        age = r.get("state_age_s") or 0.0
+        critical = state.startswith("idle in transaction") and age > idle_threshold_s
+        rows = [[w, by_pid.get(w, {}).get("usename", "?"), round(by_pid.get(w, {}).get("query_age_s") or 0, 1),
+                 (by_pid.get(w, {}).get("query") or "")[:160]] for w in waiters]
+        report.add(Finding(
+            title=f"root blocker pid {root} ({state} for {age:.0f} s) blocks {len(waiters)} session(s)",
+            severity=Severity.CRITICAL if critical or len(waiters) > 1 else Severity.WARNING,
+            subject=f"pid {root}",
+            details={"user": r.get("usename"), "state": state, "application": r.get("application_name"),
+                     "client": r.get("client_addr"), "last_query": (r.get("query") or "")[:300],
+                     "transaction_age_s": round(r.get("xact_age_s") or 0, 1)},
+            blocks=[TableBlock(title="waiting on it", columns=["pid", "user", "waiting s", "query"], rows=rows)],
+            aggregation_key=f"db-lock-root:{root}",
+        ))
+
+
+def assess_statements(report: Report, statements: list[dict[str, Any]], plans: list[dict[str, Any]]) -> None:
+    if not statements:
+        report.notes.append("pg_stat_statements has no completed statements (or the extension is missing)")
+        return
+    worst = statements[0]
+    report.add(Finding(
+        title=f"slowest statement: mean {worst['mean_exec_time']:.1f} ms over {worst['calls']} calls",
+        severity=Severity.WARNING if worst["mean_exec_time"] > 1000 else Severity.INFO,
+        subject=f"queryid {worst['queryid']}",
+        details={"query": worst["query"][:300]},
+        blocks=[TableBlock(title="top statements by mean time",
+                           columns=["mean ms", "calls", "total ms", "user", "query"],
+                           rows=[[round(s["mean_exec_time"], 1), s["calls"], round(s["total_exec_time"], 1),
+                                  s["username"], s["query"][:160]] for s in statements])],
+        aggregation_key="db-top-statements",
+    ))
+    for p in plans:
+        plan = p["plan"] or {}
+        root = plan.get("Plan", {})
+        summary = (f"{root.get('Node Type', '?')} cost {root.get('Total Cost', '?')}"
+                   + (f", {plan.get('Execution Time', 0):.1f} ms measured" if "Execution Time" in plan else ""))
+        report.add(Finding(
+            title=f"plan ({p['mode']}): {summary if p['plan'] else p['error'] or p['why']}",
+            severity=Severity.INFO, subject=p["query"][:80],
+            details={"how": p["why"], **({"error": p["error"]} if p["error"] else {})},
+            aggregation_key="db-plan",
+        ))
+
+
+def _filter_columns(plans: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in plans:
+        for _schema, table, cols in seq_scan_filters(p["plan"]):
+            out[table] = sorted(set(out.get(table, [])) | set(cols))
+    return out
+
+
+def assess_indexes(report: Report, indexes: list[dict[str, Any]]) -> None:
+    for t in indexes:
+        if not t["missing_index_on"]:
+            continue
+        report.add(Finding(
+            title=f"{t['relname']}: sequential scans filter on {', '.join(t['missing_index_on'])} with no index",
+            severity=Severity.WARNING, subject=f"table {t['schemaname']}.{t['relname']}",
+            details={"seq_scan": t["seq_scan"], "seq_tup_read": t["seq_tup_read"], "idx_scan": t["idx_scan"],
+                     "live_rows": t["n_live_tup"], "suggested": " ".join(t["suggestions"])},
+            blocks=[TableBlock(title="pg_stats of filter columns", columns=["column", "n_distinct", "correlation"],
+                               rows=[[c["attname"], c["n_distinct"], c["correlation"]] for c in t["column_stats"]])],
+            aggregation_key=f"db-missing-index:{t['relname']}",
+        ))

@@ -1,0 +1,198 @@
+"""PostgreSQL remediations: cancel runaway queries, terminate idle-in-transaction root blockers.
+
+Both follow the check/plan/apply/verify contract (runbook.remediation). Who may be touched is decided in SQL, once:
+client backends of the configured database only; never the engine's own sessions, superusers, replication or
+other databases. Each planned change carries the backend's identity (pid + backend_start + query_start or
+state_change); ``apply`` signals only a backend that still matches it, so a reused pid or a query that finished
+in the meantime is left alone and a second apply finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from runbook.clients import APPLICATION_NAME, postgres
+from runbook.config import Environment
+from runbook.findings import Change
+from runbook.remediation import Remediation, register
+
+_ELIGIBLE = f"""
+      FROM pg_stat_activity a
+      JOIN pg_roles r ON r.oid = a.usesysid
+     WHERE a.datname = current_database()
+       AND a.backend_type = 'client backend'
+       AND a.pid <> pg_backend_pid()
+       AND NOT r.rolsuper
+       AND a.application_name <> '{APPLICATION_NAME}'
+"""
+
+
+def _snapshot_change(action: str, row: dict[str, Any], **extra: Any) -> Change:
+    return Change(
+        action=action,
+        subject=f"pid {row['pid']}",
+        before={
+            "user": row["usename"],
+            "state": row["state"],
+            "age_s": round(row["age_s"], 1),
+            "query": (row["query"] or "")[:500],
+            "backend_start": row["backend_start"].isoformat(),
+            "since": row["since"].isoformat(),
+            **extra,
+        },
+        after={"state": "cancelled" if action == "cancel" else "terminated"},
+    )
+
+
+def _wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+
+
+@register
+class CancelLongQueries(Remediation[list[dict[str, Any]]]):
+    """pg_cancel_backend for active queries older than the threshold (lock waiters excluded: they are victims)."""
+
+    name = "cancel-long-queries"
+
+    def __init__(self, env: Environment, database: str = "main", threshold_s: float | None = None,
+                 verify_timeout_s: float = 5.0) -> None:
+        self.env, self.database = env, database
+        self.threshold_s = threshold_s if threshold_s is not None else env.thresholds.long_query_s
+        self.verify_timeout_s = verify_timeout_s
+
+    @property
+    def target(self) -> str:
+        return f"{self.env.name}/{self.database} (active > {self.threshold_s:g} s)"
+
+    def check(self) -> list[dict[str, Any]]:
+        with postgres(self.env, self.database) as conn:
+            return conn.execute(
+                "SELECT a.pid, a.usename, a.state, a.backend_start, a.query_start AS since,"
+                " left(a.query, 500) AS query,"
+                " extract(epoch FROM now() - a.query_start)::float8 AS age_s" + _ELIGIBLE +
+                " AND a.state = 'active' AND coalesce(a.wait_event_type, '') <> 'Lock'"
+                " AND now() - a.query_start > make_interval(secs => %s) ORDER BY a.query_start",
+                (self.threshold_s,),
+            ).fetchall()
+
+    def plan(self, state: list[dict[str, Any]]) -> list[Change]:
+        return [_snapshot_change("cancel", row) for row in state]
+
+    def apply(self, plan: list[Change]) -> list[Change]:
+        done: list[Change] = []
+        with postgres(self.env, self.database) as conn:
+            for change in plan:
+                row = conn.execute(
+                    "SELECT pg_cancel_backend(a.pid) AS ok" + _ELIGIBLE +
+                    " AND a.pid = %s AND a.backend_start = %s AND a.query_start = %s AND a.state = 'active'",
+                    (_pid(change), _ts(change, "backend_start"), _ts(change, "since")),
+                ).fetchone()
+                if row and row["ok"]:
+                    done.append(change)
+        return done
+
+    def verify(self, applied: list[Change]) -> tuple[bool, str]:
+        def gone() -> bool:
+            with postgres(self.env, self.database) as conn:
+                for change in applied:
+                    still = conn.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND query_start = %s AND state = 'active'",
+                        (_pid(change), _ts(change, "since")),
+                    ).fetchone()
+                    if still:
+                        return False
+            return True
+
+        ok = _wait_until(gone, self.verify_timeout_s)
+        pids = ", ".join(c.subject for c in applied)
+        return ok, (f"queries of {pids} no longer running" if ok else f"still running after "
+                    f"{self.verify_timeout_s:g} s: {pids}")
+
+
+@register
+class TerminateIdleBlockers(Remediation[list[dict[str, Any]]]):
+    """pg_terminate_backend for root blockers idle in transaction past the threshold; their waiters then proceed."""
+
+    name = "terminate-idle-blockers"
+
+    def __init__(self, env: Environment, database: str = "main", threshold_s: float | None = None,
+                 verify_timeout_s: float = 5.0) -> None:
+        self.env, self.database = env, database
+        self.threshold_s = threshold_s if threshold_s is not None else env.thresholds.idle_in_transaction_s
+        self.verify_timeout_s = verify_timeout_s
+
+    @property
+    def target(self) -> str:
+        return f"{self.env.name}/{self.database} (idle in transaction > {self.threshold_s:g} s, blocking others)"
+
+    def check(self) -> list[dict[str, Any]]:
+        with postgres(self.env, self.database) as conn:
+            return conn.execute(
+                """WITH waiting AS (
+                       SELECT pid, unnest(pg_blocking_pids(pid)) AS blocker
+                         FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock')
+                   SELECT a.pid, a.usename, a.state, a.backend_start, a.state_change AS since,
+                          left(a.query, 500) AS query,
+                          extract(epoch FROM now() - a.state_change)::float8 AS age_s,
+                          array_agg(w.pid ORDER BY w.pid) AS waiters"""
+                + _ELIGIBLE.replace("FROM pg_stat_activity a",
+                                    "FROM pg_stat_activity a JOIN waiting w ON w.blocker = a.pid")
+                + """ AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+                      AND cardinality(pg_blocking_pids(a.pid)) = 0
+                      AND now() - a.state_change > make_interval(secs => %s)
+                    GROUP BY a.pid, a.usename, a.state, a.backend_start, a.state_change, a.query
+                    ORDER BY a.state_change""",
+                (self.threshold_s,),
+            ).fetchall()
+
+    def plan(self, state: list[dict[str, Any]]) -> list[Change]:
+        return [_snapshot_change("terminate", row, waiters=row["waiters"]) for row in state]
+
+    def apply(self, plan: list[Change]) -> list[Change]:
+        done: list[Change] = []
+        with postgres(self.env, self.database) as conn:
+            for change in plan:
+                row = conn.execute(
+                    "SELECT pg_terminate_backend(a.pid, 3000) AS ok" + _ELIGIBLE +
+                    " AND a.pid = %s AND a.backend_start = %s AND a.state_change = %s"
+                    " AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')",
+                    (_pid(change), _ts(change, "backend_start"), _ts(change, "since")),
+                ).fetchone()
+                if row and row["ok"]:
+                    done.append(change)
+        return done
+
+    def verify(self, applied: list[Change]) -> tuple[bool, str]:
+        pids = [_pid(c) for c in applied]
+        waiters = sorted({w for c in applied for w in c.before.get("waiters", [])})
+
+        def settled() -> bool:
+            with postgres(self.env, self.database) as conn:
+                alive = conn.execute("SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchall()
+                still_blocked = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s) AND pg_blocking_pids(pid) && %s::int[]",
+                    (waiters, pids),
+                ).fetchall()
+            return not alive and not still_blocked
+
+        ok = _wait_until(settled, self.verify_timeout_s)
+        if ok:
+            terminated = ", ".join(map(str, pids))
+            return True, f"terminated {terminated}; waiters {waiters or 'none'} no longer blocked by them"
+        return False, f"after {self.verify_timeout_s:g} s, {pids} still alive or still blocking {waiters}"
+
+
+def _pid(change: Change) -> int:
+    return int(change.subject.removeprefix("pid "))
+
+
+def _ts(change: Change, key: str) -> datetime:
+    return datetime.fromisoformat(change.before[key])

@@ -1,0 +1,38 @@
+"""Session fixtures: the one sandbox (real PostgreSQL, Redis, Prefect server) shared by every integration test.
+
+A sandbox that was already running before the session (e.g. `runbook demo --keep`) is reused and left running;
+one the session started is stopped at the end, by PID.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from runbook import sandbox
+from runbook.sandbox import SandboxState
+
+
+@pytest.fixture(scope="session")
+def sandbox_state() -> Iterator[SandboxState]:
+    was_running = set(sandbox.status().running())
+    state = sandbox.up()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}):
+        yield state
+    if not was_running:
+        sandbox.down()
+
+
+@pytest.fixture(scope="session")
+def sandbox_env(sandbox_state: SandboxState):  # noqa: ANN201
+    from runbook.config import load_playbooks
+
+    return load_playbooks().environment("sandbox")
+
+
+@pytest.fixture(scope="session")
+def app_dsn(sandbox_state: SandboxState) -> str:
+    return sandbox_state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"]
