@@ -1,0 +1,228 @@
+"""`runbook`: the operator's command line. Errors are mapped to exit codes here, at one boundary.
+
+Exit codes: 0 ran and found nothing critical; 3 ran and found something critical (or a remediation failed);
+2 bad input (unknown procedure, invalid playbook, missing secret, bad parameter); 1 engine failure.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import TypeAdapter, ValidationError
+from rich.console import Console
+
+from runbook.config import iter_secret_refs, load_playbooks, playbook_json_schema
+from runbook.errors import BadInput, ConfigError, RunbookError
+from runbook.redact import redact
+
+EXIT_OK, EXIT_ENGINE, EXIT_BAD_INPUT, EXIT_CRITICAL = 0, 1, 2, 3
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Executable runbook for the Pafar platform: diagnose, then remediate (dry run by default).")
+sandbox_app = typer.Typer(no_args_is_help=True, help="Real local services for tests, the demo and benchmarks.")
+app.add_typer(sandbox_app, name="sandbox")
+
+out = Console()
+err = Console(stderr=True)
+
+RESERVED_PARAMS = {"env", "dry_run"}
+
+
+def _fail(code: int, message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {redact(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+# ------------------------------------------------------------------ list / check
+
+
+@app.command("list")
+def list_procedures() -> None:
+    """Every procedure, one line each, with its parameters."""
+    from runbook.procedure import PROCEDURES
+
+    for info in PROCEDURES.values():
+        params = " ".join(_describe_param(p) for p in info.parameters())
+        out.print(f"[bold]{info.name}[/]  {info.summary}\n    params: {params}", highlight=False)
+
+
+def _describe_param(p: inspect.Parameter) -> str:
+    ann = p.annotation
+    base = getattr(ann, "__origin__", None) and getattr(ann, "__args__", (ann,))[0] or ann
+    name = getattr(base, "__name__", str(base)).replace("typing.", "")
+    default = "" if p.default is inspect.Parameter.empty else f"={p.default}"
+    return f"{p.name}:{name}{default}"
+
+
+@app.command()
+def check(
+    playbooks: Annotated[list[Path] | None, typer.Option("--playbooks", help="directory (or file) to check")] = None,
+    schema: Annotated[bool, typer.Option("--schema", help="print the playbook JSON schema and exit")] = False,
+    env: Annotated[str | None, typer.Option("--env", help="also resolve this environment's secrets")] = None,
+) -> None:
+    """Validate every playbook; each error names the file, the path inside it and what was expected."""
+    if schema:
+        print(json.dumps(playbook_json_schema(), indent=2))
+        return
+    try:
+        loaded = load_playbooks(playbooks)
+        if not loaded.files:
+            raise ConfigError(f"no playbook files found in {', '.join(map(str, playbooks or ['the defaults']))}")
+        targets = [loaded.environment(env)] if env else []
+        for e in targets:
+            for where, ref in iter_secret_refs(e):
+                e.resolve_secret(ref, where)
+    except ConfigError as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    for e in loaded.environments.values():
+        refs = ", ".join(ref.describe() for _, ref in iter_secret_refs(e)) or "none"
+        out.print(f"[green]ok[/] {e.name} ({e.source}): secrets referenced: {refs}", highlight=False)
+    out.print(f"{len(loaded.files)} file(s), {len(loaded.environments)} environment(s) valid")
+
+
+# ------------------------------------------------------------------ run
+
+
+def parse_params(procedure: str, raw: list[str]) -> dict[str, Any]:
+    """Turn ``k=v`` strings into typed flow parameters, validated against the flow's own signature."""
+    from runbook.procedure import PROCEDURES
+
+    info = PROCEDURES[procedure]
+    sig = {p.name: p for p in info.parameters()}
+    params: dict[str, Any] = {}
+    for item in raw:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadInput(f"--param {item!r}: expected key=value")
+        if key in RESERVED_PARAMS:
+            raise BadInput(f"--param {key}: use {'--env' if key == 'env' else '--apply'} instead")
+        if key not in sig:
+            raise BadInput(f"--param {key}: {procedure} has no such parameter (known: {', '.join(sig) or 'none'})")
+        try:
+            params[key] = TypeAdapter(sig[key].annotation).validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            raise BadInput(f"--param {key}={value!r}: {first['msg']}") from None
+    return params
+
+
+@app.command()
+def run(
+    procedure: Annotated[str, typer.Argument(help="procedure name, see `runbook list`")],
+    env: Annotated[str, typer.Option("--env", help="environment from the playbooks")],
+    param: Annotated[list[str] | None, typer.Option("--param", help="procedure parameter as key=value")] = None,
+    apply: Annotated[bool, typer.Option("--apply", help="carry out remediations (default: dry run)")] = False,
+    output: Annotated[str, typer.Option("--output", help="text or json")] = "text",
+) -> None:
+    """Run a procedure: a dry run unless --apply. Records to PREFECT_API_URL when set, else an embedded API."""
+    from runbook.findings import render_terminal, report_from_json
+    from runbook.procedure import PROCEDURES
+
+    if output not in {"text", "json"}:
+        raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
+    if procedure not in PROCEDURES:
+        raise _fail(EXIT_BAD_INPUT, f"unknown procedure {procedure!r}; known: {', '.join(PROCEDURES)}")
+    try:
+        params = parse_params(procedure, param or [])
+        environment = load_playbooks().environment(env)
+        for where, ref in iter_secret_refs(environment):  # fail fast, before a flow run exists
+            environment.resolve_secret(ref, where)
+    except (ConfigError, BadInput) as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    flow_fn = PROCEDURES[procedure].load_flow()
+    try:
+        doc = flow_fn(env=env, dry_run=not apply, **params)
+    except (ConfigError, BadInput) as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except RunbookError as exc:
+        raise _fail(EXIT_ENGINE, f"{procedure} failed: {exc}") from None
+    except Exception as exc:  # the engine's last line: a bug or unexpected library error; redacted, no traceback
+        raise _fail(EXIT_ENGINE, f"{procedure} failed unexpectedly: {type(exc).__name__}: {exc}") from None
+    report = report_from_json(doc)
+    if output == "json":
+        print(json.dumps(doc, indent=2))
+    else:
+        render_terminal(report, out)
+    raise typer.Exit(EXIT_CRITICAL if report.has_critical else EXIT_OK)
+
+
+# ------------------------------------------------------------------ sandbox
+
+
+@sandbox_app.command("up")
+def sandbox_up(
+    only: Annotated[str | None, typer.Option("--only", help="comma-separated services")] = None,
+) -> None:
+    """Start (or reuse) the sandbox's services on free loopback ports; writes the `sandbox` environment."""
+    from runbook import sandbox
+
+    names = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    started = time.monotonic()
+    try:
+        state = sandbox.up(names)
+    except ValueError as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except sandbox.MissingSystemPackage as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except sandbox.SandboxError as exc:
+        raise _fail(EXIT_ENGINE, str(exc)) from None
+    _print_sandbox(state)
+    out.print(f"sandbox up in {time.monotonic() - started:.1f} s; environment `sandbox` in {state.playbook_dir}")
+
+
+@sandbox_app.command("status")
+def sandbox_status() -> None:
+    """Show each sandbox service: running or not, pid, port."""
+    from runbook import sandbox
+
+    _print_sandbox(sandbox.status())
+
+
+@sandbox_app.command("down")
+def sandbox_down() -> None:
+    """Stop every process the sandbox started (by PID) and remove its generated environment."""
+    from runbook import sandbox
+
+    stopped = sandbox.down()
+    out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+def _print_sandbox(state: Any) -> None:
+    from rich.table import Table
+
+    t = Table("service", "state", "pid", "port")
+    for name, rec in sorted(state.services.items()):
+        running = getattr(rec, "running", True)
+        t.add_row(name, "running" if running else "stopped", str(rec.pid), str(rec.port))
+    out.print(t)
+
+
+# ------------------------------------------------------------------ demo
+
+
+@app.command()
+def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the sandbox running")] = False) -> None:
+    """Sandbox up, inject a database incident, db-slowness dry run, then --apply, then apply again (no change)."""
+    from runbook.demo import run_demo
+
+    raise typer.Exit(run_demo(out, keep=keep))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
