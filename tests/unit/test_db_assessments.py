@@ -1,0 +1,52 @@
+"""Pure parts of db-slowness: blocking tree, EXPLAIN safety rules, index candidates from plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.db_slowness import blocking_tree
+from tasks.postgres import explain_mode, seq_scan_filters
+
+
+def test_blocking_tree_finds_root_through_chains() -> None:
+    sessions = [
+        {"pid": 1, "blocked_by": []},
+        {"pid": 2, "blocked_by": [1]},
+        {"pid": 3, "blocked_by": [2]},
+        {"pid": 4, "blocked_by": [1]},
+        {"pid": 5, "blocked_by": []},
+    ]
+    assert blocking_tree(sessions) == {1: [2, 3, 4]}
+
+
+def test_blocking_tree_survives_cycles() -> None:
+    sessions = [{"pid": 1, "blocked_by": [2]}, {"pid": 2, "blocked_by": [1]}]
+    assert blocking_tree(sessions) == {}
+
+
+@pytest.mark.parametrize(
+    ("query", "mode"),
+    [
+        ("SELECT * FROM bookings WHERE user_id = $1", "generic"),
+        ("SELECT count(*) FROM bookings", "analyze"),
+        ("select * from t for update", "plain"),
+        ("UPDATE payments SET status = 'x'", "plain"),
+        ("DELETE FROM users WHERE id = $1", "generic"),
+        ("SELECT 1; DROP TABLE users", "skip"),
+        ("VACUUM bookings", "skip"),
+        ("CREATE TABLE x (a int)", "skip"),
+        ("  SELECT 1;  ", "analyze"),
+    ],
+)
+def test_explain_mode_never_executes_writes(query: str, mode: str) -> None:
+    assert explain_mode(query)[0] == mode
+
+
+def test_seq_scan_filters_finds_filter_columns() -> None:
+    plan = {"Plan": {"Node Type": "Gather", "Plans": [
+        {"Node Type": "Seq Scan", "Relation Name": "bookings", "Schema": "public",
+         "Filter": "(user_id = $1)"},
+        {"Node Type": "Index Scan", "Relation Name": "users", "Index Cond": "(id = $2)"},
+    ]}}
+    assert seq_scan_filters(plan) == [("public", "bookings", ["user_id"])]
+    assert seq_scan_filters(None) == []
