@@ -18,6 +18,7 @@ from runbook.findings import Finding, Report, Severity, TableBlock
 from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
 from tasks.postgres import (
     analyze_indexes,
+    blocking_tree,
     explain_statements,
     get_activity_snapshot,
     get_top_statements,
@@ -92,25 +93,6 @@ def assess_long_queries(report: Report, sessions: list[dict[str, Any]], threshol
             for s in long])],
         aggregation_key="db-long-queries",
     ))
-
-
-def blocking_tree(sessions: list[dict[str, Any]]) -> dict[int, list[int]]:
-    """Root blocker pid -> every pid waiting on it, directly or through a chain."""
-    blocked_by = {s["pid"]: list(s["blocked_by"] or []) for s in sessions}
-    roots: dict[int, list[int]] = {}
-    for pid, blockers in blocked_by.items():
-        stack, seen = list(blockers), set()
-        while stack:
-            b = stack.pop()
-            if b in seen:
-                continue
-            seen.add(b)
-            upstream = blocked_by.get(b, [])
-            if upstream:
-                stack.extend(upstream)
-            else:
-                roots.setdefault(b, []).append(pid)
-    return {root: sorted(set(waiters)) for root, waiters in roots.items()}
 
 
 def assess_locks(report: Report, sessions: list[dict[str, Any]], idle_threshold_s: float) -> None:

@@ -123,7 +123,7 @@ def run(
 ) -> None:
     """Run a procedure: a dry run unless --apply. Records to PREFECT_API_URL when set, else an embedded API."""
     from runbook.findings import render_terminal, report_from_json
-    from runbook.procedure import PROCEDURES
+    from runbook.procedure import PROCEDURES, attended_run
 
     if output not in {"text", "json"}:
         raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
@@ -138,7 +138,8 @@ def run(
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     flow_fn = PROCEDURES[procedure].load_flow()
     try:
-        doc = flow_fn(env=env, dry_run=not apply, **params)
+        with attended_run():
+            doc = flow_fn(env=env, dry_run=not apply, **params)
     except (ConfigError, BadInput) as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     except RunbookError as exc:

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from runbook import sandbox
 from runbook.findings import render_terminal, report_from_json
+from runbook.procedure import attended_run, flush_run_records
 from runbook.sandbox.incidents import DbIncident
 
 DEMO_THRESHOLDS = {"long_query_s": 2.0, "idle_in_transaction_s": 2.0}
@@ -25,7 +26,7 @@ def run_demo(console: Console, keep: bool = False) -> int:
     incident = DbIncident(app_dsn=state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"])
     ok = True
     try:
-        with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}), attended_run():
             console.rule("[bold]2. incident[/]: an idle transaction blocks two writers, a runaway report, "
                          "a slow filter")
             incident.start()
@@ -48,6 +49,7 @@ def run_demo(console: Console, keep: bool = False) -> int:
             again = report_from_json(db_slowness(env="sandbox", dry_run=False, **DEMO_THRESHOLDS))
             render_terminal(again, console)
             repeat_changed = any(a.changed for a in again.actions)
+            flush_run_records()
 
         ok = bool(planned) and planned == done and verified and not repeat_changed
         console.rule("[bold]summary[/]")

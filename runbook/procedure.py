@@ -87,3 +87,29 @@ def finish_report(report: Report, render: Callable[[Report], None] | None = None
     if FlowRunContext.get():
         publish_artifacts(report)
     return report_to_json(report)
+
+
+@contextmanager
+def attended_run() -> Iterator[None]:
+    """Settings for a flow run in a process an operator is watching (CLI, demo, tests).
+
+    Prefect's flow-run heartbeat thread sleeps in 1 s steps and is joined when the run ends, adding up to a
+    second to every run. Heartbeats let automations spot crashed runs of unattended workers; an attended
+    run reports its own crash, so it runs without them. Deployments run by workers keep them.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def flush_run_records(timeout_s: float = 5.0) -> None:
+    """Send queued logs and events to the Prefect API now, before a server we started goes away.
+
+    Otherwise Prefect's background workers retry against a dead server when the interpreter exits.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)

@@ -36,6 +36,25 @@ _SESSIONS = """
 """
 
 
+def blocking_tree(sessions: list[dict[str, Any]]) -> dict[int, list[int]]:
+    """Root blocker pid -> every pid waiting on it, directly or through a chain."""
+    blocked_by = {s["pid"]: list(s["blocked_by"] or []) for s in sessions}
+    roots: dict[int, list[int]] = {}
+    for pid, blockers in blocked_by.items():
+        stack, seen = list(blockers), set()
+        while stack:
+            b = stack.pop()
+            if b in seen:
+                continue
+            seen.add(b)
+            upstream = blocked_by.get(b, [])
+            if upstream:
+                stack.extend(upstream)
+            else:
+                roots.setdefault(b, []).append(pid)
+    return {root: sorted(set(waiters)) for root, waiters in roots.items()}
+
+
 @task(cache_policy=NONE, retries=0)
 def get_activity_snapshot(env: Environment, database: str) -> dict[str, Any]:
     """Connections against max_connections, and every client session of the database, in one consistent read."""

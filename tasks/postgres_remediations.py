@@ -17,6 +17,7 @@ from runbook.clients import APPLICATION_NAME, postgres
 from runbook.config import Environment
 from runbook.findings import Change
 from runbook.remediation import Remediation, register
+from tasks.postgres import blocking_tree
 
 _ELIGIBLE = f"""
       FROM pg_stat_activity a
@@ -135,23 +136,20 @@ class TerminateIdleBlockers(Remediation[list[dict[str, Any]]]):
 
     def check(self) -> list[dict[str, Any]]:
         with postgres(self.env, self.database) as conn:
-            return conn.execute(
-                """WITH waiting AS (
-                       SELECT pid, unnest(pg_blocking_pids(pid)) AS blocker
-                         FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock')
-                   SELECT a.pid, a.usename, a.state, a.backend_start, a.state_change AS since,
-                          left(a.query, 500) AS query,
-                          extract(epoch FROM now() - a.state_change)::float8 AS age_s,
-                          array_agg(w.pid ORDER BY w.pid) AS waiters"""
-                + _ELIGIBLE.replace("FROM pg_stat_activity a",
-                                    "FROM pg_stat_activity a JOIN waiting w ON w.blocker = a.pid")
-                + """ AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
-                      AND cardinality(pg_blocking_pids(a.pid)) = 0
-                      AND now() - a.state_change > make_interval(secs => %s)
-                    GROUP BY a.pid, a.usename, a.state, a.backend_start, a.state_change, a.query
-                    ORDER BY a.state_change""",
+            idle = conn.execute(
+                "SELECT a.pid, a.usename, a.state, a.backend_start, a.state_change AS since,"
+                " left(a.query, 500) AS query, extract(epoch FROM now() - a.state_change)::float8 AS age_s"
+                + _ELIGIBLE
+                + " AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')"
+                " AND now() - a.state_change > make_interval(secs => %s) ORDER BY a.state_change",
                 (self.threshold_s,),
             ).fetchall()
+            waits = conn.execute(
+                "SELECT pid, pg_blocking_pids(pid) AS blocked_by FROM pg_stat_activity"
+                " WHERE datname = current_database()"
+            ).fetchall()
+        tree = blocking_tree(waits)  # root -> every waiter, through chains
+        return [{**row, "waiters": tree[row["pid"]]} for row in idle if row["pid"] in tree]
 
     def plan(self, state: list[dict[str, Any]]) -> list[Change]:
         return [_snapshot_change("terminate", row, waiters=row["waiters"]) for row in state]

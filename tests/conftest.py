@@ -20,8 +20,13 @@ def sandbox_state() -> Iterator[SandboxState]:
     state = sandbox.up()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}):
+    from runbook.procedure import attended_run
+
+    with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}), attended_run():
         yield state
+        from runbook.procedure import flush_run_records
+
+        flush_run_records()
     if not was_running:
         sandbox.down()
 

@@ -61,6 +61,8 @@ class Service:
     name: ClassVar[str]
     requirements: ClassVar[tuple[Requirement, ...]] = ()
     stop_timeout_s: ClassVar[float] = 10.0
+    # Other sandbox services this one uses when they are part of the sandbox: started first, passed to start().
+    uses: ClassVar[tuple[str, ...]] = ()
 
     def check_requirements(self) -> None:
         """Raise MissingSystemPackage for the first absent requirement."""
@@ -71,8 +73,11 @@ class Service:
         """This service's own subdirectory of the state dir (data, logs, sockets)."""
         return state / self.name
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
-        """Start the service on 127.0.0.1:port and wait until healthy, or raise SandboxError."""
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
+        """Start the service on 127.0.0.1:port and wait until healthy, or raise SandboxError.
+
+        ``peers`` holds the running records of the services named in ``uses``.
+        """
         raise NotImplementedError
 
     def is_healthy(self, record: ServiceRecord) -> bool:

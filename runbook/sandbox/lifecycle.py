@@ -64,12 +64,18 @@ def up(only: Sequence[str] | None = None, state_dir: Path | None = None) -> Sand
                 svc.stop(rec)  # a leftover that no longer answers (stop only signals it if still ours)
                 svc.clean(root)
         to_start = [n for n in names if n not in kept]
+        for name in [n for n in kept if set(SERVICES[n].uses) & set(to_start)]:
+            # it used a peer that is being started afresh (e.g. Prefect on a PostgreSQL that died): restart it
+            SERVICES[name].stop(kept.pop(name))
+            SERVICES[name].clean(root)
+            to_start.append(name)
+        to_start = [n for n in ALL_SERVICES if n in to_start]
         for name in to_start:
             SERVICES[name].check_requirements()
         started: dict[str, ServiceRecord] = {}
         errors: dict[str, BaseException] = {}
         try:
-            _start_all(root, to_start, started, errors)
+            _start_all(root, to_start, started, errors, kept)
         finally:
             state.services = {n: kept[n] if n in kept else started[n] for n in SERVICES if n in kept or n in started}
             save(state)
@@ -140,27 +146,51 @@ def _stop_one(name: str, rec: ServiceRecord, root: Path) -> bool:
 
 
 def _start_all(
-    root: Path, names: list[str], started: dict[str, ServiceRecord], errors: dict[str, BaseException]
+    root: Path, names: list[str], started: dict[str, ServiceRecord], errors: dict[str, BaseException],
+    kept: dict[str, ServiceRecord] | None = None,
 ) -> None:
-    """Start independent services in threads so `up` takes about as long as the slowest one."""
+    """Start services in threads so `up` takes about as long as the slowest one.
+
+    A service that ``uses`` another one being started waits for it (a second wave) and receives its record.
+    """
     if not names:
         return
-    ports = net.free_ports(len(names))
-    futures: dict[str, Future[ServiceRecord]] = {}
+    ports = dict(zip(names, net.free_ports(len(names)), strict=True))
+    first = [n for n in names if not set(SERVICES[n].uses) & set(names)]
+    waves = [first, [n for n in names if n not in first]]
     pool = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="sandbox")
+    futures: dict[str, Future[ServiceRecord]] = {}
     try:
-        for name, port in zip(names, ports, strict=True):
-            futures[name] = pool.submit(SERVICES[name].start, root, port)
-        wait(futures.values())
+        for wave in waves:
+            peers = {**(kept or {}), **started}
+            current: dict[str, Future[ServiceRecord]] = {}
+            for name in wave:
+                svc = SERVICES[name]
+                if any(u in errors for u in svc.uses):
+                    errors[name] = SandboxError(f"not started: {', '.join(u for u in svc.uses if u in errors)} failed")
+                    continue
+                mine = {u: peers[u] for u in svc.uses if u in peers}
+                current[name] = (pool.submit(svc.start, root, ports[name], mine) if svc.uses
+                                 else pool.submit(svc.start, root, ports[name]))
+            futures.update(current)
+            wait(current.values())
+            _collect(current, started, errors)
     finally:
         # even on Ctrl-C: let the starts finish and record them, so `down` can stop what did start
         pool.shutdown(wait=True)
-        for name, fut in futures.items():
-            exc = fut.exception()
-            if exc is None:
-                started[name] = fut.result()
-            else:
-                errors[name] = exc
+        _collect(futures, started, errors)
+
+
+def _collect(futures: dict[str, Future[ServiceRecord]], started: dict[str, ServiceRecord],
+             errors: dict[str, BaseException]) -> None:
+    for name, fut in futures.items():
+        if not fut.done() or name in started or name in errors:
+            continue
+        exc = fut.exception()
+        if exc is None:
+            started[name] = fut.result()
+        else:
+            errors[name] = exc
 
 
 def _validate(only: Sequence[str] | None) -> list[str]:

@@ -24,6 +24,7 @@ from .errors import SandboxError
 
 START_TIMEOUT_S = 60.0
 DB_FILE = "prefect.db"
+PG_DATABASE = "prefect"
 
 
 def prefect_executable() -> Path:
@@ -36,16 +37,32 @@ def api_url(port: int) -> str:
     return f"http://{net.LOOPBACK}:{port}/api"
 
 
-def server_env(home: Path) -> dict[str, str]:
-    """Environment for the server: isolated PREFECT_HOME and SQLite DB, telemetry off."""
+def server_env(home: Path, database_url: str | None = None) -> dict[str, str]:
+    """Environment for the server: isolated PREFECT_HOME, its database (SQLite unless given), telemetry off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / DB_FILE}",
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url or f"sqlite+aiosqlite:///{home / DB_FILE}",
     )
     return env
+
+
+def postgres_database_url(pg: ServiceRecord) -> str:
+    """Create the `prefect` database in the sandbox PostgreSQL (if missing); its URL over the unix socket.
+
+    SQLite answers 503 'database is locked' under the concurrent writes of even one flow run (a 2 s client
+    retry); PostgreSQL does not, and it is what a scaled-out deployment uses anyway.
+    """
+    import psycopg
+
+    from .postgres import admin_conninfo
+
+    with psycopg.connect(admin_conninfo(pg, "postgres"), autocommit=True, connect_timeout=5) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone():
+            conn.execute(f"CREATE DATABASE {PG_DATABASE}")
+    return f"postgresql+asyncpg://postgres@/{PG_DATABASE}?host={pg.paths['socket_dir']}&port={pg.port}"
 
 
 def cache_dir() -> Path:
@@ -82,12 +99,15 @@ def save_template(db: Path) -> None:
 
 class PrefectServer(Service):
     name = "prefect"
+    uses = ("postgres",)
     requirements = (
         Requirement(str(prefect_executable()), "prefect", f"{sys.executable} -m pip install prefect", kind="Python"),
     )
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         home = self.fresh_dir(state)
+        if peers and "postgres" in peers:
+            return self._start(home, port, postgres_database_url(peers["postgres"]))
         template = template_db()
         from_template = template.is_file()
         if from_template:
@@ -103,17 +123,17 @@ class PrefectServer(Service):
             save_template(home / DB_FILE)
         return record
 
-    def _start(self, home: Path, port: int) -> ServiceRecord:
+    def _start(self, home: Path, port: int, database_url: str | None = None) -> ServiceRecord:
         log = home / "server.log"
         exe = str(prefect_executable())
         cmd = [exe, "server", "start", "--host", net.LOOPBACK, "--port", str(port), "--analytics-off"]
-        proc = process.spawn(cmd, log, env=server_env(home), cwd=home)
+        proc = process.spawn(cmd, log, env=server_env(home, database_url), cwd=home)
         record = ServiceRecord(
             name=self.name,
             pid=proc.pid,
             port=port,
             log_file=str(log),
-            paths={"home": str(home), "database": str(home / DB_FILE)},
+            paths={"home": str(home), "database": database_url or str(home / DB_FILE)},
             cmdline_markers=[exe, "server start", f"--port {port}"],
         )
         ok = process.wait_until(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.db_slowness import blocking_tree
-from tasks.postgres import explain_mode, seq_scan_filters
+from tasks.postgres import blocking_tree, explain_mode, seq_scan_filters
 
 
 def test_blocking_tree_finds_root_through_chains() -> None:
