@@ -15,7 +15,7 @@ from prefect import flow
 from pydantic import Field
 
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
+from runbook.procedure import finish_report, remediate_all, start_report, unreachable_as_finding
 from tasks.postgres import (
     analyze_indexes,
     blocking_tree,
@@ -54,10 +54,9 @@ def db_slowness(
         filters = _filter_columns(plans)
         indexes = analyze_indexes(environment, database, list(filters), filters)
         assess_indexes(report, indexes)
-        for rem in (CancelLongQueries(environment, database, long_s),
-                    TerminateIdleBlockers(environment, database, idle_s)):
-            report.actions.append(remediate(rem, dry_run=dry_run))
-    return finish_report(report)
+        remediate_all(report, [CancelLongQueries(environment, database, long_s),
+                               TerminateIdleBlockers(environment, database, idle_s)], dry_run)
+    return finish_report(report, environment)
 
 
 # ------------------------------------------------------------------ assessments (pure: data in, findings out)

@@ -11,11 +11,11 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 
 from runbook.config import iter_secret_refs, load_playbooks, playbook_json_schema
@@ -31,9 +31,6 @@ app.add_typer(sandbox_app, name="sandbox")
 
 out = Console()
 err = Console(stderr=True)
-
-RESERVED_PARAMS = {"env", "dry_run"}
-
 
 def _fail(code: int, message: str) -> typer.Exit:
     err.print(f"[bold red]error:[/] {redact(message)}", highlight=False, soft_wrap=True)
@@ -92,10 +89,8 @@ def check(
 
 def parse_params(procedure: str, raw: list[str]) -> dict[str, Any]:
     """Turn ``k=v`` strings into typed flow parameters, validated against the flow's own signature."""
-    from runbook.procedure import PROCEDURES
+    from runbook.procedure import RESERVED_PARAMS, validate_params
 
-    info = PROCEDURES[procedure]
-    sig = {p.name: p for p in info.parameters()}
     params: dict[str, Any] = {}
     for item in raw:
         key, sep, value = item.partition("=")
@@ -103,14 +98,8 @@ def parse_params(procedure: str, raw: list[str]) -> dict[str, Any]:
             raise BadInput(f"--param {item!r}: expected key=value")
         if key in RESERVED_PARAMS:
             raise BadInput(f"--param {key}: use {'--env' if key == 'env' else '--apply'} instead")
-        if key not in sig:
-            raise BadInput(f"--param {key}: {procedure} has no such parameter (known: {', '.join(sig) or 'none'})")
-        try:
-            params[key] = TypeAdapter(sig[key].annotation).validate_python(value)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            raise BadInput(f"--param {key}={value!r}: {first['msg']}") from None
-    return params
+        params[key] = value
+    return validate_params(procedure, params, label="--param ")
 
 
 @app.command()
@@ -203,6 +192,132 @@ def _print_sandbox(state: Any) -> None:
         running = getattr(rec, "running", True)
         t.add_row(name, "running" if running else "stopped", str(rec.pid), str(rec.port))
     out.print(t)
+
+
+# ------------------------------------------------------------------ Prefect: deploy, worker, intake, serve, approve
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise _fail(EXIT_BAD_INPUT, "PREFECT_API_URL is not set: point it at the Prefect server's /api")
+    return str(url)
+
+
+def _token(token_env: str) -> str:
+    token = os.environ.get(token_env, "")
+    if len(token) < 16:
+        raise _fail(EXIT_BAD_INPUT, f"environment variable {token_env} must hold the intake's bearer token "
+                                    "(at least 16 characters); Alertmanager sends it via http_config.authorization")
+    return token
+
+
+@app.command()
+def deploy() -> None:
+    """Register every procedure's deployment (prefect.yaml) and the `runbook` work pool on PREFECT_API_URL."""
+    from runbook.serve import register_deployments
+
+    api = _api_url()
+    try:
+        register_deployments(api)
+    except RunbookError as exc:
+        raise _fail(EXIT_ENGINE, str(exc)) from None
+    out.print(f"deployments registered on {api}")
+
+
+@app.command()
+def worker(
+    pool: Annotated[str, typer.Option(help="work pool to serve")] = "runbook",
+    poll: Annotated[float, typer.Option(help="seconds between polls for UI/scheduled runs")] = 5.0,
+) -> None:
+    """Run deployment flow runs in this warm process (scale out: start several against one server)."""
+    from runbook.executor import Executor, preload_flows
+
+    _api_url()
+    preload_flows()
+    ex = Executor(work_pool=pool, poll_s=poll)
+    ex.start()
+    out.print(f"executor {ex.name} serving work pool {pool!r}; Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ex.stop(wait=False)
+
+
+@app.command()
+def intake(
+    host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="listen port")] = 9095,
+    token_env: Annotated[str, typer.Option(help="env var holding the bearer token")] = "RUNBOOK_INTAKE_TOKEN",
+    state: Annotated[Path, typer.Option(help="directory for the intake's durable store")] = Path(".runbook"),
+) -> None:
+    """Serve the Alertmanager webhook alone (POST /alerts, GET /healthz, GET /metrics)."""
+    from runbook.serve import run_intake
+
+    try:
+        run_intake(_api_url(), _token(token_env), host, port, state)
+    except ConfigError as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="intake port")] = 9095,
+    prefect_port: Annotated[int, typer.Option(help="port of the local Prefect server")] = 4200,
+    token_env: Annotated[str, typer.Option(help="env var holding the bearer token")] = "RUNBOOK_INTAKE_TOKEN",
+    state: Annotated[Path, typer.Option(help="state directory (Prefect home, intake store)")] = Path(".runbook"),
+) -> None:
+    """Everything in one command: local Prefect server (SQLite), deployments, warm executor, alert intake."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from runbook.executor import Executor, preload_flows
+    from runbook.serve import local_prefect_server, register_deployments, run_intake
+
+    token = _token(token_env)
+    api = os.environ.get("PREFECT_API_URL")
+    with local_prefect_server(state / "prefect", prefect_port) if not api else nullcontext(api) as api_url:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            register_deployments(api_url)
+            preload_flows()
+            ex = Executor()
+            ex.start()
+            out.print(f"Prefect UI {api_url.removesuffix('/api')} · intake http://127.0.0.1:{port}/alerts · "
+                      "Ctrl-C stops everything")
+            try:
+                run_intake(api_url, token, "127.0.0.1", port, state, executor=ex)
+            finally:
+                ex.stop(wait=False)
+
+
+@app.command()
+def approve(
+    run_id: Annotated[str, typer.Argument(help="the paused flow run's id")],
+    reject: Annotated[bool, typer.Option("--reject", help="reject instead of approving")] = False,
+    reason: Annotated[str, typer.Option(help="why (recorded in the run's report)")] = "",
+) -> None:
+    """Approve (or --reject) a run paused for approval; the operator at this terminal is the approver."""
+    import getpass
+    from uuid import UUID
+
+    from prefect.exceptions import ObjectNotFound
+    from prefect.flow_runs import resume_flow_run
+
+    _api_url()
+    try:
+        uid = UUID(run_id)
+    except ValueError:
+        raise _fail(EXIT_BAD_INPUT, f"{run_id!r} is not a flow run id (a UUID)") from None
+    try:
+        resume_flow_run(uid, run_input={"approve": not reject, "approver": getpass.getuser(),
+                                        "reason": reason[:500]})
+    except ObjectNotFound:
+        raise _fail(EXIT_BAD_INPUT, f"no flow run {run_id}") from None
+    except RuntimeError as exc:
+        raise _fail(EXIT_BAD_INPUT, f"cannot resume {run_id}: {exc}") from None
+    out.print(f"{'rejected' if reject else 'approved'} {run_id} as {getpass.getuser()}")
 
 
 # ------------------------------------------------------------------ demo

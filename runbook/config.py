@@ -22,6 +22,7 @@ from pydantic import (
     PrivateAttr,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -60,6 +61,12 @@ class SecretRef(Strict):
 
 class DatabaseConfig(Strict):
     dsn: SecretRef
+    admin_dsn: SecretRef | None = Field(
+        None,
+        description="restores only: a role with CREATEDB that is a member of the database owner's role (never a "
+        "superuser), connected to a maintenance database such as 'postgres'; creates, renames and drops the "
+        "scratch and restore databases",
+    )
     key_tables: list[Name] = Field(default_factory=list, description="tables whose row counts matter")
     connect_timeout_s: float = Field(3.0, gt=0, le=60)
     statement_timeout_ms: int = Field(5000, gt=0, le=600_000)
@@ -100,6 +107,37 @@ class HttpCheckConfig(Strict):
     url: str = Field(pattern=r"^https?://\S+$")
     expect_status: int = Field(200, ge=100, le=599)
     timeout_s: float = Field(5.0, gt=0, le=120)
+    ca_file: Path | None = Field(None, description="PEM bundle to verify TLS with instead of the system CAs")
+    slow_s: float | None = Field(None, gt=0, description="total time above this is a finding (default thresholds)")
+
+
+HostName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")]
+"""A DNS name or IPv4 literal, safe to pass as an argument (no spaces, options or shell characters)."""
+
+
+class NetworkTarget(Strict):
+    """One destination of the connectivity matrix: a TCP port, e.g. db:5432 (the runbook's `curl -f http://db:5432`)."""
+
+    host: HostName
+    port: int = Field(ge=1, le=65535)
+    timeout_s: float = Field(3.0, gt=0, le=60)
+    from_host: bool = Field(True, description="dial it from the runbook's host")
+    from_services: list[Name] | None = Field(
+        None, description="dial it from inside these services' containers (default: network.container_sources)")
+
+
+class NetworkConfig(Strict):
+    """The runbook's "Network Issues": what the connectivity matrix and DNS checks look at."""
+
+    targets: dict[Name, NetworkTarget] = Field(default_factory=dict, description="TCP destinations")
+    container_sources: list[Name] | None = Field(
+        None, description="compose services whose containers are also sources (default: every service in services)")
+    source_addresses: list[Annotated[str, StringConstraints(pattern=r"^\d{1,3}(\.\d{1,3}){3}$")]] = Field(
+        default_factory=list, description="host-side source addresses to connect from (multi-homed hosts)")
+    dns_names: list[HostName] = Field(default_factory=list, description="names resolved on the host and in containers")
+    dns_timeout_s: float = Field(3.0, gt=0, le=30)
+    dns_in_containers: bool = Field(True, description="also resolve dns_names inside each source container")
+    max_parallel: int = Field(32, ge=1, le=256, description="checks in flight at once")
 
 
 class BackupConfig(Strict):
@@ -107,6 +145,20 @@ class BackupConfig(Strict):
     ssh_host: Name | None = None
     rpo_hours: float = Field(26.0, gt=0)
     log_file: Path | None = None
+    verify_cron: str | None = Field(
+        None, pattern=r"^\S+( \S+){4}$", description="cron (5 fields, UTC) of the daily backup-verification run"
+    )
+    min_size_ratio: float = Field(
+        0.5, gt=0, le=1, description="a backup smaller than this fraction of the previous ones' median fails"
+    )
+
+
+class GrafanaConfig(Strict):
+    """Where remediations are annotated (Grafana HTTP API, POST /api/annotations)."""
+
+    url: str = Field(pattern=r"^https?://\S+$")
+    token: SecretRef | None = None
+    timeout_s: float = Field(5.0, gt=0, le=60)
 
 
 class ServiceConfig(Strict):
@@ -114,6 +166,10 @@ class ServiceConfig(Strict):
     max_replicas: int = Field(1, ge=1, le=100)
     writer: bool = Field(False, description="writes to the database: stopped before a restore")
     health_url: str | None = Field(None, pattern=r"^https?://\S+$")
+    heap_profile_command: list[Annotated[str, StringConstraints(min_length=1, max_length=500,
+                                                                pattern=r"^[^\x00\n]+$")]] | None = Field(
+        None, min_length=1, description="memory-leak: argument list run in each leaking container (no shell); "
+        "its output is attached to the report, e.g. [python, -m, memory_profiler, app/main.py]")
 
     @model_validator(mode="after")
     def _bounds(self) -> ServiceConfig:
@@ -135,6 +191,17 @@ class Thresholds(Strict):
     long_query_s: float = Field(300.0, gt=0, description="active queries older than this are cancelled")
     idle_in_transaction_s: float = Field(120.0, gt=0, description="idle-in-transaction blockers older are terminated")
     cache_hit_ratio: float = Field(0.8, ge=0, le=1)
+    http_slow_s: float = Field(2.0, gt=0, description="an HTTP check slower than this in total is a finding")
+    tcp_slow_ms: float = Field(500.0, gt=0, description="a TCP connect slower than this is a finding")
+    cert_days_warning: int = Field(14, ge=0, description="TLS certificates expiring sooner are a finding")
+    log_errors_per_hour: int = Field(10, ge=0, description="level:ERROR documents in the last hour above this")
+
+
+class IncidentWebhookConfig(Strict):
+    """Where service-outage posts its summary (the runbook's "Post in incident channel"): Slack-compatible JSON."""
+
+    url: SecretRef = Field(description="incoming-webhook URLs carry their token: a secret")
+    timeout_s: float = Field(5.0, gt=0, le=60)
 
 
 class Environment(Strict):
@@ -147,9 +214,12 @@ class Environment(Strict):
     elasticsearch: ElasticsearchConfig | None = None
     redis: RedisConfig | None = None
     http_checks: dict[Name, HttpCheckConfig] = Field(default_factory=dict)
+    network: NetworkConfig | None = None
     backups: BackupConfig | None = None
     services: dict[Name, ServiceConfig] = Field(default_factory=dict)
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    grafana: GrafanaConfig | None = None
+    incident_webhook: IncidentWebhookConfig | None = None
 
     _name: str = PrivateAttr("")
     _source: Path = PrivateAttr(Path("."))
@@ -194,17 +264,85 @@ class Environment(Strict):
         return value
 
 
+LabelName = Annotated[str, StringConstraints(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$")]
+Inventory = Literal["services", "databases", "ssh_hosts", "http_checks"]
+
+
+class LabelParam(Strict):
+    """Where a procedure parameter comes from in an alert: a label whose value must name something that exists."""
+
+    label: LabelName
+    inventory: Inventory | None = Field(None, description="the value must be a key of this playbook section")
+    map: dict[str, Name] = Field(default_factory=dict, description="label value -> inventory name (job -> service)")
+    required: bool = True
+
+
+class Breaker(Strict):
+    """At most ``max_remediations`` applying runs per route within ``window_s``; beyond that, dry run only."""
+
+    max_remediations: int = Field(3, ge=1, le=1000)
+    window_s: float = Field(3600.0, gt=0)
+
+
+class Policy(Strict):
+    mode: Literal["diagnose", "dry_run", "auto", "approve"] = Field(
+        "dry_run", description="diagnose: no remediation; dry_run: plans only; auto: apply; approve: pause for a person"
+    )
+    cooldown_s: float = Field(900.0, ge=0, description="no new run for the same procedure and target within this")
+    breaker: Breaker = Field(default_factory=Breaker)
+    approval_timeout_s: float = Field(1800.0, gt=0, description="an approval not given in time counts as rejected")
+
+
+class Notifier(Strict):
+    kind: Literal["slack", "webhook"]
+    url: SecretRef = Field(description="incoming-webhook URLs carry their token: a secret")
+    timeout_s: float = Field(5.0, gt=0, le=60)
+
+
+class Route(Strict):
+    """Which alert runs which procedure, on which target, under which policy (ansible-rulebook's rule shape)."""
+
+    name: Name
+    match: dict[LabelName, str] = Field(description="labels that must be equal; must include alertname")
+    match_re: dict[LabelName, str] = Field(default_factory=dict, description="labels that must fully match a regex")
+    procedure: Name
+    env: Name
+    params: dict[Name, Any] = Field(default_factory=dict, description="fixed procedure parameters")
+    labels: dict[Name, LabelParam] = Field(default_factory=dict, description="procedure parameter <- alert label")
+    policy: Policy = Field(default_factory=Policy)
+    notify: list[Notifier] = Field(default_factory=list)
+
+    @field_validator("match")
+    @classmethod
+    def _needs_alertname(cls, v: dict[str, str]) -> dict[str, str]:
+        if "alertname" not in v:
+            raise ValueError("must include 'alertname'")
+        return v
+
+    @field_validator("match_re")
+    @classmethod
+    def _valid_regex(cls, v: dict[str, str]) -> dict[str, str]:
+        for label, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{label}: not a valid regular expression: {exc}") from None
+        return v
+
+
 class PlaybookFile(Strict):
-    """One file in playbooks/. Later sections (alert routes) join as optional keys."""
+    """One file in playbooks/: environments (the platform) and routes (alerts -> procedures)."""
 
     environments: dict[Name, Environment] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
 
 
 class Playbooks(BaseModel):
-    """Everything loaded from the playbook directories, environments by name."""
+    """Everything loaded from the playbook directories, environments by name, routes in file order."""
 
     environments: dict[str, Environment]
     files: list[Path]
+    routes: list[Route] = Field(default_factory=list)
 
     def environment(self, name: str) -> Environment:
         try:
@@ -236,19 +374,26 @@ def load_playbooks(dirs: Sequence[Path] | None = None) -> Playbooks:
             files.extend(sorted([*d.glob("*.yaml"), *d.glob("*.yml")]))
     errors: list[str] = []
     envs: dict[str, Environment] = {}
+    routes: list[tuple[Path, int, Route]] = []
     for path in files:
         parsed = _load_file(path, errors)
         if parsed is None:
             continue
+        routes.extend((path, i, r) for i, r in enumerate(parsed.routes))
         for name, env in parsed.environments.items():
             if name in envs:
                 errors.append(f"{path}: environments.{name}: already defined in {envs[name].source}")
                 continue
             env._name, env._source = name, path
             envs[name] = env
+    seen: dict[str, Path] = {}
+    for path, i, route in routes:
+        if route.name in seen:
+            errors.append(f"{path}: routes.{i}.name: route {route.name!r} already defined in {seen[route.name]}")
+        seen.setdefault(route.name, path)  # route.env is checked when used: this machine may not load it
     if errors:
         raise ConfigError("\n".join(errors))
-    return Playbooks(environments=envs, files=files)
+    return Playbooks(environments=envs, files=files, routes=[r for _, _, r in routes])
 
 
 def playbook_json_schema() -> dict[str, Any]:
@@ -323,7 +468,13 @@ def iter_secret_refs(env: Environment) -> Iterable[tuple[str, SecretRef]]:
     """Every secret an environment refers to, with its path, for `runbook check --env`."""
     for name, db in env.databases.items():
         yield f"databases.{name}.dsn", db.dsn
+        if db.admin_dsn:
+            yield f"databases.{name}.admin_dsn", db.admin_dsn
     if env.redis and env.redis.password:
         yield "redis.password", env.redis.password
     if env.elasticsearch and env.elasticsearch.api_key:
         yield "elasticsearch.api_key", env.elasticsearch.api_key
+    if env.grafana and env.grafana.token:
+        yield "grafana.token", env.grafana.token
+    if env.incident_webhook:
+        yield "incident_webhook.url", env.incident_webhook.url

@@ -1,0 +1,139 @@
+"""The warm executor: runs deployment flow runs inside a long-lived process that already imported every flow.
+
+A plain Prefect process worker polls its pool, then starts a Python subprocess per run: 6-14 s from
+`run_deployment` to the first task here. This executor keeps the flows imported and runs each flow run in a
+thread of its own, so an alert's first task starts a fraction of a second after the intake hands it over
+(`submit`), with no polling on that path. It also polls its work pool, at a relaxed interval, for runs created
+elsewhere (the Prefect UI, schedules, another intake), and sends worker heartbeats so the pool shows as ready.
+
+Several executors may serve one pool (scale-out): a run is claimed by proposing PENDING, which the Prefect
+server accepts for exactly one claimer; the others leave it alone.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from uuid import UUID
+
+log = logging.getLogger(__name__)
+
+WORK_POOL = "runbook"
+
+
+class Executor:
+    def __init__(self, work_pool: str = WORK_POOL, max_runs: int = 16, poll_s: float = 5.0,
+                 name: str | None = None) -> None:
+        self.work_pool = work_pool
+        self.poll_s = poll_s
+        self.name = name or f"runbook-{socket.gethostname()}-{os.getpid()}"
+        self._pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="flow-run")
+        self._handoff: queue.Queue[str | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._flows: dict[UUID, object] = {}
+        self._claimed: set[str] = set()
+        self._lock = threading.Lock()
+        self.completed: list[tuple[str, str]] = []  # (flow run id, final state name), for tests and the CLI
+
+    # -------------------------------------------------------------- public
+
+    def start(self) -> None:
+        """Start the hand-off and poll loops in the caller's Prefect settings context."""
+        ctx = contextvars.copy_context()
+        for target in (self._handoff_loop, self._poll_loop):
+            t = threading.Thread(target=ctx.copy().run, args=(target,), daemon=True, name=target.__name__)
+            t.start()
+            self._threads.append(t)
+
+    def submit(self, flow_run_id: str) -> None:
+        """Hand over a run the caller just created: it starts now, not at the next poll."""
+        self._handoff.put(flow_run_id)
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop.set()
+        self._handoff.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    # -------------------------------------------------------------- loops
+
+    def _handoff_loop(self) -> None:
+        ctx = contextvars.copy_context()
+        while not self._stop.is_set():
+            run_id = self._handoff.get()
+            if run_id is None:
+                break
+            self._pool.submit(ctx.copy().run, self._claim_and_run, run_id)
+
+    def _poll_loop(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        ctx = contextvars.copy_context()
+        while not self._stop.is_set():
+            try:
+                with get_client(sync_client=True) as client:
+                    client.send_worker_heartbeat(self.work_pool, self.name,
+                                                 heartbeat_interval_seconds=max(30.0, self.poll_s))
+                    due = client.get_scheduled_flow_runs_for_work_pool(
+                        self.work_pool, scheduled_before=datetime.now(UTC) + timedelta(seconds=1))
+                for item in due:
+                    self._pool.submit(ctx.copy().run, self._claim_and_run, str(item.flow_run.id))
+            except Exception as exc:  # the poll loop must outlive a Prefect outage; it retries next interval
+                log.warning("work pool %r poll failed: %s", self.work_pool, exc)
+            self._stop.wait(self.poll_s)
+
+    # -------------------------------------------------------------- one run
+
+    def _claim_and_run(self, run_id: str) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.responses import SetStateStatus
+        from prefect.flow_engine import run_flow
+        from prefect.states import Pending
+
+        with self._lock:
+            if run_id in self._claimed:
+                return
+            self._claimed.add(run_id)
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(UUID(run_id))
+            flow = self._flow_for(client, flow_run.flow_id)
+            if flow is None:
+                log.info("run %s is not one of ours: left for another worker", run_id)
+                return
+            if not (flow_run.state and flow_run.state.is_scheduled()):
+                return
+            result = client.set_flow_run_state(flow_run.id, Pending())
+            if result.status != SetStateStatus.ACCEPT:
+                return  # another executor (or a cancel) got there first
+            flow_run = client.read_flow_run(flow_run.id)
+        started = time.monotonic()
+        state = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+        name = getattr(state, "name", "?")
+        self.completed.append((run_id, name))
+        log.info("flow run %s finished %s in %.1f s", run_id, name, time.monotonic() - started)
+
+    def _flow_for(self, client: object, flow_id: UUID) -> object | None:
+        from runbook.procedure import PROCEDURES
+
+        if flow_id not in self._flows:
+            name = client.read_flow(flow_id).name  # type: ignore[attr-defined]
+            info = PROCEDURES.get(name)
+            self._flows[flow_id] = info.load_flow() if info else None
+        return self._flows[flow_id]
+
+
+def preload_flows() -> None:
+    """Import every procedure's flow now, so the first run pays no import time."""
+    from runbook.procedure import PROCEDURES
+
+    for info in PROCEDURES.values():
+        info.load_flow()

@@ -1,0 +1,178 @@
+"""Turns stored occurrences into Prefect flow runs, exactly once, and cancels them when the alert resolves.
+
+Exactly once: the idempotency key is the occurrence key (route + fingerprint + startsAt). Prefect deduplicates
+keys per flow, not per deployment, so the route is part of the key; a retry after a crash or a second intake
+replica gets the same run back instead of a new one.
+Latency: the request handler wakes the dispatcher directly (no polling); a created run is handed to the local
+executor, when there is one, so its first task starts within a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from runbook.intake.policy import run_parameters
+from runbook.intake.routing import RunRequest
+from runbook.intake.store import Occurrence, Store
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (prefect.yaml)
+CANCELLABLE = {"SCHEDULED", "PENDING", "PAUSED"}
+
+
+class Dispatcher:
+    def __init__(self, store: Store, api_url: str, on_created: Callable[[str], None] | None = None,
+                 concurrency: int = 8, timeout_s: float = 10.0) -> None:
+        self.store = store
+        self.api_url = api_url.rstrip("/")
+        self.on_created = on_created
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.healthy = False
+        self.created = 0
+        self.failures = 0
+        self._wake = asyncio.Event()
+        self._deployments: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._http = httpx.AsyncClient(base_url=self.api_url, timeout=self.timeout_s, trust_env=False)
+        await self.check_health()
+        self._task = asyncio.create_task(self._run(), name="dispatcher")
+        self._health_task = asyncio.create_task(self._watch_health(), name="prefect-health")
+        self.wake()  # whatever a previous process left pending
+
+    async def stop(self) -> None:
+        for t in (self._task, self._health_task):
+            if t:
+                t.cancel()
+        for t in (self._task, self._health_task):
+            if t:
+                try:
+                    await t
+                except asyncio.CancelledError:
+                    pass
+        if self._http:
+            await self._http.aclose()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def check_health(self) -> bool:
+        assert self._http is not None
+        try:
+            resp = await self._http.get("/health", timeout=2.0)
+            self.healthy = resp.status_code == 200
+        except httpx.HTTPError:
+            self.healthy = False
+        return self.healthy
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(1.0 if self.healthy else 0.5)
+            was = self.healthy
+            if await self.check_health() and not was:
+                self.wake()
+
+    # -------------------------------------------------------------- dispatch
+
+    async def _run(self) -> None:
+        sem = asyncio.Semaphore(self.concurrency)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while batch := self.store.pending():
+                results = await asyncio.gather(*(self._create(o, sem) for o in batch))
+                if not all(results):
+                    await asyncio.sleep(1.0)  # Prefect is away: the watcher wakes us when it is back
+                    if not self.healthy:
+                        break
+
+    async def _create(self, occ: Occurrence, sem: asyncio.Semaphore) -> bool:
+        async with sem:
+            try:
+                deployment_id = await self._deployment_id(occ.procedure)
+                req = RunRequest(key=occ.key, route=occ.route, procedure=occ.procedure, env=occ.env,
+                                 params=occ.params, target="", fingerprint="", starts_at="",
+                                 alertname=occ.alertname, mode=occ.mode)
+                body: dict[str, Any] = {
+                    "parameters": run_parameters(req),
+                    "idempotency_key": f"runbook-alert:{occ.key}",
+                    "tags": [*occ.tags, f"occurrence:{occ.key}"],
+                    "name": f"{occ.alertname or 'alert'}-{occ.key[:8]}".lower()[:60],
+                    "state": {"type": "SCHEDULED", "name": "Scheduled"},
+                }
+                resp = await self._post(f"/deployments/{deployment_id}/create_flow_run", body)
+                run_id = resp["id"]
+            except PrefectUnavailable as exc:
+                self.healthy = False
+                self.failures += 1
+                log.warning("cannot create the run for %s yet: %s", occ.key, exc)
+                return False
+            except PrefectRejected as exc:
+                self.store.mark(occ.key, "failed", str(exc)[:500])
+                log.error("Prefect rejected the run for %s: %s", occ.key, exc)
+                return True
+            self.store.mark_created(occ.key, run_id)
+            self.created += 1
+            if self.on_created:
+                self.on_created(run_id)
+            return True
+
+    async def _deployment_id(self, procedure: str) -> str:
+        if procedure not in self._deployments:
+            data = await self._get(f"/deployments/name/{procedure}/{DEPLOYMENT_NAME}")
+            self._deployments[procedure] = data["id"]
+        return self._deployments[procedure]
+
+    async def cancel(self, occ: Occurrence) -> str:
+        """Cancel the occurrence's run if it has not started or waits for approval; say what happened."""
+        if not occ.flow_run_id:
+            return "no run yet: dispatch cancelled"
+        run = await self._get(f"/flow_runs/{occ.flow_run_id}")
+        state = (run.get("state") or {}).get("type", "")
+        if state not in CANCELLABLE:
+            return f"run {occ.flow_run_id} is {state.lower() or 'unknown'}: left to finish"
+        await self._post(f"/flow_runs/{occ.flow_run_id}/set_state", {
+            "state": {"type": "CANCELLED", "name": "Cancelled", "message": "alert resolved"}, "force": True})
+        return f"run {occ.flow_run_id} cancelled ({state.lower()})"
+
+    # -------------------------------------------------------------- HTTP with mapped errors
+
+    async def _get(self, path: str) -> Any:
+        return await self._call("GET", path, None)
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        return await self._call("POST", path, body)
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        assert self._http is not None
+        started = time.monotonic()
+        try:
+            resp = await self._http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise PrefectUnavailable(f"{type(exc).__name__} after {time.monotonic() - started:.1f} s") from None
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise PrefectUnavailable(f"HTTP {resp.status_code}")
+        if resp.status_code >= 400:
+            raise PrefectRejected(f"HTTP {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+
+class PrefectUnavailable(Exception):
+    """Prefect could not be reached or answered 5xx: retry later, the occurrence stays pending."""
+
+
+class PrefectRejected(Exception):
+    """Prefect refused the request (4xx): retrying will not help."""

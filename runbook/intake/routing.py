@@ -1,0 +1,104 @@
+"""From an alert to a run request: which routes match, and the procedure parameters its labels name.
+
+A label value becomes a parameter only if it names something that exists in the playbook inventory (a service,
+a database ...); anything else is rejected with the reason. Values are never interpolated anywhere: they are
+passed on as typed parameters, validated against the flow's own signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import Any
+
+from runbook.config import Playbooks, Route
+from runbook.errors import BadInput, ConfigError
+from runbook.intake.models import Alert
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One alert occurrence for one route: what the dispatcher turns into exactly one flow run."""
+
+    key: str  # the dedup key: route + fingerprint + startsAt
+    route: str
+    procedure: str
+    env: str
+    params: dict[str, Any]
+    target: str  # procedure + env + params, for cooldowns
+    fingerprint: str
+    starts_at: str
+    alertname: str
+    summary: str = ""
+    mode: str = "dry_run"
+    tags: list[str] = field(default_factory=list)
+
+
+def occurrence_key(route: str, alert: Alert) -> str:
+    """Identifies one occurrence of one alert for one route, however often Alertmanager resends it."""
+    starts = alert.startsAt.astimezone(UTC).isoformat()
+    raw = f"{route}\0{alert.fingerprint}\0{starts}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def matching_routes(routes: list[Route], labels: dict[str, str]) -> list[Route]:
+    return [
+        r for r in routes
+        if all(labels.get(k) == v for k, v in r.match.items())
+        and all(re.fullmatch(p, labels.get(k, "")) for k, p in r.match_re.items())
+    ]
+
+
+def build_request(route: Route, alert: Alert, playbooks: Playbooks) -> RunRequest:
+    """Map labels to parameters and validate everything; BadInput names what was wrong."""
+    from runbook.procedure import PROCEDURES, validate_params
+
+    if route.procedure not in PROCEDURES:
+        raise ConfigError(f"route {route.name!r}: unknown procedure {route.procedure!r}")
+    try:
+        env = playbooks.environment(route.env)
+    except ConfigError as exc:
+        raise ConfigError(f"route {route.name!r}: {exc}") from None
+    params: dict[str, Any] = dict(route.params)
+    for param, spec in route.labels.items():
+        raw = alert.labels.get(spec.label)
+        if raw is None:
+            if spec.required:
+                raise BadInput(f"label {spec.label!r} is missing (route {route.name!r} needs it for {param!r})")
+            continue
+        value = spec.map.get(raw, raw)
+        if not _NAME.match(value):
+            raise BadInput(f"label {spec.label}={_show(raw)} is not a valid name for {param!r}")
+        if spec.inventory is not None:
+            known = getattr(env, spec.inventory)
+            if value not in known:
+                raise BadInput(
+                    f"label {spec.label}={_show(raw)}: no {spec.inventory[:-1].replace('_', ' ')} {value!r} in "
+                    f"environment {env.name!r} (known: {', '.join(sorted(known)) or 'none'})"
+                )
+        params[param] = value
+    params = validate_params(route.procedure, params)
+    target = json.dumps({"procedure": route.procedure, "env": route.env, **params}, sort_keys=True, default=str)
+    return RunRequest(
+        key=occurrence_key(route.name, alert),
+        route=route.name,
+        procedure=route.procedure,
+        env=route.env,
+        params=params,
+        target=target,
+        fingerprint=alert.fingerprint,
+        starts_at=alert.startsAt.astimezone(UTC).isoformat(),
+        alertname=alert.labels.get("alertname", ""),
+        summary=alert.annotations.get("summary", "")[:500],
+        mode=route.policy.mode,
+    )
+
+
+def _show(value: str) -> str:
+    """A label value as it may appear in an error: quoted, escaped, bounded."""
+    return repr(value[:80] + ("…" if len(value) > 80 else ""))

@@ -1,0 +1,101 @@
+"""`runbook serve` and its pieces: a Prefect server, the deployments, the warm executor and the alert intake.
+
+Embedded (the default): one command starts (or reuses) a local Prefect server on SQLite, registers the
+deployments from prefect.yaml, runs the executor and the intake in this process, and stops all of it on Ctrl-C.
+Scale-out: the same pieces as separate processes (`runbook intake`, `runbook worker`) against one Prefect
+server on PostgreSQL; see the README.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from runbook.config import PROJECT_ROOT
+from runbook.errors import RunbookError
+
+PREFECT_BIN = Path(sys.executable).parent / "prefect"
+
+
+def prefect_env(api_url: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url, "RUNBOOK_PROJECT_DIR": str(PROJECT_ROOT),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+
+
+def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
+    """Create the process work pool if missing and apply every deployment in prefect.yaml."""
+    env = prefect_env(api_url)
+    with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
+        if http.get(f"/work_pools/{work_pool}").status_code == 404:
+            _prefect(["work-pool", "create", work_pool, "--type", "process"], env)
+    _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(PROJECT_ROOT / "prefect.yaml")], env)
+
+
+def _prefect(args: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run([str(PREFECT_BIN), *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    if proc.returncode != 0:
+        raise RunbookError(f"prefect {' '.join(args[:3])} failed: {(proc.stdout + proc.stderr)[-1500:]}")
+
+
+def wait_healthy(api_url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RunbookError(f"Prefect API at {api_url} not healthy within {timeout_s:g} s")
+
+
+@contextmanager
+def local_prefect_server(home: Path, port: int) -> Iterator[str]:
+    """A Prefect server on SQLite for `runbook serve`; reused when one already answers on that port."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        if httpx.get(f"{api_url}/health", timeout=1, trust_env=False).status_code == 200:
+            yield api_url
+            return
+    except httpx.HTTPError:
+        pass
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    log = open(home / "server.log", "ab")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([str(PREFECT_BIN), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--analytics-off"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_healthy(api_url, 90)
+        yield api_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, executor: Any = None,
+               playbook_dirs: list[Path] | None = None) -> None:
+    """Serve the intake with uvicorn until interrupted; created runs go straight to ``executor`` when given."""
+    import uvicorn
+
+    from runbook.intake.app import IntakeSettings, create_app
+
+    app = create_app(IntakeSettings(
+        token=token, prefect_api_url=api_url, state_dir=state_dir, playbook_dirs=playbook_dirs,
+        on_created=executor.submit if executor else None,
+    ))
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
