@@ -1,0 +1,136 @@
+"""A running intake for tests and benchmarks: deployments on the sandbox Prefect server, a warm executor and the
+intake app served by uvicorn on a free loopback port, with routes written for the sandbox environment."""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from runbook.config import PROJECT_ROOT
+from runbook.executor import Executor
+from runbook.intake.app import IntakeSettings, create_app
+from runbook.sandbox import SandboxState
+from runbook.sandbox.net import free_ports
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "alertmanager"  # copied from shared/fixtures
+
+ROUTES = """
+routes:
+  - name: db-auto
+    match: {alertname: DatabaseConnectionHigh}
+    procedure: db-slowness
+    env: sandbox
+    params: {long_query_s: 1, idle_in_transaction_s: 1}
+    labels:
+      database: {label: db, inventory: databases}
+    policy: {mode: auto, cooldown_s: 0, breaker: {max_remediations: 2, window_s: 3600}}
+  - name: db-cooldown
+    match: {alertname: DbCooldownTest}
+    procedure: db-slowness
+    env: sandbox
+    labels:
+      database: {label: db, inventory: databases}
+    policy: {mode: diagnose, cooldown_s: 600}
+  - name: db-approve
+    match: {alertname: DbApproveTest}
+    procedure: db-slowness
+    env: sandbox
+    params: {long_query_s: 1, idle_in_transaction_s: 1}
+    labels:
+      database: {label: db, inventory: databases}
+    policy: {mode: approve, cooldown_s: 0, approval_timeout_s: 120}
+"""
+
+
+@dataclass
+class Intake:
+    url: str
+    token: str
+    api_url: str
+    executor: Executor
+    state_dir: Path
+    app: Any
+
+    def post(self, payload: Any, token: str | None = None, **kw: Any) -> httpx.Response:
+        token = self.token if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}  # "": no header at all
+        if not isinstance(payload, dict | list):  # bytes, str or an iterator of chunks: sent as they are
+            return httpx.post(f"{self.url}/alerts", content=payload, headers=headers, timeout=30, **kw)
+        return httpx.post(f"{self.url}/alerts", json=payload, headers=headers, timeout=30, **kw)
+
+    def runs(self, tag: str) -> list[dict[str, Any]]:
+        body = {"flow_runs": {"tags": {"all_": [tag]}}}
+        return httpx.post(f"{self.api_url}/flow_runs/filter", json=body, timeout=10).json()
+
+    def wait_state(self, run_id: str, states: set[str], timeout_s: float = 60) -> str:
+        deadline = time.monotonic() + timeout_s
+        state = ""
+        while time.monotonic() < deadline:
+            state = httpx.get(f"{self.api_url}/flow_runs/{run_id}", timeout=10).json()["state"]["type"]
+            if state in states:
+                return state
+            time.sleep(0.2)
+        raise AssertionError(f"run {run_id} still {state} after {timeout_s} s (wanted {states})")
+
+
+def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str | None = None,
+          status: str = "firing", starts_at: str | None = None) -> dict[str, Any]:
+    """A webhook built from the real captured payload, with our labels."""
+    doc = json.loads((FIXTURES / f"servicedown-{status}.json").read_text())
+    a = copy.deepcopy(doc["alerts"][0])
+    a["labels"] = {"alertname": alertname, **(labels or {})}
+    a["fingerprint"] = fingerprint or secrets.token_hex(8)
+    a["status"] = status
+    if starts_at:
+        a["startsAt"] = starts_at
+    doc["alerts"] = [a]
+    doc["status"] = status
+    return doc
+
+
+@contextmanager
+def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, executor: bool = True,
+                   api_url: str | None = None) -> Iterator[Intake]:
+    from runbook.serve import register_deployments
+
+    api = api_url or state.prefect_api_url
+    assert api
+    register_deployments(state.prefect_api_url)
+    routes_dir = work_dir / "routes"
+    routes_dir.mkdir(parents=True, exist_ok=True)
+    (routes_dir / "routes.yaml").write_text(routes)
+    ex = Executor(poll_s=1.0)
+    if executor:
+        ex.start()
+    token = secrets.token_urlsafe(24)
+    app = create_app(IntakeSettings(
+        token=token, prefect_api_url=api, state_dir=work_dir / "intake",
+        playbook_dirs=[PROJECT_ROOT / "playbooks", state.playbook_dir, routes_dir],
+        on_created=ex.submit if executor else None,
+    ))
+    port = free_ports(1)[0]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield Intake(f"http://127.0.0.1:{port}", token, api, ex, work_dir, app)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        if executor:
+            ex.stop(wait=False)
