@@ -98,8 +98,26 @@ def parse_params(procedure: str, raw: list[str]) -> dict[str, Any]:
             raise BadInput(f"--param {item!r}: expected key=value")
         if key in RESERVED_PARAMS:
             raise BadInput(f"--param {key}: use {'--env' if key == 'env' else '--apply'} instead")
+        if key == APPROVER_PARAM:
+            raise BadInput(f"--param {key}: use --approve (records the operator at this terminal)")
         params[key] = value
     return validate_params(procedure, params, label="--param ")
+
+
+APPROVER_PARAM = "approved_by"
+
+
+def _approver(procedure: str, apply: bool) -> str:
+    """The operator at the terminal, for procedures with an approval gate (``approved_by``)."""
+    import getpass
+
+    from runbook.procedure import PROCEDURES
+
+    if not apply:
+        raise BadInput("--approve needs --apply (a dry run has nothing to approve)")
+    if APPROVER_PARAM not in {p.name for p in PROCEDURES[procedure].parameters()}:
+        raise BadInput(f"--approve: {procedure} has no approval step")
+    return getpass.getuser()
 
 
 @app.command()
@@ -109,6 +127,8 @@ def run(
     param: Annotated[list[str] | None, typer.Option("--param", help="procedure parameter as key=value")] = None,
     apply: Annotated[bool, typer.Option("--apply", help="carry out remediations (default: dry run)")] = False,
     output: Annotated[str, typer.Option("--output", help="text or json")] = "text",
+    approve: Annotated[bool, typer.Option("--approve", help="with --apply: approve the procedure's gated step "
+                                                            "as the operator at this terminal")] = False,
 ) -> None:
     """Run a procedure: a dry run unless --apply. Records to PREFECT_API_URL when set, else an embedded API."""
     from runbook.findings import render_terminal, report_from_json
@@ -120,6 +140,8 @@ def run(
         raise _fail(EXIT_BAD_INPUT, f"unknown procedure {procedure!r}; known: {', '.join(PROCEDURES)}")
     try:
         params = parse_params(procedure, param or [])
+        if approve:
+            params[APPROVER_PARAM] = _approver(procedure, apply)
         environment = load_playbooks().environment(env)
         for where, ref in iter_secret_refs(environment):  # fail fast, before a flow run exists
             environment.resolve_secret(ref, where)
@@ -231,15 +253,17 @@ def deploy() -> None:
 def worker(
     pool: Annotated[str, typer.Option(help="work pool to serve")] = "runbook",
     poll: Annotated[float, typer.Option(help="seconds between polls for UI/scheduled runs")] = 5.0,
+    max_runs: Annotated[int, typer.Option(help="flow runs at once in this process")] = 16,
 ) -> None:
     """Run deployment flow runs in this warm process (scale out: start several against one server)."""
     from runbook.executor import Executor, preload_flows
 
     _api_url()
     preload_flows()
-    ex = Executor(work_pool=pool, poll_s=poll)
+    ex = Executor(work_pool=pool, poll_s=poll, max_runs=max_runs)
     ex.start()
-    out.print(f"executor {ex.name} serving work pool {pool!r}; Ctrl-C stops it")
+    out.print(f"executor {ex.name} serving work pool {pool!r}; Ctrl-C stops it", highlight=False)
+    sys.stdout.flush()
     try:
         while True:
             time.sleep(3600)

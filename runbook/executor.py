@@ -32,7 +32,9 @@ class Executor:
     def __init__(self, work_pool: str = WORK_POOL, max_runs: int = 16, poll_s: float = 5.0,
                  name: str | None = None) -> None:
         self.work_pool = work_pool
+        self.max_runs = max_runs
         self.poll_s = poll_s
+        self._running = 0
         self.name = name or f"runbook-{socket.gethostname()}-{os.getpid()}"
         self._pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="flow-run")
         self._handoff: queue.Queue[str | None] = queue.Queue()
@@ -85,7 +87,9 @@ class Executor:
                                                  heartbeat_interval_seconds=max(30.0, self.poll_s))
                     due = client.get_scheduled_flow_runs_for_work_pool(
                         self.work_pool, scheduled_before=datetime.now(UTC) + timedelta(seconds=1))
-                for item in due:
+                with self._lock:
+                    free = self.max_runs - self._running
+                for item in due[:max(0, free)]:  # claim only what this process can start now: others share
                     self._pool.submit(ctx.copy().run, self._claim_and_run, str(item.flow_run.id))
             except Exception as exc:  # the poll loop must outlive a Prefect outage; it retries next interval
                 log.warning("work pool %r poll failed: %s", self.work_pool, exc)
@@ -111,12 +115,18 @@ class Executor:
                 return
             if not (flow_run.state and flow_run.state.is_scheduled()):
                 return
-            result = client.set_flow_run_state(flow_run.id, Pending())
+            result = client.set_flow_run_state(flow_run.id, Pending(message=f"claimed by {self.name}"))
             if result.status != SetStateStatus.ACCEPT:
                 return  # another executor (or a cancel) got there first
             flow_run = client.read_flow_run(flow_run.id)
         started = time.monotonic()
-        state = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+        with self._lock:
+            self._running += 1
+        try:
+            state = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+        finally:
+            with self._lock:
+                self._running -= 1
         name = getattr(state, "name", "?")
         self.completed.append((run_id, name))
         log.info("flow run %s finished %s in %.1f s", run_id, name, time.monotonic() - started)

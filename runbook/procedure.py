@@ -6,6 +6,7 @@ handles an unreachable target, dry runs, artifacts and the JSON return value the
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import time
@@ -40,8 +41,19 @@ class ProcedureInfo:
         return getattr(importlib.import_module(module), attr)
 
     def parameters(self) -> list[inspect.Parameter]:
-        fn = self.load_flow().fn
-        return [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "env"]
+        return list(_signature(self.flow_path).values())
+
+
+@functools.cache
+def _signature(flow_path: str) -> dict[str, inspect.Parameter]:
+    module, _, attr = flow_path.partition(":")
+    fn = getattr(importlib.import_module(module), attr).fn
+    return {p.name: p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "env"}
+
+
+@functools.cache
+def _adapter(flow_path: str, name: str) -> TypeAdapter[Any]:
+    return TypeAdapter(_signature(flow_path)[name].annotation)
 
 
 PROCEDURES: dict[str, ProcedureInfo] = {
@@ -49,6 +61,24 @@ PROCEDURES: dict[str, ProcedureInfo] = {
     for p in [
         ProcedureInfo("db-slowness", "flows.db_slowness:db_slowness",
                       "Database Performance Issues: connections, long queries, lock tree, slow statements, indexes"),
+        ProcedureInfo("backup", "flows.backup:backup",
+                      "Backup: pg_dump | gzip streamed to the backup location with checksum and manifest"),
+        ProcedureInfo("backup-verification", "flows.backup_verification:backup_verification",
+                      "Backup and Recovery Monitoring: age vs RPO, size, gzip, checksum, log, test restore (RTO)"),
+        ProcedureInfo("data-corruption", "flows.data_corruption:data_corruption",
+                      "Data Corruption: assess vs backup, then with approval stop writers, restore, swap, restart"),
+        ProcedureInfo("network-checks", "flows.network_checks:network_checks",
+                      "Network Issues: TCP matrix from host and containers, HTTPS endpoints with TLS days, DNS"),
+        ProcedureInfo("cache-api", "flows.cache_api:cache_api",
+                      "Application Optimization: Redis hit ratio/evictions, API timing breakdown, runbook PromQL"),
+        ProcedureInfo("log-analysis", "flows.log_analysis:log_analysis",
+                      "Log Analysis: the four Kibana queries with counts, top messages and a histogram"),
+        ProcedureInfo("high-cpu", "flows.high_cpu:high_cpu",
+                      "High CPU Usage: containers and host processes by CPU, long queries, ERROR logs; scale"),
+        ProcedureInfo("memory-leak", "flows.memory_leak:memory_leak",
+                      "Memory Leaks: memory growth per container, time to limit, heap hook; rolling restart"),
+        ProcedureInfo("service-outage", "flows.service_outage:service_outage",
+                      "Service Outage: health, container states, up, deployments, hosts, errors; start; notify"),
     ]
 }
 
@@ -63,7 +93,8 @@ def validate_params(procedure: str, params: dict[str, Any], label: str = "") -> 
     """
     if procedure not in PROCEDURES:
         raise BadInput(f"unknown procedure {procedure!r}; known: {', '.join(PROCEDURES)}")
-    sig = {p.name: p for p in PROCEDURES[procedure].parameters()}
+    flow_path = PROCEDURES[procedure].flow_path
+    sig = _signature(flow_path)
     out: dict[str, Any] = {}
     for key, value in params.items():
         if key in RESERVED_PARAMS:
@@ -71,7 +102,7 @@ def validate_params(procedure: str, params: dict[str, Any], label: str = "") -> 
         if key not in sig:
             raise BadInput(f"{label}{key}: {procedure} has no such parameter (known: {', '.join(sig) or 'none'})")
         try:
-            out[key] = TypeAdapter(sig[key].annotation).validate_python(value)
+            out[key] = _adapter(flow_path, key).validate_python(value)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             raise BadInput(f"{label}{key}={value!r}: {first['msg']}") from None

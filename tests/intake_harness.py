@@ -61,13 +61,14 @@ class Intake:
     executor: Executor
     state_dir: Path
     app: Any
+    http: httpx.Client
 
     def post(self, payload: Any, token: str | None = None, **kw: Any) -> httpx.Response:
         token = self.token if token is None else token
         headers = {"Authorization": f"Bearer {token}"} if token else {}  # "": no header at all
         if not isinstance(payload, dict | list):  # bytes, str or an iterator of chunks: sent as they are
-            return httpx.post(f"{self.url}/alerts", content=payload, headers=headers, timeout=30, **kw)
-        return httpx.post(f"{self.url}/alerts", json=payload, headers=headers, timeout=30, **kw)
+            return self.http.post(f"{self.url}/alerts", content=payload, headers=headers, **kw)
+        return self.http.post(f"{self.url}/alerts", json=payload, headers=headers, **kw)
 
     def runs(self, tag: str) -> list[dict[str, Any]]:
         body = {"flow_runs": {"tags": {"all_": [tag]}}}
@@ -110,9 +111,12 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
     routes_dir = work_dir / "routes"
     routes_dir.mkdir(parents=True, exist_ok=True)
     (routes_dir / "routes.yaml").write_text(routes)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     ex = Executor(poll_s=1.0)
     if executor:
-        ex.start()
+        with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}):
+            ex.start()  # its threads keep this settings context
     token = secrets.token_urlsafe(24)
     app = create_app(IntakeSettings(
         token=token, prefect_api_url=api, state_dir=work_dir / "intake",
@@ -127,9 +131,11 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
+    http = httpx.Client(timeout=30, trust_env=False)
     try:
-        yield Intake(f"http://127.0.0.1:{port}", token, api, ex, work_dir, app)
+        yield Intake(f"http://127.0.0.1:{port}", token, api, ex, work_dir, app, http)
     finally:
+        http.close()
         server.should_exit = True
         thread.join(10)
         if executor:

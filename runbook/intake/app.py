@@ -155,6 +155,10 @@ def create_app(settings: IntakeSettings) -> FastAPI:
                 if alert.status == "resolved":
                     results.append(await _resolve(route, alert))
                     continue
+                if store.known(occurrence_key(route.name, alert)):  # a resend: nothing to validate or decide
+                    metrics.deduplicated.inc()
+                    results.append({"fingerprint": alert.fingerprint, "route": route.name, "outcome": "duplicate"})
+                    continue
                 try:
                     firing.append((build_request(route, alert, playbooks), route))
                 except (BadInput, ConfigError) as exc:
