@@ -13,7 +13,8 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -47,15 +48,25 @@ def list_procedures() -> None:
 
     for info in PROCEDURES.values():
         params = " ".join(_describe_param(p) for p in info.parameters())
-        out.print(f"[bold]{info.name}[/]  {info.summary}\n    params: {params}", highlight=False)
+        out.print(f"[bold]{info.name}[/]  {info.summary}\n    params: {params}", highlight=False, soft_wrap=True)
 
 
 def _describe_param(p: inspect.Parameter) -> str:
-    ann = p.annotation
-    base = getattr(ann, "__origin__", None) and getattr(ann, "__args__", (ann,))[0] or ann
-    name = getattr(base, "__name__", str(base)).replace("typing.", "")
     default = "" if p.default is inspect.Parameter.empty else f"={p.default}"
-    return f"{p.name}:{name}{default}"
+    return f"{p.name}:{_type_name(p.annotation)}{default}"
+
+
+def _type_name(ann: Any) -> str:
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _type_name(get_args(ann)[0])
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in get_args(ann))
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(ann))
+    if ann is type(None):
+        return "None"
+    return ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
 
 
 @app.command()

@@ -37,6 +37,37 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
         if http.get(f"/work_pools/{work_pool}").status_code == 404:
             _prefect(["work-pool", "create", work_pool, "--type", "process"], env)
     _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(PROJECT_ROOT / "prefect.yaml")], env)
+    apply_verification_schedules(api_url)
+
+
+def apply_verification_schedules(api_url: str) -> None:
+    """One backup-verification schedule per environment whose playbook sets backups.verify_cron (UTC).
+
+    The cron lives in the playbook, not in prefect.yaml, so the platform's description stays in one place.
+    Schedules are identified by slug (verify-ENV), so applying twice changes nothing.
+    """
+    from runbook.config import load_playbooks
+
+    wanted = {f"verify-{e.name}": (e.backups.verify_cron, e.name)
+              for e in load_playbooks().environments.values() if e.backups and e.backups.verify_cron}
+    with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
+        resp = http.get("/deployments/name/backup-verification/runbook")
+        if resp.status_code == 404:
+            return
+        dep_id = resp.json()["id"]
+        existing = {s.get("slug"): s for s in http.get(f"/deployments/{dep_id}/schedules").json()}
+        for slug, sched in existing.items():
+            if slug and slug.startswith("verify-"):
+                cron = (sched.get("schedule") or {}).get("cron")
+                if slug not in wanted or wanted[slug][0] != cron:
+                    http.delete(f"/deployments/{dep_id}/schedules/{sched['id']}").raise_for_status()
+                else:
+                    wanted.pop(slug)
+        if wanted:
+            http.post(f"/deployments/{dep_id}/schedules", json=[
+                {"schedule": {"cron": cron, "timezone": "UTC"}, "active": True, "slug": slug,
+                 "parameters": {"env": env, "dry_run": True}}
+                for slug, (cron, env) in wanted.items()]).raise_for_status()
 
 
 def _prefect(args: list[str], env: dict[str, str]) -> None:

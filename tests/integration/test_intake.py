@@ -202,3 +202,18 @@ def test_prefect_unreachable_answers_503_and_stores_nothing(sandbox_state, tmp_p
         assert resp.status_code == 503
         assert it.app.state.store.pending() == []
         assert httpx.get(f"{it.url}/healthz", timeout=5).status_code == 503
+
+
+def test_backup_verification_is_scheduled_from_the_playbook_cron_and_reapplying_changes_nothing(
+    intake: Intake, sandbox_env  # noqa: ANN001
+) -> None:
+    from runbook.serve import apply_verification_schedules
+
+    assert sandbox_env.backups and sandbox_env.backups.verify_cron
+    apply_verification_schedules(intake.api_url)  # a second application
+    dep = httpx.get(f"{intake.api_url}/deployments/name/backup-verification/runbook", timeout=10).json()
+    schedules = [s for s in httpx.get(f"{intake.api_url}/deployments/{dep['id']}/schedules", timeout=10).json()
+                 if s.get("slug") == "verify-sandbox"]
+    assert len(schedules) == 1
+    assert schedules[0]["schedule"]["cron"] == sandbox_env.backups.verify_cron
+    assert schedules[0]["parameters"]["env"] == "sandbox"

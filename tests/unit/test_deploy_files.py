@@ -1,0 +1,46 @@
+"""deploy/ and prefect.yaml agree with the runbook and with each other; Prometheus' and Alertmanager's own
+checkers accept our files."""
+
+from __future__ import annotations
+
+import subprocess
+
+import yaml
+
+from runbook.config import PROJECT_ROOT, load_playbooks
+from runbook.procedure import PROCEDURES
+
+RULES = PROJECT_ROOT / "deploy" / "prometheus" / "pafar-alerts.yml"
+RECEIVER = PROJECT_ROOT / "deploy" / "alertmanager" / "runbook-receiver.yml"
+RUNBOOK_ALERTS = {"ServiceDown", "HighErrorRate", "DatabaseConnectionHigh", "HighResponseTime", "HighMemoryUsage"}
+
+
+def test_promtool_accepts_the_rules() -> None:
+    proc = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS: 5 rules found" in proc.stdout
+
+
+def test_amtool_accepts_the_receiver() -> None:
+    proc = subprocess.run(["amtool", "check-config", str(RECEIVER)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_runbook_alert_is_routed_to_a_registered_procedure() -> None:
+    rules = yaml.safe_load(RULES.read_text())
+    alertnames = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert alertnames == RUNBOOK_ALERTS
+    routes = load_playbooks([PROJECT_ROOT / "playbooks"]).routes
+    routed = {r.match["alertname"]: r for r in routes}
+    assert set(routed) >= RUNBOOK_ALERTS
+    for route in routes:
+        assert route.procedure in PROCEDURES, f"route {route.name}: unknown procedure {route.procedure}"
+
+
+def test_prefect_yaml_deploys_every_procedure() -> None:
+    doc = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
+    entrypoints = {d["entrypoint"].replace("/", ".").replace(".py:", ":") for d in doc["deployments"]}
+    assert {d["name"] for d in doc["deployments"]} == {"runbook"}
+    assert entrypoints == {info.flow_path for info in PROCEDURES.values()}
+    for info in PROCEDURES.values():
+        assert info.load_flow().name == info.name, "the flow name is the procedure name (routes, executor)"
