@@ -197,39 +197,38 @@ def _md_block(block: Block) -> str:
     return f"{title}```{block.language}\n{redact(block.text)}\n```"
 
 
-_ICON = {Severity.CRITICAL: "🔴", Severity.WARNING: "🟠", Severity.INFO: "🔵"}
+_LABEL = {Severity.CRITICAL: "CRITICAL", Severity.WARNING: "WARNING", Severity.INFO: "info"}
 
 
 def report_to_markdown(report: Report) -> str:
-    """The report as one markdown document: the Prefect artifact an operator reads in the UI."""
+    """The report as one markdown document: the Prefect artifact an operator reads in the UI.
+
+    Every paragraph, table and heading is its own block separated by a blank line: markdown merges a table with
+    whatever follows it on the next line.
+    """
     mode = "DRY RUN (nothing was changed)" if report.dry_run else "APPLY"
-    lines = [
+    parts = [
         f"# {report.procedure} on `{report.env}`: {mode}",
         f"Worst severity: **{report.worst.value}** · {len(report.findings)} findings · "
         f"{sum(a.changed for a in report.actions)} of {len(report.actions)} remediations changed something",
-        "",
         "## Findings",
     ]
     for f in sorted(report.findings, key=lambda f: -f.severity.rank):
-        lines += [f"### {_ICON[f.severity]} {redact(f.title)}", f"*{f.severity.value}* · subject `{redact(f.subject)}`"]
+        parts += [f"### {_LABEL[f.severity]}: {redact(f.title)}", f"subject `{redact(f.subject)}`"]
         if f.details:
-            lines.append(_md_table(["detail", "value"], [[k, v] for k, v in f.details.items()]))
-        lines += [_md_block(b) for b in f.blocks]
-        lines.append("")
-    lines.append("## Remediations")
+            parts.append(_md_table(["detail", "value"], [[k, v] for k, v in f.details.items()]))
+        parts += [_md_block(b) for b in f.blocks]
+    parts.append("## Remediations")
     if not report.actions:
-        lines.append("_None ran._")
+        parts.append("_None ran._")
     for a in report.actions:
-        lines.append(f"### {a.name} → `{redact(a.target)}`: {_action_status(a)}")
+        parts.append(f"### {a.name} → `{redact(a.target)}`: {_action_status(a)}")
         if a.planned:
-            lines.append(_md_table(["action", "subject", "before", "after"], [_change_row(c) for c in a.planned]))
-        for text in (a.skipped_reason, a.detail, a.error):
-            if text:
-                lines.append(redact(text))
-        lines.append("")
+            parts.append(_md_table(["action", "subject", "before", "after"], [_change_row(c) for c in a.planned]))
+        parts += [redact(text) for text in (a.skipped_reason, a.detail, a.error) if text]
     if report.notes:
-        lines += ["## Notes", *[f"- {redact(n)}" for n in report.notes]]
-    return "\n".join(lines)
+        parts += ["## Notes", "\n".join(f"- {redact(n)}" for n in report.notes)]
+    return "\n\n".join(parts)
 
 
 def _action_status(a: ActionResult) -> str:

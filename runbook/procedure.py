@@ -258,9 +258,10 @@ def _approval_timeout(tags: list[str]) -> float:
 
 
 def _plan_markdown(report: Report, previews: list[ActionResult]) -> str:
-    lines = [f"## Approve remediation: {report.procedure} on `{report.env}`", "",
-             "Findings: " + ", ".join(f"{f.severity.value}: {redact(f.title)}" for f in report.findings[:8]), "",
-             "The plan (nothing has been changed yet):"]
+    serious = [f for f in report.findings if f.severity.rank > 0][:8]
+    lines = [f"## Approve remediation: {report.procedure} on `{report.env}`", "", "What was found:"]
+    lines += [f"- {f.severity.value}: {redact(f.title)}" for f in serious] or ["- nothing above info"]
+    lines += ["", "The plan (nothing has been changed yet):"]
     for p in previews:
         for c in p.planned:
             before = ", ".join(f"{k}={str(v)[:80]}" for k, v in c.before.items())

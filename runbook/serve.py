@@ -30,6 +30,21 @@ def prefect_env(api_url: str) -> dict[str, str]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
 
+def prefect_server_env(home: Path, port: int, database_url: str) -> dict[str, str]:
+    """Environment for a Prefect server we start: its own home and database, telemetry off, and the UI told
+    where its API is (it defaults to 127.0.0.1:4200, so on any other port the UI could not reach it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url,
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_UI_URL=f"http://127.0.0.1:{port}",
+    )
+    return env
+
+
 def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
     """Create the process work pool if missing and apply every deployment in prefect.yaml."""
     env = prefect_env(api_url)
@@ -100,8 +115,7 @@ def local_prefect_server(home: Path, port: int) -> Iterator[str]:
     except httpx.HTTPError:
         pass
     home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    env = prefect_server_env(home, port, f"sqlite+aiosqlite:///{home / 'prefect.db'}")
     log = open(home / "server.log", "ab")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([str(PREFECT_BIN), "server", "start", "--host", "127.0.0.1", "--port", str(port),
                              "--analytics-off"], env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -86,6 +86,7 @@ def get_top_statements(env: Environment, database: str, limit: int = 10) -> list
                  LEFT JOIN pg_roles r ON r.oid = s.userid
                 WHERE s.userid <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
                   AND s.query !~* '^\\s*(explain|prepare|deallocate|begin|commit|rollback|set|reset)\\b'
+                  AND s.query !~* 'pg_stat_statements_reset'
                 ORDER BY s.mean_exec_time DESC
                 LIMIT %s""",
             (limit,),

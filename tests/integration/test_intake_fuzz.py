@@ -43,7 +43,8 @@ webhooks = st.fixed_dictionaries({
     "version": st.sampled_from(["4", "4", "3"]),
     "status": st.sampled_from(["firing", "resolved"]),
     "alerts": st.lists(alerts, min_size=0, max_size=4),
-}, optional={"receiver": st.text(max_size=10), "groupLabels": st.dictionaries(st.text(max_size=5), st.text(max_size=5))})
+}, optional={"receiver": st.text(max_size=10),
+             "groupLabels": st.dictionaries(st.text(max_size=5), st.text(max_size=5))})
 
 
 def _check(resp_code: int) -> None:
