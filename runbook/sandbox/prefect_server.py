@@ -37,16 +37,11 @@ def api_url(port: int) -> str:
     return f"http://{net.LOOPBACK}:{port}/api"
 
 
-def server_env(home: Path, database_url: str | None = None) -> dict[str, str]:
+def server_env(home: Path, port: int, database_url: str | None = None) -> dict[str, str]:
     """Environment for the server: isolated PREFECT_HOME, its database (SQLite unless given), telemetry off."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PREFECT_API_DATABASE_CONNECTION_URL=database_url or f"sqlite+aiosqlite:///{home / DB_FILE}",
-    )
-    return env
+    from runbook.serve import prefect_server_env
+
+    return prefect_server_env(home, port, database_url or f"sqlite+aiosqlite:///{home / DB_FILE}")
 
 
 def postgres_database_url(pg: ServiceRecord) -> str:
@@ -127,7 +122,7 @@ class PrefectServer(Service):
         log = home / "server.log"
         exe = str(prefect_executable())
         cmd = [exe, "server", "start", "--host", net.LOOPBACK, "--port", str(port), "--analytics-off"]
-        proc = process.spawn(cmd, log, env=server_env(home, database_url), cwd=home)
+        proc = process.spawn(cmd, log, env=server_env(home, port, database_url), cwd=home)
         record = ServiceRecord(
             name=self.name,
             pid=proc.pid,
