@@ -98,15 +98,22 @@ class Executor:
     # -------------------------------------------------------------- one run
 
     def _claim_and_run(self, run_id: str) -> None:
+        with self._lock:
+            if run_id in self._claimed:  # handed over and polled at once: one attempt is enough
+                return
+            self._claimed.add(run_id)
+        try:
+            self._run_if_ours(run_id)
+        finally:
+            with self._lock:
+                self._claimed.discard(run_id)  # once claimed it is no longer SCHEDULED: no second start
+
+    def _run_if_ours(self, run_id: str) -> None:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.responses import SetStateStatus
         from prefect.flow_engine import run_flow
         from prefect.states import Pending
 
-        with self._lock:
-            if run_id in self._claimed:
-                return
-            self._claimed.add(run_id)
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(run_id))
             flow = self._flow_for(client, flow_run.flow_id)
@@ -129,6 +136,7 @@ class Executor:
                 self._running -= 1
         name = getattr(state, "name", "?")
         self.completed.append((run_id, name))
+        del self.completed[:-1000]  # a long-lived process keeps only the recent ones
         log.info("flow run %s finished %s in %.1f s", run_id, name, time.monotonic() - started)
 
     def _flow_for(self, client: object, flow_id: UUID) -> object | None:
