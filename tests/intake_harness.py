@@ -120,7 +120,8 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
     token = secrets.token_urlsafe(24)
     app = create_app(IntakeSettings(
         token=token, prefect_api_url=api, state_dir=work_dir / "intake",
-        playbook_dirs=[PROJECT_ROOT / "playbooks", state.playbook_dir, routes_dir],
+        # the platform (pafar.yaml) but not the production routes: only this test's routes may match
+        playbook_dirs=[PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir, routes_dir],
         on_created=ex.submit if executor else None,
     ))
     port = free_ports(1)[0]

@@ -25,6 +25,14 @@ def intake(sandbox_state, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield it
 
 
+def _wait_runs(intake: Intake, route: str, fingerprint: str, timeout_s: float = 30) -> list[dict]:
+    """The dispatcher creates runs just after the acknowledgement: wait for them."""
+    deadline = time.monotonic() + timeout_s
+    while not (runs := _runs_by_fp(intake, route, fingerprint)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return runs
+
+
 def _runs_by_fp(intake: Intake, route: str, fingerprint: str) -> list[dict]:
     store = intake.app.state.store
     keys = [row[0] for row in store._db.execute(  # the store is the intake's own record of occurrences
@@ -60,9 +68,7 @@ def test_one_run_per_occurrence_completes_with_report_and_resends_create_nothing
     for _ in range(3):  # Alertmanager resends the same occurrence every group_interval
         again = intake.post(payload)
         assert again.json()["results"][0]["outcome"] == "duplicate"
-    deadline = time.monotonic() + 30
-    while not (runs := _runs_by_fp(intake, "db-auto", "feed0001")) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    runs = _wait_runs(intake, "db-auto", "feed0001")
     assert len(runs) == 1
     assert intake.wait_state(runs[0]["id"], {"COMPLETED", "FAILED", "CRASHED"}) == "COMPLETED"
     arts = httpx.post(f"{intake.api_url}/artifacts/filter", timeout=10,
@@ -71,7 +77,9 @@ def test_one_run_per_occurrence_completes_with_report_and_resends_create_nothing
     # a new occurrence of the same alert (new startsAt) is a new run
     later = alert("DatabaseConnectionHigh", {"db": "main"}, fingerprint="feed0001", starts_at="2026-11-27T06:00:00Z")
     assert intake.post(later).json()["results"][0]["outcome"] == "run"
-    time.sleep(1)
+    deadline = time.monotonic() + 30
+    while len(_runs_by_fp(intake, "db-auto", "feed0001")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert len(_runs_by_fp(intake, "db-auto", "feed0001")) == 2
     metrics = httpx.get(f"{intake.url}/metrics", timeout=5).text
     assert "runbook_intake_alerts_deduplicated_total 3.0" in metrics
@@ -98,9 +106,8 @@ def test_cooldown_holds_a_second_occurrence_for_the_same_target(intake: Intake) 
     second = intake.post(alert("DbCooldownTest", {"db": "main"}, fingerprint="c002")).json()["results"][0]
     assert first["outcome"] == "run" and first["mode"] == "diagnose"
     assert second["outcome"] == "cooldown"
-    time.sleep(1)
+    run = _wait_runs(intake, "db-cooldown", "c001")[0]
     assert _runs_by_fp(intake, "db-cooldown", "c002") == []
-    run = _runs_by_fp(intake, "db-cooldown", "c001")[0]
     assert intake.wait_state(run["id"], {"COMPLETED", "FAILED"}) == "COMPLETED"
 
 
@@ -111,7 +118,7 @@ def test_breaker_narrows_to_dry_run_after_the_limit(intake: Intake) -> None:
         r = intake.post(alert("DatabaseConnectionHigh", {"db": "main"}, fingerprint=f"b00{i}")).json()
         modes.append(r["results"][0].get("mode"))
     assert modes[-1] == "dry_run" and "circuit breaker open" in json.dumps(r)
-    runs = _runs_by_fp(intake, "db-auto", "b003")
+    runs = _wait_runs(intake, "db-auto", "b003")
     assert runs and runs[0]["parameters"]["dry_run"] is True
     assert "mode:dry_run" in runs[0]["tags"]
     assert "runbook_intake_breaker_trips_total" in httpx.get(f"{intake.url}/metrics", timeout=5).text
