@@ -223,7 +223,8 @@ def request_approval(report: Report, previews: list[ActionResult]) -> ApprovalIn
     timeout = _approval_timeout(ctx.flow_run.tags or [])
     plan = _plan_markdown(report, previews)
     form = run_input_subclass_from_type(ApprovalInput).with_initial_data(description=plan, approve=False)
-    state = Paused(timeout_seconds=int(timeout), reschedule=False, pause_key="approval")
+    # the server's own pause expiry comes a little after ours, so this loop always decides first
+    state = Paused(timeout_seconds=int(timeout) + 60, reschedule=False, pause_key="approval")
     keyset = keyset_from_paused_state(state)
     state.state_details.run_input_keyset = keyset
     deadline = time.monotonic() + timeout
@@ -244,6 +245,11 @@ def request_approval(report: Report, previews: list[ActionResult]) -> ApprovalIn
                 return ApprovalInput.model_validate(form.load(keyset).model_dump())
             if current.is_final() or current.name == "Cancelling":
                 return ApprovalInput(approve=False, reason=f"run {current.name.lower()} while waiting for approval")
+        # Nobody decided: take the run out of PAUSED ourselves (forced: the server would otherwise fail a paused run
+        # that completes), so it finishes with a report saying nothing was applied.
+        from prefect.states import Running
+
+        client.set_flow_run_state(ctx.flow_run.id, Running(message="approval timed out"), force=True)
     return ApprovalInput(approve=False, reason=f"no approval within {timeout:g} s (timeout counts as rejection)")
 
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,12 @@ routes:
     labels:
       database: {label: db, inventory: databases}
     policy: {mode: diagnose, cooldown_s: 600}
+  - name: db-approve-timeout
+    match: {alertname: DbApproveTimeoutTest}
+    procedure: db-slowness
+    env: sandbox
+    params: {long_query_s: 1, idle_in_transaction_s: 1}
+    policy: {mode: approve, cooldown_s: 0, approval_timeout_s: 3}
   - name: db-approve
     match: {alertname: DbApproveTest}
     procedure: db-slowness
@@ -93,8 +100,9 @@ def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str
     a["labels"] = {"alertname": alertname, **(labels or {})}
     a["fingerprint"] = fingerprint or secrets.token_hex(8)
     a["status"] = status
-    if starts_at:
-        a["startsAt"] = starts_at
+    # a fresh startsAt by default: the sandbox's Prefect server outlives a test session, and the same occurrence
+    # (route, fingerprint, startsAt) would get the earlier session's run back through its idempotency key
+    a["startsAt"] = starts_at or datetime.now(UTC).isoformat().replace("+00:00", "Z")
     doc["alerts"] = [a]
     doc["status"] = status
     return doc
@@ -102,7 +110,7 @@ def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str
 
 @contextmanager
 def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, executor: bool = True,
-                   api_url: str | None = None) -> Iterator[Intake]:
+                   api_url: str | None = None, playbook_dirs: list[Path] | None = None) -> Iterator[Intake]:
     from runbook.serve import register_deployments
 
     api = api_url or state.prefect_api_url
@@ -121,7 +129,8 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
     app = create_app(IntakeSettings(
         token=token, prefect_api_url=api, state_dir=work_dir / "intake",
         # the platform (pafar.yaml) but not the production routes: only this test's routes may match
-        playbook_dirs=[PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir, routes_dir],
+        playbook_dirs=[*(playbook_dirs or [PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir]),
+                       routes_dir],
         on_created=ex.submit if executor else None,
     ))
     port = free_ports(1)[0]

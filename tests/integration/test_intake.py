@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -75,7 +76,8 @@ def test_one_run_per_occurrence_completes_with_report_and_resends_create_nothing
                       json={"artifacts": {"flow_run_id": {"any_": [runs[0]["id"]]}}}).json()
     assert any("# db-slowness on `sandbox`: APPLY" in (a.get("data") or "") for a in arts)
     # a new occurrence of the same alert (new startsAt) is a new run
-    later = alert("DatabaseConnectionHigh", {"db": "main"}, fingerprint="feed0001", starts_at="2026-11-27T06:00:00Z")
+    later = alert("DatabaseConnectionHigh", {"db": "main"}, fingerprint="feed0001",
+                  starts_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
     assert intake.post(later).json()["results"][0]["outcome"] == "run"
     deadline = time.monotonic() + 30
     while len(_runs_by_fp(intake, "db-auto", "feed0001")) < 2 and time.monotonic() < deadline:
@@ -174,6 +176,14 @@ def test_rejected_approval_changes_nothing(intake: Intake, incident: DbIncident)
     assert intake.wait_state(run["id"], {"COMPLETED", "FAILED"}) == "COMPLETED"
     assert "not applied: not now" in _report(intake, run["id"])
     assert incident.waiter_results == [], "a rejected approval changed something"
+
+
+def test_approval_timeout_counts_as_rejection(intake: Intake, incident: DbIncident) -> None:
+    intake.post(alert("DbApproveTimeoutTest", {}, fingerprint="a004"))
+    run = _wait_runs(intake, "db-approve-timeout", "a004")[0]
+    assert intake.wait_state(run["id"], {"COMPLETED", "FAILED"}, 90) == "COMPLETED"
+    assert "no approval within 3 s (timeout counts as rejection)" in _report(intake, run["id"])
+    assert incident.waiter_results == [], "a timed-out approval changed something"
 
 
 def test_resolved_alert_cancels_a_run_waiting_for_approval(intake: Intake, incident: DbIncident) -> None:
