@@ -63,13 +63,10 @@ def first_task_start(http: httpx.Client, run_id: str, timeout_s: float = 120) ->
 
 def storm(state: sandbox.SandboxState, work: Path) -> None:
     fingerprints = [secrets.token_hex(8) for _ in range(100)]
-    batches = []
-    for b in range(100):
-        doc = alert("BenchStorm", {"db": "main"})
-        template = doc["alerts"][0]
-        doc["alerts"] = [{**template, "fingerprint": fp} for fp in fingerprints]
-        batches.append(doc)
-        del b
+    doc = alert("BenchStorm", {"db": "main"})  # one startsAt: every batch resends the same 100 occurrences
+    template = doc["alerts"][0]
+    doc["alerts"] = [{**template, "fingerprint": fp} for fp in fingerprints]
+    batches = [doc] * 100
     with running_intake(state, work / "storm", routes=STORM_ROUTES, executor=False) as it:
         it.post(alert("Warmup", {}))
         acks: list[float] = []

@@ -7,8 +7,19 @@ declare -A NEED=(
   [/usr/lib/postgresql/15/bin/initdb]=postgresql-15
   [/usr/lib/postgresql/15/lib/pg_stat_statements.so]=postgresql-15
   [/usr/bin/psql]=postgresql-client-15
+  [/usr/bin/pg_dump]=postgresql-client-15
+  [/bin/gzip]=gzip
   [/usr/bin/redis-server]=redis-server
+  [/usr/bin/prometheus]=prometheus
+  [/usr/bin/prometheus-alertmanager]=prometheus-alertmanager
+  [/usr/bin/prometheus-node-exporter]=prometheus-node-exporter
   [/usr/sbin/runuser]=util-linux
+  [/usr/bin/chromium]=chromium
+  [/usr/bin/podman]=podman
+  [/usr/sbin/runc]=runc
+  [/usr/bin/busybox]=busybox-static
+  [/usr/sbin/sshd]=openssh-server
+  [/usr/bin/ssh-keygen]=openssh-client
 )
 missing=()
 for path in "${!NEED[@]}"; do

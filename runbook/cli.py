@@ -29,6 +29,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Executable runbook for the Pafar platform: diagnose, then remediate (dry run by default).")
 sandbox_app = typer.Typer(no_args_is_help=True, help="Real local services for tests, the demo and benchmarks.")
 app.add_typer(sandbox_app, name="sandbox")
+backups_app = typer.Typer(no_args_is_help=True, help="Backups in an environment's backup location.")
+app.add_typer(backups_app, name="backups")
 
 out = Console()
 err = Console(stderr=True)
@@ -353,6 +355,63 @@ def approve(
     except RuntimeError as exc:
         raise _fail(EXIT_BAD_INPUT, f"cannot resume {run_id}: {exc}") from None
     out.print(f"{'rejected' if reject else 'approved'} {run_id} as {getpass.getuser()}")
+
+
+# ------------------------------------------------------------------ backups
+
+
+@backups_app.command("list")
+def backups_list(
+    env: Annotated[str, typer.Option("--env", help="environment from the playbooks")],
+    database: Annotated[str, typer.Option("--database", help="database from the playbook")] = "main",
+    output: Annotated[str, typer.Option("--output", help="text or json")] = "text",
+) -> None:
+    """Backups newest first: age, size, purpose and the last verification's result (backup-verification)."""
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    from runbook.errors import TargetUnreachable
+    from tasks.backup_store import open_store
+    from tasks.backups import database_name, list_backups
+
+    if output not in {"text", "json"}:
+        raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
+    try:
+        environment = load_playbooks().environment(env)
+        dbname = database_name(environment, database)
+        with open_store(environment) as store:
+            entries, partials = list_backups(store, dbname)
+            where = store.describe()
+    except ConfigError as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except TargetUnreachable as exc:
+        raise _fail(EXIT_CRITICAL, str(exc)) from None
+    now = datetime.now(UTC)
+    rows = []
+    for e in entries:
+        v = e.verification or {}
+        result = ("never verified" if not v else ("passed" if v.get("passed") else "FAILED: " + "; ".join(
+            v.get("reasons") or [])[:120]) + f" ({v.get('verified_at', '?')[:16]})")
+        rows.append({"file": e.name, "purpose": e.purpose, "age_h": round(e.age_hours(now), 2),
+                     "size_bytes": e.file.size, "verification": result,
+                     "restore_s": v.get("restore_s")})
+    if output == "json":
+        print(json.dumps({"location": where, "database": dbname, "backups": rows,
+                          "unfinished": [p.name for p in partials]}, indent=2))
+        return
+    t = Table(title=f"{dbname} backups in {where}")
+    t.add_column("file", no_wrap=True)
+    for col in ("purpose", "age", "size", "last verification"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["file"], r["purpose"], f"{r['age_h']:.1f} h", f"{r['size_bytes'] / 1e6:.1f} MB",
+                  r["verification"] + (f", restore {r['restore_s']:.1f} s" if r["restore_s"] else ""))
+    out.print(t)
+    for p in partials:
+        out.print(f"[yellow]unfinished temp file[/] {p.name} ({p.size} bytes, {p.mtime.isoformat(timespec='seconds')})")
+    if not rows:
+        out.print(f"no backups of {dbname} in {where}")
 
 
 # ------------------------------------------------------------------ demo

@@ -6,16 +6,24 @@ a finding ("db unreachable: connection refused after 3 s") instead of crashing.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import docker
+import docker.constants
+import docker.errors
+import paramiko
 import psycopg
+import requests
 from psycopg.rows import dict_row
 
 from runbook.config import Environment
-from runbook.errors import TargetUnreachable
+from runbook.errors import ConfigError, TargetUnreachable
 from runbook.redact import redact
 
 APPLICATION_NAME = "runbook"
@@ -62,3 +70,142 @@ def postgres(env: Environment, database: str = "main", *, autocommit: bool = Tru
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return redact(lines[0] if lines else type(exc).__name__)[:300]
+
+
+@contextmanager
+def docker_client(env: Environment, *, max_pool_size: int = 10) -> Iterator[docker.DockerClient]:
+    """A Docker API client (Docker Engine or Podman's compatible service) with the playbook's timeout on every call.
+
+    The API version is negotiated once on connect (Podman 4.3 answers 1.41). Connection failures and calls that get
+    no answer in time raise TargetUnreachable; API errors (404 for a container that went away, 409 ...) are left to
+    the caller, which knows whether they matter.
+    """
+    cfg = env.docker
+    if cfg is None:
+        raise ConfigError(f"{env.source}: environments.{env.name}.docker: not configured")
+    target = f"docker API of {env.name}"
+    started = time.monotonic()
+    try:
+        client = docker.DockerClient(base_url=cfg.base_url, version=docker_api_version(cfg.base_url, cfg.timeout_s),
+                                     timeout=cfg.timeout_s, max_pool_size=max_pool_size)
+    except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+        raise TargetUnreachable(target, _docker_reason(exc, cfg.timeout_s, started)) from None
+    try:
+        yield client
+    except (TimeoutError, requests.ConnectionError, requests.Timeout) as exc:
+        raise TargetUnreachable(target, _docker_reason(exc, cfg.timeout_s, started)) from None
+    finally:
+        client.close()
+
+
+_API_VERSIONS: dict[str, str] = {}
+
+
+def docker_api_version(base_url: str, timeout_s: float) -> str:
+    """The engine's API version from the ``Api-Version`` header of ``/_ping``, cached per URL for the process.
+
+    docker-py's version="auto" asks ``/version``, which Podman answers in ~0.5 s (it probes conmon, runc ...);
+    ``/_ping`` carries the same header on Docker Engine and Podman and answers in milliseconds.
+    """
+    cached = _API_VERSIONS.get(base_url)
+    if cached:
+        return cached
+    probe = docker.APIClient(base_url=base_url, version=docker.constants.MINIMUM_DOCKER_API_VERSION,
+                             timeout=timeout_s)
+    try:
+        resp = probe.get(f"{probe.base_url}/_ping", timeout=timeout_s)  # requests.Session.get
+        version = resp.headers.get("Api-Version") or ""
+    finally:
+        probe.close()
+    if not re.fullmatch(r"1\.\d{1,3}", version):
+        return "auto"  # an engine that does not say: let docker-py ask /version
+    _API_VERSIONS[base_url] = version
+    return version
+
+
+def _docker_reason(exc: BaseException, timeout_s: float, started: float) -> str:
+    """A short reason without the library's URL-laden text (which may carry a tcp:// address with credentials)."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__ or (cur.args[0] if cur.args and isinstance(cur.args[0],
+                                                                                      BaseException) else None)
+    text = " ".join(str(e) for e in chain).lower()
+    elapsed = time.monotonic() - started
+    if any(isinstance(e, requests.Timeout | socket.timeout | TimeoutError) for e in chain) or "timed out" in text:
+        return f"no answer within {timeout_s:g} s"
+    if any(isinstance(e, FileNotFoundError) for e in chain) or "no such file" in text:
+        return "socket not found"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in text:
+        return f"connection refused after {elapsed:.1f} s"
+    if "permission denied" in text:
+        return "permission denied on the socket"
+    return redact(type(exc).__name__)
+
+
+@contextmanager
+def ssh(env: Environment, host: str) -> Iterator[paramiko.SSHClient]:
+    """A paramiko client to one of the playbook's ssh_hosts: key auth only, host key checked against known_hosts.
+
+    RejectPolicy: a host key that is not in the configured known_hosts (or differs from it) is refused, never
+    learned. Connect, banner, auth and channel waits all use the host's timeout_s; commands set their own.
+    """
+    try:
+        cfg = env.ssh_hosts[host]
+    except KeyError:
+        known = ", ".join(sorted(env.ssh_hosts)) or "none"
+        raise ConfigError(
+            f"{env.source}: environments.{env.name}.ssh_hosts: no host {host!r} (known: {known})") from None
+    target = f"host {host}"
+    client = paramiko.SSHClient()
+    try:
+        client.get_host_keys().load(str(cfg.known_hosts))  # not load_host_keys(): that would write the file back
+    except OSError as exc:
+        raise ConfigError(f"{env.source}: environments.{env.name}.ssh_hosts.{host}.known_hosts: cannot read "
+                          f"{cfg.known_hosts}: {exc.strerror}") from None
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    started = time.monotonic()
+    try:
+        client.connect(
+            cfg.host, port=cfg.port, username=cfg.user, key_filename=str(cfg.key_file),
+            look_for_keys=False, allow_agent=False, timeout=cfg.timeout_s, banner_timeout=cfg.timeout_s,
+            auth_timeout=cfg.timeout_s, channel_timeout=cfg.timeout_s,
+        )
+    except (paramiko.SSHException, OSError) as exc:
+        client.close()
+        raise TargetUnreachable(target, _ssh_reason(exc, cfg.timeout_s, started)) from None
+    try:
+        yield client
+    except (paramiko.SSHException, OSError) as exc:
+        raise TargetUnreachable(target, _ssh_reason(exc, cfg.timeout_s, started)) from None
+    finally:
+        client.close()
+
+
+# paramiko's transport thread logs a traceback at ERROR for every failed handshake (silent server, closed socket);
+# ssh() reports each as TargetUnreachable with a one-line reason, which the flow turns into a finding.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
+
+
+def _ssh_reason(exc: BaseException, timeout_s: float, started: float) -> str:
+    elapsed = time.monotonic() - started
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return "host key differs from known_hosts (refused: possible man-in-the-middle)"
+    if isinstance(exc, paramiko.AuthenticationException):
+        return "key authentication failed"
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return f"connection refused after {elapsed:.1f} s"
+    if isinstance(exc, socket.timeout | TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    text = str(exc)
+    if "protocol banner" in text or "No existing session" in text:  # paramiko's words for a silent server
+        return (f"no answer within {timeout_s:g} s" if elapsed >= timeout_s * 0.9
+                else f"connection closed before the SSH handshake after {elapsed:.1f} s")
+    if "not found in known_hosts" in text:
+        return "host key not in known_hosts (refused)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused after {elapsed:.1f} s"
+    if "timeout" in text.lower() or "timed out" in text.lower():
+        return f"no answer within {timeout_s:g} s"
+    return _first_line(exc)

@@ -136,8 +136,19 @@ class NetworkConfig(Strict):
         default_factory=list, description="host-side source addresses to connect from (multi-homed hosts)")
     dns_names: list[HostName] = Field(default_factory=list, description="names resolved on the host and in containers")
     dns_timeout_s: float = Field(3.0, gt=0, le=30)
-    dns_in_containers: bool = Field(True, description="also resolve dns_names inside each source container")
+    dns_in_containers: bool = Field(True, description="also resolve names inside each source container")
+    container_dns_names: list[HostName] | None = Field(
+        None, description="names resolved inside containers (default: dns_names), e.g. compose service names")
     max_parallel: int = Field(32, ge=1, le=256, description="checks in flight at once")
+
+
+class LogFileConfig(Strict):
+    """An application log file read over SSH when no Elasticsearch is configured (the runbook's System Logs)."""
+
+    ssh_host: Name
+    path: str = Field(pattern=r"^/[A-Za-z0-9._/-]{1,255}$", description="absolute path on that host")
+    service: Name = Field("backend", description="the service whose lines it holds (when a line does not say)")
+    max_lines: int = Field(5000, ge=1, le=200_000, description="read at most this many lines from the end")
 
 
 class BackupConfig(Strict):
@@ -211,10 +222,13 @@ class Environment(Strict):
     ssh_hosts: dict[Name, SSHHostConfig] = Field(default_factory=dict)
     databases: dict[Name, DatabaseConfig] = Field(default_factory=dict)
     prometheus_url: str | None = Field(None, pattern=r"^https?://\S+$")
+    prometheus_timeout_s: float = Field(5.0, gt=0, le=120, description="per PromQL request")
     elasticsearch: ElasticsearchConfig | None = None
     redis: RedisConfig | None = None
     http_checks: dict[Name, HttpCheckConfig] = Field(default_factory=dict)
     network: NetworkConfig | None = None
+    log_files: dict[Name, LogFileConfig] = Field(
+        default_factory=dict, description="log files read over SSH when elasticsearch is not configured")
     backups: BackupConfig | None = None
     services: dict[Name, ServiceConfig] = Field(default_factory=dict)
     thresholds: Thresholds = Field(default_factory=Thresholds)
@@ -468,8 +482,7 @@ def iter_secret_refs(env: Environment) -> Iterable[tuple[str, SecretRef]]:
     """Every secret an environment refers to, with its path, for `runbook check --env`."""
     for name, db in env.databases.items():
         yield f"databases.{name}.dsn", db.dsn
-        if db.admin_dsn:
-            yield f"databases.{name}.admin_dsn", db.admin_dsn
+        # admin_dsn is left out on purpose: only restores need it, and they resolve it when they run
     if env.redis and env.redis.password:
         yield "redis.password", env.redis.password
     if env.elasticsearch and env.elasticsearch.api_key:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from rich.console import Console
 
@@ -49,9 +50,13 @@ def run_demo(console: Console, keep: bool = False) -> int:
             again = report_from_json(db_slowness(env="sandbox", dry_run=False, **DEMO_THRESHOLDS))
             render_terminal(again, console)
             repeat_changed = any(a.changed for a in again.actions)
+            network_logs_ok = demo_network_logs(console, state)
+            network_logs_ok = demo_containers(console, state) and network_logs_ok
+            incident.stop()  # its sessions would keep pafar busy: the restore's swap needs the database to itself
+            network_logs_ok = demo_backups(console, state) and network_logs_ok
             flush_run_records()
 
-        ok = bool(planned) and planned == done and verified and not repeat_changed
+        ok = bool(planned) and planned == done and verified and not repeat_changed and network_logs_ok
         console.rule("[bold]summary[/]")
         console.print(f"dry run planned: {sorted(planned)}\napply changed:   {sorted(done)} (verified: {verified})\n"
                       f"second apply changed anything: {repeat_changed}\n"
@@ -65,3 +70,171 @@ def run_demo(console: Console, keep: bool = False) -> int:
             sandbox.down()
             console.print("sandbox stopped")
     return 0 if ok else 1
+
+
+def demo_network_logs(console: Console, state: sandbox.SandboxState) -> bool:
+    """Issue 4's part: network-checks, cache-api and log-analysis on the sandbox (all diagnose-only)."""
+    import httpx
+    import redis
+
+    from flows.cache_api import cache_api
+    from flows.log_analysis import log_analysis
+    from flows.network_checks import network_checks
+    from runbook.config import load_playbooks
+    from runbook.sandbox.opensearch import EXPECTED, seed_logs
+    from tasks.logs import RUNBOOK_QUERIES
+
+    env = load_playbooks([state.playbook_dir]).environment("sandbox")
+    console.rule("[bold]network-checks[/]: TCP matrix, HTTPS payment stand-in with TLS days, DNS")
+    net = report_from_json(network_checks(env="sandbox"))
+    render_terminal(net, console)
+    slow_found = any(f.title.startswith("slow endpoint") and "api-slow" in f.title for f in net.findings)
+    failed = [f.title for f in net.findings if f.severity.value == "critical"]
+
+    console.rule("[bold]cache-api[/]: 8 cache lookups (6 hits, 2 misses) and 12 failing API calls first")
+    cache = redis.Redis.from_url(state.redis_url or "", socket_timeout=3)
+    try:
+        cache.config_resetstat()
+        cache.set("runbook-demo:k", "v")
+        for key in ["runbook-demo:k"] * 6 + ["runbook-demo:nope"] * 2:
+            cache.get(key)
+    finally:
+        cache.delete("runbook-demo:k")
+        cache.close()
+    base = env.http_checks["api-health"].url.removesuffix("/api/health")
+    with httpx.Client(base_url=base, timeout=5, trust_env=False) as http:
+        for _ in range(12):  # 12 in the 1 min window: 0.2/s, over the runbook's 0.1/s HighErrorRate
+            http.get("/api/error")
+    time.sleep(2.5)  # two Prometheus scrapes (1 s interval)
+    api = report_from_json(cache_api(env="sandbox", window="1m"))
+    render_terminal(api, console)
+    ratio = next((f.details.get("hit_ratio") for f in api.findings if "hit ratio" in f.title), None)
+    high_errors = any(f.title.startswith("HighErrorRate") for f in api.findings)
+
+    console.rule("[bold]log-analysis[/]: the runbook's four Kibana queries on freshly seeded Pafar logs")
+    if env.elasticsearch:
+        seed_logs(env.elasticsearch.url)
+    logs = report_from_json(log_analysis(env="sandbox"))
+    render_terminal(logs, console)
+    titles = {q.title: name for name, q in RUNBOOK_QUERIES.items()}
+    counts = {titles[f.title.split(":")[0]]: f.details.get("count") for f in logs.findings
+              if f.title.split(":")[0] in titles}
+    expected = {k: len(v) for k, v in EXPECTED.items()}
+
+    ok = slow_found and not failed and ratio == 0.75 and high_errors and counts == expected
+    console.print(f"network: slow endpoint named {slow_found}, failed checks {failed or 'none'}; "
+                  f"cache hit ratio {ratio} (expected 0.75); HighErrorRate seen {high_errors}; "
+                  f"log counts {counts} (expected {expected})")
+    return ok
+
+
+def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
+    """Issue 3's part: high-cpu, memory-leak and service-outage on the sandbox's Podman project, each dry run first,
+    then applied, then applied again (no change). The project is put back as it was afterwards."""
+    from datetime import UTC, datetime
+
+    from flows.high_cpu import high_cpu
+    from flows.memory_leak import memory_leak
+    from flows.service_outage import service_outage
+    from runbook.sandbox.incidents import CpuBurner, MemoryGrower, StoppedService, remove_containers_except
+    from runbook.sandbox.podman import socket_url
+
+    url = socket_url(state.services["podman"])
+    import docker
+
+    from runbook.clients import docker_api_version
+
+    client = docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
+    keep = {c.id for c in client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"})}
+    results: dict[str, bool] = {}
+
+    def three_runs(title: str, run: object, **params: object) -> tuple[Any, Any, Any]:
+        console.rule(f"[bold]{title}, dry run[/]")
+        dry = report_from_json(run(env="sandbox", dry_run=True, **params))  # type: ignore[operator]
+        render_terminal(dry, console)
+        console.rule(f"[bold]{title} --apply[/]")
+        real = report_from_json(run(env="sandbox", dry_run=False, **params))  # type: ignore[operator]
+        render_terminal(real, console)
+        again = report_from_json(run(env="sandbox", dry_run=False, **params))  # type: ignore[operator]
+        console.print(f"{title} --apply again: changed anything: {any(a.changed for a in again.actions)}")
+        return dry, real, again
+
+    def converged(dry: Any, real: Any, again: Any) -> bool:
+        planned = [(c.action, c.subject) for a in dry.actions for c in a.planned]
+        done = [(c.action, c.subject) for a in real.actions if a.changed for c in a.planned]
+        return bool(planned) and planned == done and all(a.verified for a in real.actions if a.changed) and \
+            not any(a.changed or a.planned for a in again.actions)
+
+    try:
+        console.rule("[bold]high-cpu[/]: a backend replica spins one core and logs ERROR lines")
+        burner = CpuBurner(url).start()
+        runs = three_runs("high-cpu", high_cpu, service="backend", sample_interval_s=1.0)
+        results["high-cpu"] = converged(*runs) and runs[0].findings[0].subject == f"container {burner.name}"
+        burner.stop()
+
+        console.rule("[bold]memory-leak[/]: a celery-worker replica grows ~2 MiB/s")
+        grower = MemoryGrower(url).start()
+        time.sleep(1)
+        since = datetime.now(UTC)  # when the alert began: each leaker is restarted at most once for it
+        runs = three_runs("memory-leak", memory_leak, samples=4, interval_s=0.6, since=since)
+        results["memory-leak"] = converged(*runs)
+        grower.stop()
+
+        console.rule("[bold]service-outage[/]: the backend container is stopped")
+        StoppedService(url, service="backend").start()
+        runs = three_runs("service-outage", service_outage, service="backend")
+        results["service-outage"] = converged(*runs)
+    finally:
+        remove_containers_except(url, keep)
+        for c in client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"}):
+            if c.status != "running":
+                c.start()
+        client.close()
+    console.print("containers: " + ", ".join(f"{k} {'OK' if v else 'NOT as expected'}" for k, v in results.items()))
+    return all(results.values()) and len(results) == 3
+
+
+def demo_backups(console: Console, state: sandbox.SandboxState) -> bool:
+    """Issue 5's part: a backup, its verification (test restore, RTO/RPO), then a data-corruption incident on pafar
+    (rows deleted, a table dropped): assessed in a dry run, restored with the operator's approval (what
+    `runbook run data-corruption --apply --approve` does), and a second run that changes nothing."""
+    import getpass
+
+    import psycopg
+
+    from flows.backup import backup
+    from flows.backup_verification import backup_verification
+    from flows.data_corruption import data_corruption
+
+    def show(doc: dict[str, Any]) -> Any:
+        report = report_from_json(doc)
+        render_terminal(report, console)
+        return report
+
+    console.rule("[bold]backup --apply[/]: pg_dump | gzip, streamed, checksum + manifest, renamed when complete")
+    taken = show(backup(env="sandbox", dry_run=False, fresh_within_s=0))
+    console.rule("[bold]backup-verification --apply[/]: age vs RPO, gzip, checksum, log, test restore (RTO)")
+    verified = show(backup_verification(env="sandbox", dry_run=False))
+    passed = any("passed verification" in f.title for f in verified.findings)
+
+    console.rule("[bold]incident[/]: a tenth of the bookings deleted and the payments table dropped")
+    with psycopg.connect(state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"], autocommit=True, connect_timeout=5) as conn:
+        before = conn.execute("SELECT count(*) FROM bookings").fetchone()[0]
+        conn.execute("DELETE FROM bookings WHERE id % 10 = 0")
+        conn.execute("DROP TABLE payments")
+    console.rule("[bold]data-corruption, dry run[/]: assess against the newest good backup, plan")
+    dry = show(data_corruption(env="sandbox", dry_run=True))
+    console.rule(f"[bold]data-corruption --apply --approve[/] (approved by {getpass.getuser()} at this terminal)")
+    applied = show(data_corruption(env="sandbox", dry_run=False, approved_by=getpass.getuser(), writer_stop_s=2))
+    console.rule("[bold]data-corruption --apply --approve again[/] (nothing left to restore)")
+    again = show(data_corruption(env="sandbox", dry_run=False, approved_by=getpass.getuser(), writer_stop_s=2))
+    with psycopg.connect(state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"], autocommit=True, connect_timeout=5) as conn:
+        after = conn.execute("SELECT count(*) FROM bookings").fetchone()[0]
+        payments = conn.execute("SELECT to_regclass('public.payments') IS NOT NULL").fetchone()[0]
+    restored = any(a.changed and a.verified for a in applied.actions)
+    ok = (any(a.changed for a in taken.actions) and passed and any(a.planned for a in dry.actions)
+          and restored and not any(a.changed for a in again.actions) and after == before and payments)
+    console.print(f"backup verified: {passed}; restore applied and verified: {restored}; bookings {before} -> "
+                  f"{after} after the restore, payments back: {payments}; second run changed anything: "
+                  f"{any(a.changed for a in again.actions)}")
+    return ok

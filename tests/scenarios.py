@@ -16,6 +16,8 @@ import psycopg
 from runbook.config import Environment
 from runbook.remediation import Remediation
 from runbook.sandbox.incidents import DbIncident
+from tasks.backup_remediations import RestoreFromBackup, TakeBackup
+from tasks.container_remediations import RestartLeakers, ScaleService, StartServiceContainers
 from tasks.postgres_remediations import CancelLongQueries, TerminateIdleBlockers
 
 Scenario = Callable[[Environment, str], AbstractContextManager[tuple[Remediation[Any], Callable[[], Any]]]]
@@ -65,3 +67,117 @@ def _idle_blocker(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[
         yield TerminateIdleBlockers(env, "main", threshold_s=1.0), db_sessions(app_dsn)
     finally:
         incident.stop()
+
+
+# ------------------------------------------------------------------ containers (issue 3: Podman's Docker API)
+
+
+def project_containers(docker_url: str) -> Callable[[], set[tuple[Any, ...]]]:
+    """Every compose-project container: id, name, state, start time. What a dry run must leave exactly as it was."""
+    import docker
+
+    from runbook.clients import docker_api_version
+
+    def snapshot() -> set[tuple[Any, ...]]:
+        client = docker.DockerClient(base_url=docker_url, version=docker_api_version(docker_url, 30), timeout=30)
+        try:
+            found = client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"})
+            return {(c.id, c.name, c.attrs["State"]["Status"], c.attrs["State"]["StartedAt"]) for c in found}
+        finally:
+            client.close()
+
+    return snapshot
+
+
+@contextmanager
+def restored_project(env: Environment) -> Iterator[str]:
+    """Yield the Docker URL; afterwards remove every container the scenario added (replicas, injected ones)."""
+    from runbook.sandbox.incidents import remove_containers_except
+
+    assert env.docker is not None, "the sandbox has no podman service"
+    url = env.docker.base_url
+    keep = {row[0] for row in project_containers(url)()}
+    try:
+        yield url
+    finally:
+        remove_containers_except(url, keep)
+
+
+@scenario("scale-service")
+@contextmanager
+def _one_backend(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[Any], Callable[[], Any]]]:
+    with restored_project(env) as url:
+        yield ScaleService(env, "backend", replicas=2), project_containers(url)
+
+
+@scenario("restart-leakers")
+@contextmanager
+def _growing_worker(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[Any], Callable[[], Any]]]:
+    from datetime import UTC, datetime
+
+    from runbook.sandbox.incidents import MemoryGrower
+
+    with restored_project(env) as url:
+        grower = MemoryGrower(url).start()
+        try:
+            time.sleep(1.5)  # a few MiB to drop on restart
+            since = datetime.now(UTC)  # the alert began after it started: it qualifies for one restart
+            yield RestartLeakers(env, [grower.container_id], since, stop_timeout_s=2), project_containers(url)
+        finally:
+            grower.stop()
+
+
+@scenario("start-service-containers")
+@contextmanager
+def _stopped_backend(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[Any], Callable[[], Any]]]:
+    from runbook.sandbox.incidents import StoppedService
+
+    with restored_project(env) as url:
+        stopped = StoppedService(url, service="backend").start()
+        try:
+            yield StartServiceContainers(env, "backend"), project_containers(url)
+        finally:
+            stopped.stop()
+
+
+# ------------------------------------------------------------------ backups (issue 5): their own small database
+
+
+@contextmanager
+def _backup_database(name: str) -> Iterator[tuple[Environment, Any, Any]]:
+    """pafar_bk and an environment whose backups go to a fresh directory (tests/backup_env.py)."""
+    from runbook import sandbox
+    from tests.backup_env import backup_env, create_db, drop_all
+
+    state = sandbox.status()
+    create_db(state)
+    try:
+        with backup_env(state, name=name) as (env, directory):
+            yield env, directory, state
+    finally:
+        drop_all(state)
+
+
+@scenario("take-backup")
+@contextmanager
+def _no_recent_backup(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[Any], Callable[[], Any]]]:
+    with _backup_database("bkcontract") as (benv, directory, _state):
+        yield TakeBackup(benv, "main", fresh_within_s=300), lambda: sorted(p.name for p in directory.iterdir())
+
+
+@scenario("restore-from-backup")
+@contextmanager
+def _corrupted_database(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[Any], Callable[[], Any]]]:
+    from tasks.backup_store import open_store
+    from tasks.backups import take_backup
+    from tests.backup_env import corrupt, databases, row_counts
+
+    with _backup_database("bkcontract") as (benv, directory, state):
+        with open_store(benv) as store:
+            take_backup(benv, "main", store)
+        corrupt(state)
+
+        def snapshot() -> Any:
+            return sorted(databases(state)), row_counts(state), sorted(p.name for p in directory.iterdir())
+
+        yield RestoreFromBackup(benv, "main", writer_stop_s=1), snapshot

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import httpx
 
@@ -23,6 +24,7 @@ from runbook.intake.store import Occurrence, Store
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (prefect.yaml)
 CANCELLABLE = {"SCHEDULED", "PENDING", "PAUSED"}
 
@@ -38,22 +40,49 @@ class Dispatcher:
         self.healthy = False
         self.created = 0
         self.failures = 0
-        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread
+        self._wake: asyncio.Event
         self._deployments: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
 
     # -------------------------------------------------------------- lifecycle
+    # The dispatcher runs its own event loop in its own thread: creating a hundred runs must not sit between the
+    # intake's event loop and the next acknowledgement. The async methods below are called from the intake's
+    # loop and hop over to the dispatcher's.
 
     async def start(self) -> None:
-        self._http = httpx.AsyncClient(base_url=self.api_url, timeout=self.timeout_s, trust_env=False)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), daemon=True, name="dispatcher")
+        self._thread.start()
+        if not await asyncio.to_thread(ready.wait, 10):
+            raise RuntimeError("the dispatcher thread did not start")
         await self.check_health()
-        self._task = asyncio.create_task(self._run(), name="dispatcher")
-        self._health_task = asyncio.create_task(self._watch_health(), name="prefect-health")
         self.wake()  # whatever a previous process left pending
 
+    def _thread_main(self, ready: threading.Event) -> None:
+        self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
+        self._wake = asyncio.Event()
+        self._http = httpx.AsyncClient(base_url=self.api_url, timeout=self.timeout_s, trust_env=False)
+        self._task = self._loop.create_task(self._run(), name="dispatcher")
+        self._health_task = self._loop.create_task(self._watch_health(), name="prefect-health")
+        ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
     async def stop(self) -> None:
+        if self._loop is None:
+            return
+        await self._in_loop(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join, 10)
+
+    async def _shutdown(self) -> None:
         for t in (self._task, self._health_task):
             if t:
                 t.cancel()
@@ -66,10 +95,18 @@ class Dispatcher:
         if self._http:
             await self._http.aclose()
 
+    async def _in_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
     def wake(self) -> None:
-        self._wake.set()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def check_health(self) -> bool:
+        return await self._in_loop(self._check_health())
+
+    async def _check_health(self) -> bool:
         assert self._http is not None
         try:
             resp = await self._http.get("/health", timeout=2.0)
@@ -82,8 +119,8 @@ class Dispatcher:
         while True:
             await asyncio.sleep(1.0 if self.healthy else 0.5)
             was = self.healthy
-            if await self.check_health() and not was:
-                self.wake()
+            if await self._check_health() and not was:
+                self._wake.set()
 
     # -------------------------------------------------------------- dispatch
 
@@ -138,6 +175,9 @@ class Dispatcher:
 
     async def cancel(self, occ: Occurrence) -> str:
         """Cancel the occurrence's run if it has not started or waits for approval; say what happened."""
+        return await self._in_loop(self._cancel(occ))
+
+    async def _cancel(self, occ: Occurrence) -> str:
         if not occ.flow_run_id:
             return "no run yet: dispatch cancelled"
         run = await self._get(f"/flow_runs/{occ.flow_run_id}")

@@ -101,3 +101,138 @@ class DbIncident:
             t.join(timeout=5)
         self._conns.clear()
         self._threads.clear()
+
+
+# ------------------------------------------------------------------ container incidents (issue 3: Podman's Docker API)
+
+BUSYBOX_IMAGE = "localhost/busybox:latest"
+COMPOSE_PROJECT = "pafar"
+# Fixed commands of the injected containers (sandbox code, never input). The burner also logs ERROR lines, as a
+# struggling backend does, so high-cpu can correlate the two.
+BURNER_CMD = ["sh", "-c", 'while true; do echo "ERROR upstream timed out after 30s"; sleep 1; done & '
+              "exec yes > /dev/null"]
+# ~2 MiB/s in small steps (256 KiB every 1/8 s, so a few samples already lie on a line) into a tmpfs, which counts
+# in the container's memory cgroup; a restart gives it a fresh, empty tmpfs.
+GROWER_CMD = ["sh", "-c", 'trap "exit 0" TERM; i=0; while true; do '
+              'dd if=/dev/zero of=/data/chunk$i bs=256k count=1 2>/dev/null; '
+              'i=$((i+1)); [ $((i % 8)) -eq 0 ] && echo "INFO cached batch $i"; sleep 0.125; done']
+
+
+def _compose_labels(service: str, number: int) -> dict[str, str]:
+    return {"com.docker.compose.project": COMPOSE_PROJECT, "com.docker.compose.service": service,
+            "com.docker.compose.container-number": str(number), "com.docker.compose.oneoff": "False"}
+
+
+@dataclass
+class ContainerIncident:
+    """Base of the container injectors: talks to the sandbox's Podman API; ``stop()`` undoes what ``start()`` did."""
+
+    docker_url: str
+    service: str = "backend"
+    number: int = 2
+    container_id: str = ""
+    name: str = ""
+
+    def client(self):  # noqa: ANN201 - docker.DockerClient, imported lazily (the DB incidents do not need docker)
+        import docker
+
+        from runbook.clients import docker_api_version
+
+        url = self.docker_url
+        return docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
+
+    def _run(self, command: list[str], **extra: object) -> ContainerIncident:
+        client = self.client()
+        try:
+            self.name = f"{COMPOSE_PROJECT}-{self.service}-{self.number}"
+            container = client.containers.run(
+                BUSYBOX_IMAGE, command, name=self.name, detach=True, labels=_compose_labels(self.service, self.number),
+                network="pafar_default", environment={"PAFAR_SERVICE": self.service}, **extra)
+            self.container_id = container.id
+        finally:
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        if not self.container_id:
+            return
+        import docker.errors
+
+        client = self.client()
+        try:
+            client.api.remove_container(self.container_id, force=True)
+        except docker.errors.NotFound:
+            pass
+        finally:
+            client.close()
+        self.container_id = ""
+
+
+@dataclass
+class CpuBurner(ContainerIncident):
+    """A backend replica spinning one core (`yes > /dev/null`) and logging an ERROR line every second."""
+
+    def start(self) -> CpuBurner:
+        self._run(BURNER_CMD, mem_limit="256m")
+        return self
+
+
+@dataclass
+class MemoryGrower(ContainerIncident):
+    """A celery-worker replica whose memory grows steadily (~2 MiB/s into a tmpfs), up to ``tmpfs_mb``."""
+
+    service: str = "celery-worker"
+    tmpfs_mb: int = 200
+    mem_limit_mb: int = 512
+
+    def start(self) -> MemoryGrower:
+        self._run(GROWER_CMD, mem_limit=f"{self.mem_limit_mb}m", tmpfs={"/data": f"size={self.tmpfs_mb}m"})
+        return self
+
+
+@dataclass
+class StoppedService(ContainerIncident):
+    """Stops an existing service container (pafar-<service>-1); ``stop()`` starts it again if it is still down."""
+
+    number: int = 1
+
+    def start(self) -> StoppedService:
+        client = self.client()
+        try:
+            self.name = f"{COMPOSE_PROJECT}-{self.service}-{self.number}"
+            container = client.containers.get(self.name)
+            container.stop(timeout=3)  # the sandbox's containers trap SIGTERM and exit within ~1 s
+            self.container_id = container.id
+        finally:
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        if not self.container_id:
+            return
+        client = self.client()
+        try:
+            container = client.containers.get(self.container_id)
+            if container.status != "running":
+                container.start()
+        finally:
+            client.close()
+        self.container_id = ""
+
+
+def remove_containers_except(docker_url: str, keep_ids: set[str]) -> list[str]:
+    """Remove every compose-project container not in ``keep_ids`` (replicas a test scaled up); their names."""
+    import docker
+
+    from runbook.clients import docker_api_version
+
+    client = docker.DockerClient(base_url=docker_url, version=docker_api_version(docker_url, 30), timeout=30)
+    removed = []
+    try:
+        for c in client.containers.list(all=True, filters={"label": f"com.docker.compose.project={COMPOSE_PROJECT}"}):
+            if c.id not in keep_ids:
+                c.remove(force=True)
+                removed.append(c.name)
+    finally:
+        client.close()
+    return removed

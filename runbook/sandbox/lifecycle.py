@@ -12,15 +12,28 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import generated, net
+from .alertmanager import SERVICE as ALERTMANAGER
+from .backend import SERVICE as BACKEND
+from .backups import SERVICE as BACKUPS
 from .base import Service, ServiceRecord
 from .errors import SandboxError
+from .node_exporter import SERVICE as NODE_EXPORTER
+from .opensearch import SERVICE as OPENSEARCH
+from .podman import SERVICE as PODMAN
 from .postgres import SERVICE as POSTGRES
 from .prefect_server import SERVICE as PREFECT
+from .prometheus import SERVICE as PROMETHEUS
 from .redis import SERVICE as REDIS
+from .sshd import SERVICE as SSHD
 from .state import STATE_FILE, SandboxState, load, read_env_file, save
 
 # Order matters: it is the order of ALL_SERVICES, of blocks in sandbox.yaml and of state.json.
-SERVICES: dict[str, Service] = {svc.name: svc for svc in (POSTGRES, REDIS, PREFECT)}
+SERVICES: dict[str, Service] = {svc.name: svc for svc in (
+    POSTGRES, REDIS, PREFECT,
+    BACKEND, NODE_EXPORTER, ALERTMANAGER, PROMETHEUS, OPENSEARCH,  # issue 4: metrics and logs
+    PODMAN, SSHD,  # issue 3: containers (Podman's Docker API) and hosts (sshd)
+    BACKUPS,  # issue 5: backup directory, restore role (after postgres and sshd)
+)}
 ALL_SERVICES: tuple[str, ...] = tuple(SERVICES)
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT_S = 180.0

@@ -1,0 +1,73 @@
+"""Procedure: Log Analysis (the runbook's four "Common Log Queries").
+
+Diagnose: errors in the last hour, responses over ``slow_response_ms`` (5000 ms), authentication failures in 24 h
+and payment errors, each with its count, top messages (terms aggregation) and a time histogram; from Elasticsearch
+when configured, else from the service containers' logs. Optionally narrowed to one service.
+Remediate: nothing; the report says so.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from prefect import flow
+from pydantic import Field
+
+from runbook.config import Thresholds
+from runbook.findings import Finding, Report, Severity, TableBlock
+from runbook.procedure import finish_report, start_report, unreachable_as_finding
+from tasks.logs import analyze_logs
+
+NOTHING_TO_REMEDIATE = "log-analysis diagnoses only: there is nothing to remediate (dry_run changes nothing here)"
+
+
+@flow(name="log-analysis", log_prints=False)
+def log_analysis(
+    env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
+    dry_run: bool = True,
+    service: Annotated[str | None, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+                                         description="only this service's logs")] = None,
+) -> dict[str, Any]:
+    """The runbook's four Kibana queries with counts, top messages and a histogram."""
+    report, environment = start_report("log-analysis", env, dry_run)
+    with unreachable_as_finding(report):
+        result = analyze_logs(environment, None, service)
+        report.notes.extend(result["notes"])
+        assess_logs(report, result["results"], environment.thresholds)
+    report.notes.append(NOTHING_TO_REMEDIATE)
+    return finish_report(report)
+
+
+def _severity(name: str, count: int, thresholds: Thresholds) -> Severity:
+    if name == "errors":
+        return Severity.WARNING if count > thresholds.log_errors_per_hour else Severity.INFO
+    if name in ("payment_errors", "slow_responses"):
+        return Severity.WARNING if count else Severity.INFO
+    return Severity.INFO
+
+
+def _bar(count: int, peak: int) -> str:
+    return "█" * max(1, round(20 * count / peak)) if peak else ""
+
+
+def assess_logs(report: Report, results: dict[str, dict[str, Any]], thresholds: Thresholds) -> None:
+    for name, r in results.items():
+        if r["error"]:
+            report.add(Finding(title=f"{r['title']}: query failed: {r['error']}", severity=Severity.WARNING,
+                               subject=r["source"], details={"query": r["query"]}, aggregation_key=f"logs:{name}"))
+            continue
+        peak = max((c for _, c in r["histogram"]), default=0)
+        blocks = [TableBlock(title="top messages", columns=["message", "count"],
+                             rows=[[m, c] for m, c in r["top_messages"]]),
+                  TableBlock(title="over time", columns=["from", "count", ""],
+                             rows=[[t, c, _bar(c, peak)] for t, c in r["histogram"]])]
+        if r["hits"]:
+            blocks.append(TableBlock(title="latest matching entries", columns=["time", "level", "service",
+                                                                                "response ms", "message"],
+                                     rows=[[h.get("@timestamp") or h.get("timestamp"), h.get("level"), h.get("service"),
+                                            h.get("response_time"), h.get("message")] for h in r["hits"][:10]]))
+        report.add(Finding(
+            title=f"{r['title']}: {r['count']} matching log entries", severity=_severity(name, r["count"], thresholds),
+            subject=f"{r['source']}: {r['query']}", details={"query": r["query"], "source": r["source"],
+                                                            "count": r["count"]},
+            blocks=blocks, aggregation_key=f"logs:{name}"))

@@ -1,0 +1,216 @@
+"""Procedure: Emergency Response, Service Outage (the runbook's immediate actions, communication and recovery).
+
+Diagnose: the service's health endpoint (``services.<service>.health_url``, else ``http_checks.<service>-health``),
+every project container's state, restarts and exit code, Prometheus `up` when configured, recent deployments
+(containers created or images built in the last ``deploy_hours``), host resources over SSH, and the service's recent
+ERROR log lines.
+Remediate (dry run unless dry_run=False): start the service's stopped containers; verify they run and the health
+endpoint answers.
+Communicate: when the run finds the outage (a critical finding) and the environment has an ``incident_webhook``, it
+posts a summary there (the runbook's "Post in incident channel") after the remediation step, saying plainly whether
+anything was changed. That happens on a dry run too: a post is communication, not a change to the platform, and an
+alert that runs this procedure under a dry-run policy is exactly when people must hear of the outage. Pass
+``notify=False`` to look without telling anyone (e.g. an operator re-running the diagnosis by hand).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from pydantic import Field
+
+from runbook.config import Environment, HttpCheckConfig
+from runbook.errors import BadInput
+from runbook.findings import Finding, Report, Severity, TableBlock
+from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
+from runbook.redact import redact
+from tasks.container_remediations import StartServiceContainers
+from tasks.containers import get_container_logs, get_recent_changes, list_project_containers
+from tasks.hosts import collect_host_snapshots, host_findings
+from tasks.http_checks import check_http
+from tasks.notify import post_json
+
+EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
+ServiceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="compose service from the playbook")]
+
+
+@flow(name="service-outage", log_prints=False)
+def service_outage(
+    env: EnvName,
+    service: ServiceName = "backend",
+    dry_run: bool = True,
+    deploy_hours: Annotated[float, Field(gt=0, le=24 * 30, description="'recent deployments' look-back")] = 24,
+    notify: Annotated[bool, Field(description="post the summary to incident_webhook when an outage is found")] = True,
+) -> dict[str, Any]:
+    """Health, container states, `up`, recent deployments, hosts and errors; start stopped containers; notify."""
+    report, environment = start_report("service-outage", env, dry_run)
+    if service not in environment.services:
+        known = ", ".join(sorted(environment.services)) or "none"
+        raise BadInput(f"service {service!r} is not in environments.{env}.services (known: {known})")
+    hosts_f = collect_host_snapshots.submit(environment) if environment.ssh_hosts else None
+    health = environment.http_checks.get(f"{service}-health")
+    health_url = environment.services[service].health_url or (health.url if health else None)
+    health_f = check_service_health.submit(service, health_url) if health_url else None
+
+    with unreachable_as_finding(report):
+        if environment.docker is None:
+            report.notes.append("no docker section in the playbook: containers not checked")
+        else:
+            containers = list_project_containers(environment)
+            mine = [c for c in containers if c["service"] == service]
+            logs_f = {c["name"]: get_container_logs.submit(environment, c["id"]) for c in mine}
+            changes_f = get_recent_changes.submit(environment, containers, deploy_hours)
+            assess_containers(report, service, containers)
+            assess_error_logs(report, service, {n: f.result() for n, f in logs_f.items()})
+            assess_recent_changes(report, changes_f.result(), deploy_hours)
+    if health_f is not None:
+        assess_health(report, service, health_f.result())
+    else:
+        report.notes.append(f"neither services.{service}.health_url nor http_checks.{service}-health is set: "
+                            "no health check")
+    if environment.prometheus_url:
+        with unreachable_as_finding(report):
+            prometheus_up(report, environment)
+    if hosts_f is not None:
+        with unreachable_as_finding(report):
+            for finding in host_findings(hosts_f.result(), environment.thresholds):
+                report.add(finding)
+    if environment.docker is not None:
+        report.actions.append(remediate(StartServiceContainers(environment, service), dry_run=dry_run))
+    if environment.incident_webhook is not None and notify and report.worst is Severity.CRITICAL:
+        error = notify_incident(environment, incident_summary(report, service))
+        report.notes.append(f"incident webhook: {'notified' if not error else 'NOT notified: ' + error}")
+    elif environment.incident_webhook is not None:
+        report.notes.append("incident webhook: not notified ("
+                            + ("notify=False" if not notify else "no outage found") + ")")
+    return finish_report(report)
+
+
+@task(cache_policy=NONE)
+def check_service_health(service: str, url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """GET the service's health URL (tasks.http_checks: timings, no proxies, its own timeout)."""
+    return check_http(f"{service}-health", HttpCheckConfig(url=url, expect_status=200, timeout_s=timeout_s))
+
+
+@task(cache_policy=NONE)
+def notify_incident(environment: Environment, payload: dict[str, Any]) -> str:
+    """POST the summary to the incident webhook; '' when delivered, else a secret-free reason."""
+    assert environment.incident_webhook is not None
+    url = environment.resolve_secret(environment.incident_webhook.url, "incident_webhook.url")
+    return post_json(url, payload, environment.incident_webhook.timeout_s)
+
+
+# ------------------------------------------------------------------ assessments
+
+
+def assess_health(report: Report, service: str, check: dict[str, Any]) -> None:
+    ok = bool(check.get("ok"))
+    report.add(Finding(
+        title=(f"{service} health endpoint answers HTTP {check['status']}" if ok else
+               f"{service} health endpoint fails: {check.get('error') or check.get('result')}"),
+        severity=Severity.INFO if ok else Severity.CRITICAL, subject=f"service {service}",
+        details={"url": check.get("url"), "status": check.get("status"), "total_ms": check.get("total_ms")},
+        aggregation_key=f"health:{service}",
+    ))
+
+
+def assess_containers(report: Report, service: str, containers: list[dict[str, Any]]) -> None:
+    """State per container (a table a person can scan) and a critical finding when the service has none running."""
+    mine = [c for c in containers if c["service"] == service]
+    running = [c for c in mine if c["running"]]
+    down = [c for c in mine if not c["running"]]
+    restarted = [c for c in containers if c["restart_count"] or c["oom_killed"]]
+    if not mine:
+        severity, title = Severity.CRITICAL, f"no container of {service} exists"
+    elif not running:
+        severity, title = Severity.CRITICAL, f"{service}: none of its {len(mine)} container(s) is running"
+    elif down:
+        severity, title = Severity.WARNING, f"{service}: {len(down)} of {len(mine)} container(s) not running"
+    else:
+        severity, title = Severity.INFO, f"{service}: all {len(mine)} container(s) running"
+    report.add(Finding(
+        title=title, severity=severity, subject=f"service {service}",
+        details={"restarted or OOM-killed": ", ".join(c["name"] for c in restarted) or "none"},
+        blocks=[TableBlock(title="containers of the project",
+                           columns=["container", "service", "state", "exit", "restarts", "started", "image"],
+                           rows=[[c["name"], c["service"], c["state"] + (" (OOM)" if c["oom_killed"] else ""),
+                                  c["exit_code"], c["restart_count"],
+                                  c["started_at"].strftime("%Y-%m-%d %H:%M:%S") if c["started_at"] else "-",
+                                  c["image"]] for c in containers])],
+        aggregation_key=f"containers:{service}",
+    ))
+
+
+def assess_error_logs(report: Report, service: str, logs: dict[str, dict[str, Any]]) -> None:
+    total = sum(v["error_count"] for v in logs.values())
+    rows = [[name, v["lines"], v["error_count"], v["errors"][-1] if v["errors"] else ""] for name, v in logs.items()]
+    report.add(Finding(
+        title=f"{service}: {total} ERROR line(s) in recent logs", subject=f"service {service}",
+        severity=Severity.WARNING if total else Severity.INFO,
+        blocks=[TableBlock(title="recent logs (last hour, last 200 lines)",
+                           columns=["container", "lines", "ERROR", "last ERROR"], rows=rows)],
+        aggregation_key=f"error-logs:{service}",
+    ))
+
+
+def assess_recent_changes(report: Report, changes: list[dict[str, Any]], hours: float) -> None:
+    if not changes:
+        report.notes.append(f"no container created or image built in the last {hours:g} h")
+        return
+    report.add(Finding(
+        title=f"{len(changes)} change(s) in the last {hours:g} h (recent deployments)", severity=Severity.INFO,
+        subject="deployments",
+        blocks=[TableBlock(title="recent deployments", columns=["when", "what", "container", "image"],
+                           rows=[[c["when"].strftime("%Y-%m-%d %H:%M:%S"), c["what"], c["name"], c["image"]]
+                                 for c in changes[:20]])],
+        aggregation_key="recent-deployments",
+    ))
+
+
+def prometheus_up(report: Report, environment: Environment) -> None:
+    """Prometheus `up` for every target (tasks.metrics): a target at 0 is critical."""
+    from tasks.metrics import PromQLError, instant_query
+
+    try:
+        rows = instant_query(environment, "up")
+    except PromQLError as exc:
+        report.notes.append(str(exc))
+        return
+    down = [r for r in rows if r["value"] == 0]
+    report.add(Finding(
+        title=f"Prometheus up: {len(rows) - len(down)} of {len(rows)} targets up",
+        severity=Severity.CRITICAL if down else Severity.INFO, subject="prometheus",
+        blocks=[TableBlock(title="up", columns=["job", "instance", "up"],
+                           rows=[[r["labels"].get("job", ""), r["labels"].get("instance", ""), int(r["value"])]
+                                 for r in rows])],
+        aggregation_key="prometheus-up",
+    ))
+
+
+def incident_summary(report: Report, service: str) -> dict[str, Any]:
+    """The incident-channel message: Slack-compatible ``text`` plus structured fields for other receivers."""
+    critical = [f for f in report.findings if f.severity is Severity.CRITICAL]
+    acted = [f"{c.action} {c.subject}" for a in report.actions for c in a.planned]
+    if report.dry_run:
+        action = f"DRY RUN, nothing changed; would: {', '.join(acted) or 'nothing'}"
+    else:
+        done = [f"{c.action} {c.subject}" for a in report.actions if a.changed for c in a.planned]
+        failed = [a.error for a in report.actions if a.error]
+        action = (f"applied: {', '.join(done) or 'nothing'}"
+                  + (f"; verified: {all(a.verified for a in report.actions if a.changed)}" if done else "")
+                  + (f"; FAILED: {'; '.join(failed)}" if failed else ""))
+    lines = [f"[runbook] service outage: {service} on {report.env}", *[f"- {f.title}" for f in critical[:8]], action]
+    if report.flow_run_id:
+        lines.append(f"flow run {report.flow_run_id}")
+    return redact_payload({
+        "text": "\n".join(lines), "source": "runbook", "procedure": report.procedure, "env": report.env,
+        "service": service, "dry_run": report.dry_run, "severity": report.worst.value,
+        "critical": [f.title for f in critical], "actions": acted, "flow_run_id": report.flow_run_id,
+    })
+
+
+def redact_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: redact(v) if isinstance(v, str) else [redact(x) for x in v] if isinstance(v, list) else v
+            for k, v in payload.items()}

@@ -1,0 +1,43 @@
+"""Starting a foreground daemon binary (Prometheus, Alertmanager, node_exporter, osmem) and waiting for health.
+
+The shared part of the monitoring services: spawn under our PID in its own session, poll an HTTP health URL
+with a short timeout, fail fast if the process exits, and carry the log tail in the error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from . import process
+from .base import ServiceRecord
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET url answers 200 (no proxy from the environment: loopback only)."""
+    try:
+        return httpx.get(url, timeout=timeout, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_daemon(name: str, cmd: Sequence[str], *, port: int, log: Path, cwd: Path, health_url: str,
+                 markers: Sequence[str], paths: dict[str, str], timeout_s: float = 20.0) -> ServiceRecord:
+    """Spawn ``cmd`` and return its record once ``health_url`` answers 200, or raise SandboxError with the log."""
+    proc = process.spawn(cmd, log, cwd=cwd)
+    record = ServiceRecord(name=name, pid=proc.pid, port=port, log_file=str(log), paths=paths,
+                           cmdline_markers=list(markers))
+    ok = process.wait_until(
+        lambda: process.child_exited(proc.pid) is not None or http_ok(health_url, 1.0), timeout_s, 0.05)
+    if not ok or not http_ok(health_url):
+        exited = process.child_exited(proc.pid)
+        if exited is None:
+            proc.kill()
+            proc.wait(5)
+        reason = f"exited with {exited}" if exited is not None else f"not healthy within {timeout_s:.0f}s"
+        raise process.failure(f"{name} on 127.0.0.1:{port} {reason}", log)
+    record.proc_start = process.start_ticks(proc.pid)
+    record.running = True
+    return record

@@ -1,0 +1,153 @@
+"""Host diagnostics over SSH: load, memory, disk and the top processes, on many hosts at once with a bound.
+
+One fixed command per host (``HOST_SNAPSHOT``, a string from this module: nothing from an alert, a label or the CLI
+is ever sent to a shell) returns every section in one round trip; parsing happens here. Each host gets its own
+connection through ``runbook.clients.ssh`` (known_hosts + RejectPolicy, key auth, timeouts); a host that cannot be
+reached is reported as such and never hides the others.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import paramiko
+from prefect import task
+from prefect.cache_policies import NONE
+
+from runbook.clients import ssh
+from runbook.config import Environment
+from runbook.errors import TargetUnreachable
+from runbook.findings import Finding, Severity, TableBlock
+
+MAX_OUTPUT_BYTES = 256_000
+HOST_SNAPSHOT = (
+    "echo '@@load'; cat /proc/loadavg; echo '@@cpus'; nproc; echo '@@mem'; cat /proc/meminfo; "
+    "echo '@@disk'; df -P -k -x tmpfs -x devtmpfs -x overlay -x squashfs; "
+    "echo '@@top'; ps -eo pid=,user=,pcpu=,pmem=,rss=,comm= --sort=-pcpu | head -n 10"
+)
+
+
+def run_command(client: paramiko.SSHClient, command: str, timeout_s: float) -> tuple[int, str]:
+    """Run a fixed command; (exit status, stdout). A read that waits longer than timeout_s raises socket.timeout,
+    which the ssh() context turns into TargetUnreachable."""
+    _stdin, stdout, _stderr = client.exec_command(command, timeout=timeout_s)
+    out = stdout.read(MAX_OUTPUT_BYTES)
+    return stdout.channel.recv_exit_status(), out.decode("utf-8", errors="replace")
+
+
+def parse_snapshot(text: str) -> dict[str, Any]:
+    """Parse HOST_SNAPSHOT output into load, cpus, memory, disks and top processes."""
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("@@"):
+            current = line[2:].strip()
+            sections[current] = []
+        elif current:
+            sections[current].append(line)
+    load = (sections.get("load") or ["0 0 0"])[0].split()
+    cpus = int((sections.get("cpus") or ["1"])[0].strip() or 1)
+    mem: dict[str, int] = {}
+    for line in sections.get("mem", []):
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            mem[key] = int(parts[0]) * 1024
+    total, available = mem.get("MemTotal", 0), mem.get("MemAvailable", mem.get("MemFree", 0))
+    disks = []
+    for line in sections.get("disk", [])[1:]:
+        parts = line.split()
+        if len(parts) >= 6 and parts[1].isdigit():
+            size, used, avail = int(parts[1]) * 1024, int(parts[2]) * 1024, int(parts[3]) * 1024
+            disks.append({"mount": parts[5], "size": size, "used": used, "avail": avail,
+                          # df's Use%: used of what non-root users can have (reserved blocks excluded)
+                          "percent": round(used * 100 / (used + avail), 1) if used + avail else 0.0})
+    top = []
+    for line in sections.get("top", []):
+        parts = line.split(None, 5)
+        if len(parts) == 6:
+            top.append({"pid": int(parts[0]), "user": parts[1], "cpu_percent": float(parts[2]),
+                        "mem_percent": float(parts[3]), "rss": int(parts[4]) * 1024, "command": parts[5]})
+    return {
+        "load1": float(load[0]), "load5": float(load[1]), "load15": float(load[2]), "cpus": cpus,
+        "mem_total": total, "mem_available": available,
+        "mem_percent": round((1 - available / total) * 100, 1) if total else 0.0,  # the runbook's Memory Usage
+        "disks": disks, "top": top,
+    }
+
+
+def snapshot_host(env: Environment, host: str) -> dict[str, Any]:
+    """One host's snapshot, or {"host", "error"} when it cannot be reached (bad key, refused, timeout ...)."""
+    timeout_s = env.ssh_hosts[host].timeout_s
+    try:
+        with ssh(env, host) as client:
+            status, out = run_command(client, HOST_SNAPSHOT, timeout_s)
+    except TargetUnreachable as exc:
+        return {"host": host, "error": exc.reason, "target": exc.target}
+    if status != 0 and "@@top" not in out:
+        return {"host": host, "error": f"snapshot command exited {status}", "target": f"host {host}"}
+    return {"host": host, **parse_snapshot(out)}
+
+
+@task(cache_policy=NONE)
+def collect_host_snapshots(env: Environment, hosts: list[str] | None = None,
+                           max_parallel: int = 8) -> list[dict[str, Any]]:
+    """Snapshot every configured host (or the given ones) concurrently, at most ``max_parallel`` at a time."""
+    names = list(hosts if hosts is not None else env.ssh_hosts)
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(names))), thread_name_prefix="ssh") as pool:
+        return list(pool.map(lambda h: snapshot_host(env, h), names))
+
+
+def run_on_hosts(env: Environment, hosts: list[str], command: str, max_parallel: int = 8) -> list[dict[str, Any]]:
+    """Run one fixed command (a constant from code) on many hosts with a bound: [{host, status, output | error}]."""
+
+    def one(host: str) -> dict[str, Any]:
+        try:
+            with ssh(env, host) as client:
+                status, out = run_command(client, command, env.ssh_hosts[host].timeout_s)
+        except TargetUnreachable as exc:
+            return {"host": host, "error": exc.reason}
+        return {"host": host, "status": status, "output": out}
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(hosts))), thread_name_prefix="ssh") as pool:
+        return list(pool.map(one, hosts))
+
+
+def host_findings(hosts: list[dict[str, Any]], thresholds: Any, top: int = 5) -> list[Finding]:
+    """Findings from host snapshots: unreachable hosts (critical), load per core, memory, disks, top processes."""
+    out: list[Finding] = []
+    for h in hosts:
+        name = h["host"]
+        if "error" in h:
+            out.append(Finding(title=f"host {name} unreachable: {h['error']}", severity=Severity.CRITICAL,
+                               subject=f"host {name}", details={"reason": h["error"]},
+                               aggregation_key=f"unreachable:host {name}"))
+            continue
+        per_core = h["load1"] / max(h["cpus"], 1)
+        full_disks = [d for d in h["disks"] if d["percent"] >= thresholds.disk_percent]
+        severity = Severity.INFO
+        if per_core >= 2 or h["mem_percent"] >= thresholds.memory_percent or full_disks:
+            severity = Severity.WARNING
+        if per_core >= 4 or h["mem_percent"] >= 95 or any(d["percent"] >= 98 for d in full_disks):
+            severity = Severity.CRITICAL
+        out.append(Finding(
+            title=(f"{name}: load {h['load1']:.2f} on {h['cpus']} cores ({per_core:.2f}/core), memory "
+                   f"{h['mem_percent']:.0f} %" + (f", {len(full_disks)} disk(s) over {thresholds.disk_percent:g} %"
+                                                  if full_disks else "")),
+            severity=severity, subject=f"host {name}",
+            details={"load 1/5/15 min": f"{h['load1']} / {h['load5']} / {h['load15']}",
+                     "memory available": f"{h['mem_available'] / 2**30:.1f} of {h['mem_total'] / 2**30:.1f} GiB"},
+            blocks=[
+                TableBlock(title="top processes (ps %CPU: average over each process's life)",
+                           columns=["pid", "user", "cpu %", "mem %", "rss MiB", "command"],
+                           rows=[[p["pid"], p["user"], p["cpu_percent"], p["mem_percent"], round(p["rss"] / 2**20, 1),
+                                  p["command"]] for p in h["top"][:top]]),
+                TableBlock(title="disks", columns=["mount", "used %", "free GiB"],
+                           rows=[[d["mount"], d["percent"], round(d["avail"] / 2**30, 1)] for d in h["disks"]]),
+            ],
+            aggregation_key=f"host:{name}",
+        ))
+    return out

@@ -1,0 +1,271 @@
+"""Network checks: the runbook's "Network Issues" (connectivity between services, DNS on the host and in containers).
+
+Every check yields one row ``{source, destination, kind, ok, latency_ms, result, error}``, so a finding can name
+where it was tried from, what it tried to reach, what happened and why. All checks of a run go through one bounded
+thread pool, so a matrix of sources x destinations takes about as long as its slowest check.
+
+From the host: TCP connect with ``socket.create_connection`` (its own timeout; optionally from a given source
+address), DNS with ``getaddrinfo`` bounded by a timeout. From inside containers: ``nc`` and ``nslookup`` of the
+container's own image (busybox here), run through the Docker API with argument lists, each under ``timeout``.
+Names under ``.invalid`` are answered "does not exist" without asking any resolver (RFC 6761 section 6.4).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import docker.errors
+import requests
+from prefect import task
+from prefect.cache_policies import NONE
+
+from runbook.config import Environment, NetworkConfig
+from runbook.errors import TargetUnreachable
+
+HOST = "host"
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+# getaddrinfo cannot be interrupted; lookups run here so a hung resolver only costs a parked thread.
+_RESOLVER = ThreadPoolExecutor(max_workers=16, thread_name_prefix="resolve")
+
+
+def row(source: str, destination: str, kind: str, ok: bool, latency_ms: float | None, result: str,
+        error: str = "") -> dict[str, Any]:
+    return {"source": source, "destination": destination, "kind": kind, "ok": ok,
+            "latency_ms": None if latency_ms is None else round(latency_ms, 2), "result": result, "error": error}
+
+
+def is_reserved_invalid(name: str) -> bool:
+    """RFC 6761: names under .invalid never exist; resolvers should answer negatively at once."""
+    return name.rstrip(".").lower().endswith(".invalid") or name.rstrip(".").lower() == "invalid"
+
+
+def resolve(name: str, timeout_s: float, source: str = HOST) -> dict[str, Any]:
+    """Resolve ``name`` on this host with a timeout: addresses and how long the lookup took."""
+    started = time.perf_counter()
+    if is_reserved_invalid(name):
+        return row(source, name, "dns", False, 0.0, "NXDOMAIN", "name does not exist (reserved .invalid domain)")
+    try:  # an address literal needs no lookup (curl reports ~0 ms for it too)
+        return row(source, name, "dns", True, 0.0, str(ipaddress.IPv4Address(name)))
+    except ValueError:
+        pass
+    fut = _RESOLVER.submit(socket.getaddrinfo, name, None, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        infos = fut.result(timeout=timeout_s)
+    except FutureTimeout:
+        return row(source, name, "dns", False, timeout_s * 1000, "timeout", f"no answer within {timeout_s:g} s")
+    except socket.gaierror as exc:
+        elapsed = (time.perf_counter() - started) * 1000
+        return row(source, name, "dns", False, elapsed, "NXDOMAIN" if exc.errno == socket.EAI_NONAME else "error",
+                   exc.strerror or str(exc))
+    elapsed = (time.perf_counter() - started) * 1000
+    addresses = sorted({i[4][0] for i in infos})
+    return row(source, name, "dns", True, elapsed, ", ".join(addresses))
+
+
+def tcp_connect(host: str, port: int, timeout_s: float, source: str = HOST,
+                source_address: str | None = None) -> dict[str, Any]:
+    """TCP connect from this host (optionally bound to ``source_address``): connect latency or the reason it failed."""
+    destination = f"{host}:{port}"
+    dns = resolve(host, timeout_s, source)
+    if not dns["ok"]:
+        return row(source, destination, "tcp", False, dns["latency_ms"], "unresolvable",
+                   f"cannot resolve {host}: {dns['error']}")
+    address = dns["result"].split(", ")[0]
+    started = time.perf_counter()
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s,
+                                      source_address=(source_address, 0) if source_address else None):
+            pass
+    except TimeoutError:
+        return row(source, destination, "tcp", False, timeout_s * 1000, "timeout", f"no answer within {timeout_s:g} s")
+    except ConnectionRefusedError:
+        return row(source, destination, "tcp", False, (time.perf_counter() - started) * 1000, "refused",
+                   "connection refused")
+    except OSError as exc:
+        return row(source, destination, "tcp", False, (time.perf_counter() - started) * 1000, "error",
+                   exc.strerror or type(exc).__name__)
+    return row(source, destination, "tcp", True, (time.perf_counter() - started) * 1000, "connected")
+
+
+# ------------------------------------------------------------------ inside containers
+
+
+@dataclass(frozen=True)
+class ContainerSource:
+    id: str
+    name: str
+    service: str
+
+    @property
+    def label(self) -> str:
+        return f"container {self.name} ({self.service})"
+
+
+def list_container_sources(env: Environment, services: list[str] | None) -> list[ContainerSource]:
+    """Running containers of the compose project, optionally only these services'."""
+    from runbook.clients import docker_client
+
+    assert env.docker is not None
+    with docker_client(env) as client:
+        found = client.containers.list(filters={"label": [f"{COMPOSE_PROJECT_LABEL}={env.docker.compose_project}"],
+                                                "status": "running"})
+        out = []
+        for c in found:
+            service = (c.labels or {}).get(COMPOSE_SERVICE_LABEL, "")
+            if services is None or service in services:
+                out.append(ContainerSource(c.id, c.name.lstrip("/"), service))
+    return sorted(out, key=lambda s: (s.service, s.name))
+
+
+# An exec costs ~0.5-1 s of the engine's time (Podman here); more than a few at once just queue inside the engine
+# until the API timeout. The matrix keeps the rest of its checks concurrent and feeds execs through this gate.
+_EXEC_GATE = threading.BoundedSemaphore(4)
+
+
+def _exec(env: Environment, container_id: str, command: list[str]) -> tuple[int | None, str]:
+    from runbook.clients import docker_client
+
+    with _EXEC_GATE, docker_client(env) as client:
+        exec_id = client.api.exec_create(container_id, command, stdout=True, stderr=True)["Id"]
+        output = client.api.exec_start(exec_id, demux=False) or b""
+        code = client.api.exec_inspect(exec_id).get("ExitCode")
+    return code, output.decode("utf-8", errors="replace").strip()
+
+
+def container_tcp_connect(env: Environment, src: ContainerSource, host: str, port: int,
+                          timeout_s: float) -> dict[str, Any]:
+    """TCP connect from inside a container with its own ``nc`` (connect timeout ``-w``, killed by ``timeout``).
+
+    The latency includes the exec round trip through the Docker API (tens of ms); it is reported as such.
+    """
+    destination = f"{host}:{port}"
+    if is_reserved_invalid(host):
+        return row(src.label, destination, "tcp", False, 0.0, "unresolvable",
+                   f"cannot resolve {host}: name does not exist (reserved .invalid domain)")
+    wait = max(1, round(timeout_s))
+    command = ["timeout", "-s", "KILL", str(wait + 1), "nc", "-w", str(wait), host, str(port), "-e", "true"]
+    started = time.perf_counter()
+    code, output = _exec(env, src.id, command)
+    elapsed = (time.perf_counter() - started) * 1000
+    if code == 0:
+        return row(src.label, destination, "tcp", True, elapsed, "connected (incl. exec)")
+    lowered = output.lower()
+    result = ("refused" if "refused" in lowered else "unresolvable" if "bad address" in lowered
+              else "timeout" if code in (137, 143) or "timed out" in lowered else "error")
+    return row(src.label, destination, "tcp", False, elapsed, result, output.splitlines()[-1][:200] if output
+               else f"nc exited {code}")
+
+
+def container_resolve(env: Environment, src: ContainerSource, name: str, timeout_s: float) -> dict[str, Any]:
+    """Resolve a name inside a container with its own ``nslookup`` (`docker-compose exec backend nslookup db`)."""
+    if is_reserved_invalid(name):
+        return row(src.label, name, "dns", False, 0.0, "NXDOMAIN", "name does not exist (reserved .invalid domain)")
+    command = ["timeout", "-s", "KILL", str(max(1, round(timeout_s))), "nslookup", name]
+    started = time.perf_counter()
+    code, output = _exec(env, src.id, command)
+    elapsed = (time.perf_counter() - started) * 1000
+    if code == 0:
+        addresses = [ln.split()[-1] for ln in output.splitlines()[2:] if ln.lower().startswith("address")]
+        return row(src.label, name, "dns", True, elapsed, ", ".join(addresses) or "resolved")
+    return row(src.label, name, "dns", False, elapsed, "timeout" if code in (137, 143) else "NXDOMAIN",
+               output.splitlines()[-1][:200] if output else f"nslookup exited {code}")
+
+
+# ------------------------------------------------------------------ the matrix
+
+
+@dataclass
+class Plan:
+    """The checks of one run, as callables, and what could not be planned (skipped sources) with the reason."""
+
+    checks: list[tuple[str, str, str, Callable[[], dict[str, Any]]]]
+    notes: list[str]
+
+
+def plan_checks(env: Environment, cfg: NetworkConfig, http: bool = True) -> Plan:
+    """Every (source, destination) check the config asks for: host sources x (TCP targets + the playbook's HTTP
+    checks when ``http``), DNS on the host, and containers x their targets and DNS."""
+    from tasks.http_checks import check_http  # http_checks uses resolve() from here
+
+    checks: list[tuple[str, str, str, Callable[[], dict[str, Any]]]] = []
+    notes: list[str] = []
+    host_sources = [(f"{HOST} ({addr})", addr) for addr in cfg.source_addresses] or [(HOST, None)]
+    for label, addr in host_sources if http else []:
+        for name, hc in env.http_checks.items():
+            checks.append((label, f"{name} {hc.url}", "http",
+                           lambda name=name, hc=hc, label=label, addr=addr: check_http(name, hc, label, addr)))
+    for name, t in cfg.targets.items():
+        if not t.from_host:
+            continue
+        for label, addr in host_sources:
+            checks.append((label, f"{name} {t.host}:{t.port}", "tcp",
+                           lambda t=t, label=label, addr=addr: tcp_connect(t.host, t.port, t.timeout_s, label, addr)))
+    for dns_name in cfg.dns_names:
+        checks.append((HOST, dns_name, "dns", lambda n=dns_name: resolve(n, cfg.dns_timeout_s)))
+
+    wanted = {s for t in cfg.targets.values() for s in (t.from_services or [])}
+    default_sources = cfg.container_sources if cfg.container_sources is not None else list(env.services)
+    if env.docker is None:
+        if default_sources or wanted:
+            notes.append("in-container checks skipped: no docker endpoint is configured for this environment")
+        return Plan(checks, notes)
+    try:
+        containers = list_container_sources(env, sorted(set(default_sources) | wanted))
+    except TargetUnreachable as exc:
+        notes.append(f"in-container checks skipped: {exc}")
+        checks.append((HOST, "docker API", "docker", lambda exc=exc: row(
+            HOST, "docker API", "docker", False, None, "unreachable", exc.reason)))
+        return Plan(checks, notes)
+    except docker.errors.DockerException as exc:  # the engine answered with an error
+        notes.append(f"in-container checks skipped: the docker API refused to list containers: {exc}"[:300])
+        return Plan(checks, notes)
+    if not containers:
+        notes.append("in-container checks skipped: no running containers of the configured services")
+    for src in containers:
+        for name, t in cfg.targets.items():
+            services = t.from_services if t.from_services is not None else default_sources
+            if src.service not in services:
+                continue
+            checks.append((src.label, f"{name} {t.host}:{t.port}", "tcp",
+                           lambda src=src, t=t: container_tcp_connect(env, src, t.host, t.port, t.timeout_s)))
+        if cfg.dns_in_containers and src.service in default_sources:
+            for dns_name in cfg.container_dns_names if cfg.container_dns_names is not None else cfg.dns_names:
+                checks.append((src.label, dns_name, "dns",
+                               lambda src=src, n=dns_name: container_resolve(env, src, n, cfg.dns_timeout_s)))
+    return Plan(checks, notes)
+
+
+def run_checks(checks: list[tuple[str, str, str, Callable[[], dict[str, Any]]]],
+               max_parallel: int = 32) -> list[dict[str, Any]]:
+    """Run every check concurrently (bounded); a check that raises becomes a failed row, never a lost one."""
+    if not checks:
+        return []
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=min(max_parallel, len(checks)), thread_name_prefix="netcheck") as pool:
+        futures: list[tuple[tuple[str, str, str], Future[dict[str, Any]]]] = [
+            ((src, dst, kind), pool.submit(fn)) for src, dst, kind, fn in checks]
+        for (src, dst, kind), fut in futures:
+            try:
+                rows.append({**fut.result(), "source": src, "destination": dst})
+            except TargetUnreachable as exc:
+                rows.append(row(src, dst, kind, False, None, "unreachable", exc.reason))
+            except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
+                # a container that went away (404) or stopped (409) between listing and exec: that check's row
+                rows.append(row(src, dst, kind, False, None, "error", f"{type(exc).__name__}: {exc}"[:300]))
+    return rows
+
+
+@task(cache_policy=NONE)
+def check_connectivity(env: Environment, cfg: NetworkConfig, http: bool = True) -> dict[str, Any]:
+    """The whole matrix (TCP and HTTP from the host, TCP from containers, DNS), concurrently: ``{"rows", "notes"}``."""
+    plan = plan_checks(env, cfg, http)
+    return {"rows": run_checks(plan.checks, cfg.max_parallel), "notes": plan.notes}
