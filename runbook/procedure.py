@@ -43,6 +43,9 @@ class ProcedureInfo:
     def parameters(self) -> list[inspect.Parameter]:
         return list(_signature(self.flow_path).values())
 
+    def parameter_names(self) -> set[str]:
+        return set(_signature(self.flow_path))
+
 
 @functools.cache
 def _signature(flow_path: str) -> dict[str, inspect.Parameter]:

@@ -82,8 +82,11 @@ def build_request(route: Route, alert: Alert, playbooks: Playbooks) -> RunReques
                     f"environment {env.name!r} (known: {', '.join(sorted(known)) or 'none'})"
                 )
         params[param] = value
+    if "since" in PROCEDURES[route.procedure].parameter_names() and "since" not in params:
+        params["since"] = alert.startsAt  # "when the alert began": guards such as "not restarted since" use it
     params = validate_params(route.procedure, params)
-    target = json.dumps({"procedure": route.procedure, "env": route.env, **params}, sort_keys=True, default=str)
+    what = {k: v for k, v in params.items() if k != "since"}  # the target, not the occurrence: cooldowns key on it
+    target = json.dumps({"procedure": route.procedure, "env": route.env, **what}, sort_keys=True, default=str)
     return RunRequest(
         key=occurrence_key(route.name, alert),
         route=route.name,

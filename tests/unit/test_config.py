@@ -118,3 +118,25 @@ def test_json_schema_exports() -> None:
     schema = playbook_json_schema()
     assert "environments" in schema["properties"]
     assert schema["additionalProperties"] is False
+
+
+def test_route_passes_the_alert_start_as_since_where_the_procedure_has_it(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from runbook.intake.models import Alert
+    from runbook.intake.routing import build_request
+
+    (tmp_path / "p.yaml").write_text(MINIMAL + "    services: {backend: {max_replicas: 2}}\n" + """
+routes:
+  - name: leak
+    match: {alertname: HighMemoryUsage}
+    procedure: memory-leak
+    env: staging
+    labels: {service: {label: service, inventory: services}}
+""")
+    playbooks = load_playbooks([tmp_path])
+    started = datetime(2026, 11, 27, 5, 16, 15, tzinfo=UTC)
+    alert = Alert(status="firing", labels={"alertname": "HighMemoryUsage", "service": "backend"},
+                  startsAt=started, fingerprint="ab12")
+    req = build_request(playbooks.routes[0], alert, playbooks)
+    assert req.params == {"service": "backend", "since": started}
