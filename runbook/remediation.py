@@ -10,6 +10,7 @@ live in ``plan`` and are re-checked inside ``apply``.
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
@@ -61,6 +62,17 @@ def register(cls: R) -> R:
         raise ValueError(f"remediation name {cls.name!r} registered twice")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
+    """Poll ``predicate`` until true or ``timeout_s`` passed (verify steps wait for the world to settle)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
 
 
 def run_remediation(rem: Remediation[Any], *, dry_run: bool = True,

@@ -15,7 +15,6 @@ no `docker compose` on a Podman host, and the engine must not shell out). Each p
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,20 +25,11 @@ from runbook.clients import docker_client
 from runbook.config import Environment
 from runbook.errors import BadInput, RemediationFailed, TargetUnreachable
 from runbook.findings import Change
-from runbook.remediation import Remediation, register
+from runbook.remediation import Remediation, register, wait_until
 from tasks.containers import NUMBER_LABEL, human_bytes, memory_usage, parse_time, project_filters, summarize
 
 STOPPED_STATES = {"exited", "created", "stopped", "configured"}
 
-
-def _wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_s)
 
 
 def _service_config(env: Environment, service: str) -> Any:
@@ -147,7 +137,7 @@ class ScaleService(Remediation[dict[str, Any]]):
                 last.update(self._read(client))
             return all(s.get("Running") for s in states.values()) and len(last["running"]) >= self.replicas
 
-        ok = _wait_until(converged, self.verify_timeout_s)
+        ok = wait_until(converged, self.verify_timeout_s)
         running = len(last.get("running", []))
         return ok, (f"{running} replica(s) of {self.service} running; created {', '.join(names)}" if ok else
                     f"after {self.verify_timeout_s:g} s only {running} of {self.replicas} running ({', '.join(names)})")
@@ -251,7 +241,7 @@ class RestartLeakers(Remediation[list[dict[str, Any]]]):
                     return bool(s["running"] and s["started_at"] and before and s["started_at"] > before)
 
                 done.append(change)
-                if not _wait_until(back, self.wait_timeout_s):
+                if not wait_until(back, self.wait_timeout_s):
                     # rolling: never take down the next replica while this one is not back
                     raise RemediationFailed(f"{now['name']} not running again within {self.wait_timeout_s:g} s; "
                                             f"stopped the rolling restart after {len(done)} container(s)")
@@ -332,14 +322,14 @@ class StartServiceContainers(Remediation[list[dict[str, Any]]]):
             with docker_client(self.env) as client:
                 return all(summarize(_inspect(client, i) or {"Id": i})["running"] for i in ids)
 
-        if not _wait_until(running, self.verify_timeout_s):
+        if not wait_until(running, self.verify_timeout_s):
             names = ", ".join(c.subject for c in applied)
             return False, f"not all of {names} running after {self.verify_timeout_s:g} s"
         detail = f"{len(applied)} container(s) of {self.service} running"
         check = self.env.http_checks.get(f"{self.service}-health")
         url = self.cfg.health_url or (check.url if check else None)
         if url:
-            if not _wait_until(lambda: _healthy(url), self.verify_timeout_s, 0.3):
+            if not wait_until(lambda: _healthy(url), self.verify_timeout_s, 0.3):
                 return False, f"{detail}, but {url} does not answer 2xx after {self.verify_timeout_s:g} s"
             detail += f"; {url} answers"
         return True, detail

@@ -9,14 +9,13 @@ in the meantime is left alone and a second apply finds nothing to do.
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Any
 
 from runbook.clients import APPLICATION_NAME, postgres
 from runbook.config import Environment
 from runbook.findings import Change
-from runbook.remediation import Remediation, register
+from runbook.remediation import Remediation, register, wait_until
 from tasks.postgres import blocking_tree
 
 _ELIGIBLE = f"""
@@ -46,15 +45,6 @@ def _snapshot_change(action: str, row: dict[str, Any], **extra: Any) -> Change:
         after={"state": "cancelled" if action == "cancel" else "terminated"},
     )
 
-
-def _wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_s)
 
 
 @register
@@ -112,7 +102,7 @@ class CancelLongQueries(Remediation[list[dict[str, Any]]]):
                         return False
             return True
 
-        ok = _wait_until(gone, self.verify_timeout_s)
+        ok = wait_until(gone, self.verify_timeout_s)
         pids = ", ".join(c.subject for c in applied)
         return ok, (f"queries of {pids} no longer running" if ok else f"still running after "
                     f"{self.verify_timeout_s:g} s: {pids}")
@@ -181,7 +171,7 @@ class TerminateIdleBlockers(Remediation[list[dict[str, Any]]]):
                 ).fetchall()
             return not alive and not still_blocked
 
-        ok = _wait_until(settled, self.verify_timeout_s)
+        ok = wait_until(settled, self.verify_timeout_s)
         if ok:
             terminated = ", ".join(map(str, pids))
             return True, f"terminated {terminated}; waiters {waiters or 'none'} no longer blocked by them"

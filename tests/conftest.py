@@ -13,6 +13,8 @@ import pytest
 from runbook import sandbox
 from runbook.sandbox import SandboxState
 
+pytest_plugins = ["tests.integration.listeners"]  # dead_port, silent_port: targets that refuse or never answer
+
 
 @pytest.fixture(scope="session")
 def sandbox_state() -> Iterator[SandboxState]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,46 +82,12 @@ def test_apply_removes_exactly_the_root_blocker_and_repeat_changes_nothing(
     assert not any(a["changed"] or a["planned"] for a in again["actions"])
 
 
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A TCP listener that accepts and never answers: a database that hangs instead of refusing."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(srv.accept()[0])
-            except TimeoutError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join()
-    for s in held:
-        s.close()
-    srv.close()
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.mark.parametrize("kind", ["refused", "silent"])
 def test_unreachable_database_is_a_critical_finding(
-    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, silent_server: int, sandbox_state  # noqa: ANN001
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dead_port: int, silent_port: int,
+    sandbox_state,  # noqa: ANN001
 ) -> None:
-    port = _closed_port() if kind == "refused" else silent_server
+    port = dead_port if kind == "refused" else silent_port
     (tmp_path / "dead.yaml").write_text(
         "environments:\n  dead:\n    databases:\n      main:\n"
         "        dsn: {env: DEAD_DSN}\n        connect_timeout_s: 2\n"

@@ -13,7 +13,6 @@ from flows.high_cpu import high_cpu
 from runbook.config import Environment, SSHHostConfig
 from tasks.hosts import HOST_SNAPSHOT, collect_host_snapshots, host_findings, run_on_hosts
 from tests.integration.derived_env import derive
-from tests.integration.listeners import dead_port, silent_port  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,6 @@ from flows.log_analysis import log_analysis
 from runbook.sandbox.opensearch import EXPECTED, LOG_DOCS, seed_logs
 from tasks.logs import RUNBOOK_QUERIES, analyze_logs, match_records, search_logs
 from tests.integration.derived_env import derive
-from tests.integration.listeners import dead_port, silent_port  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +97,7 @@ def test_without_any_log_source_it_says_so(sandbox_state, tmp_path: Path,  # noq
 @pytest.mark.parametrize("kind", ["refused", "silent"])
 def test_elasticsearch_that_does_not_answer_is_a_finding_within_its_timeout(
     kind: str, sandbox_state, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
-    silent_port: int, dead_port: int,  # noqa: F811  (fixtures imported from tests.integration.listeners)
+    silent_port: int, dead_port: int,
 ) -> None:
     port = dead_port if kind == "refused" else silent_port
     name = derive(sandbox_state, tmp_path, monkeypatch, "deades",
