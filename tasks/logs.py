@@ -2,7 +2,7 @@
 
 With Elasticsearch configured, the queries go verbatim (as ``query_string``, Kibana's Lucene syntax) through the
 official elasticsearch 8 client, all four in one multi-search request. ``elasticsearch.media_type: plain-json`` is an
-explicit per-environment opt-in for OpenSearch-compatible servers (runbook.monitoring_clients.PlainJsonNode).
+explicit per-environment opt-in for OpenSearch-compatible servers (runbook.clients.PlainJsonNode).
 
 Without Elasticsearch, the same four questions are answered from the compose project's container logs (Docker
 API) when a docker endpoint is configured and from the playbook's ``log_files`` read over SSH, each line parsed as
@@ -25,9 +25,9 @@ import elasticsearch
 from prefect import task
 from prefect.cache_policies import NONE
 
+from runbook.clients import search
 from runbook.config import Environment
 from runbook.errors import BadInput
-from runbook.monitoring_clients import search
 
 Record = dict[str, Any]
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")

@@ -2,7 +2,7 @@
 
 Every flow that wants metrics calls these. Requests go through httpx with a timeout (the environment's
 ``prometheus_timeout_s`` unless given); a Prometheus that does not answer raises TargetUnreachable
-(runbook.monitoring_clients), which flows turn into a finding. A query Prometheus rejects raises PromQLError
+(runbook.clients), which flows turn into a finding. A query Prometheus rejects raises PromQLError
 with Prometheus' own message.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
+from runbook.clients import prometheus
 from runbook.config import Environment
 from runbook.errors import RunbookError
-from runbook.monitoring_clients import prometheus
 
 
 class PromQLError(RunbookError):
