@@ -10,7 +10,7 @@ in the meantime is left alone and a second apply finds nothing to do.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from runbook.clients import APPLICATION_NAME, postgres
 from runbook.config import Environment
@@ -46,18 +46,39 @@ def _snapshot_change(action: str, row: dict[str, Any], **extra: Any) -> Change:
     )
 
 
+class _SignalBackends(Remediation[list[dict[str, Any]]]):
+    """What both share: a threshold from the playbook, and signalling a backend only while it is still the one
+    planned (``signal_sql`` takes pid, backend_start and the planned query_start/state_change)."""
 
-@register
-class CancelLongQueries(Remediation[list[dict[str, Any]]]):
-    """pg_cancel_backend for active queries older than the threshold (lock waiters excluded: they are victims)."""
-
-    name = "cancel-long-queries"
+    threshold_key: ClassVar[str]
+    signal_sql: ClassVar[str]
 
     def __init__(self, env: Environment, database: str = "main", threshold_s: float | None = None,
                  verify_timeout_s: float = 5.0) -> None:
         self.env, self.database = env, database
-        self.threshold_s = threshold_s if threshold_s is not None else env.thresholds.long_query_s
+        self.threshold_s = threshold_s if threshold_s is not None else getattr(env.thresholds, self.threshold_key)
         self.verify_timeout_s = verify_timeout_s
+
+    def apply(self, plan: list[Change]) -> list[Change]:
+        done: list[Change] = []
+        with postgres(self.env, self.database) as conn:
+            for change in plan:
+                row = conn.execute(
+                    self.signal_sql, (_pid(change), _ts(change, "backend_start"), _ts(change, "since"))
+                ).fetchone()
+                if row and row["ok"]:
+                    done.append(change)
+        return done
+
+
+@register
+class CancelLongQueries(_SignalBackends):
+    """pg_cancel_backend for active queries older than the threshold (lock waiters excluded: they are victims)."""
+
+    name = "cancel-long-queries"
+    threshold_key = "long_query_s"
+    signal_sql = ("SELECT pg_cancel_backend(a.pid) AS ok" + _ELIGIBLE +
+                  " AND a.pid = %s AND a.backend_start = %s AND a.query_start = %s AND a.state = 'active'")
 
     @property
     def target(self) -> str:
@@ -76,19 +97,6 @@ class CancelLongQueries(Remediation[list[dict[str, Any]]]):
 
     def plan(self, state: list[dict[str, Any]]) -> list[Change]:
         return [_snapshot_change("cancel", row) for row in state]
-
-    def apply(self, plan: list[Change]) -> list[Change]:
-        done: list[Change] = []
-        with postgres(self.env, self.database) as conn:
-            for change in plan:
-                row = conn.execute(
-                    "SELECT pg_cancel_backend(a.pid) AS ok" + _ELIGIBLE +
-                    " AND a.pid = %s AND a.backend_start = %s AND a.query_start = %s AND a.state = 'active'",
-                    (_pid(change), _ts(change, "backend_start"), _ts(change, "since")),
-                ).fetchone()
-                if row and row["ok"]:
-                    done.append(change)
-        return done
 
     def verify(self, applied: list[Change]) -> tuple[bool, str]:
         def gone() -> bool:
@@ -109,16 +117,14 @@ class CancelLongQueries(Remediation[list[dict[str, Any]]]):
 
 
 @register
-class TerminateIdleBlockers(Remediation[list[dict[str, Any]]]):
+class TerminateIdleBlockers(_SignalBackends):
     """pg_terminate_backend for root blockers idle in transaction past the threshold; their waiters then proceed."""
 
     name = "terminate-idle-blockers"
-
-    def __init__(self, env: Environment, database: str = "main", threshold_s: float | None = None,
-                 verify_timeout_s: float = 5.0) -> None:
-        self.env, self.database = env, database
-        self.threshold_s = threshold_s if threshold_s is not None else env.thresholds.idle_in_transaction_s
-        self.verify_timeout_s = verify_timeout_s
+    threshold_key = "idle_in_transaction_s"
+    signal_sql = ("SELECT pg_terminate_backend(a.pid, 3000) AS ok" + _ELIGIBLE +
+                  " AND a.pid = %s AND a.backend_start = %s AND a.state_change = %s"
+                  " AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')")
 
     @property
     def target(self) -> str:
@@ -143,20 +149,6 @@ class TerminateIdleBlockers(Remediation[list[dict[str, Any]]]):
 
     def plan(self, state: list[dict[str, Any]]) -> list[Change]:
         return [_snapshot_change("terminate", row, waiters=row["waiters"]) for row in state]
-
-    def apply(self, plan: list[Change]) -> list[Change]:
-        done: list[Change] = []
-        with postgres(self.env, self.database) as conn:
-            for change in plan:
-                row = conn.execute(
-                    "SELECT pg_terminate_backend(a.pid, 3000) AS ok" + _ELIGIBLE +
-                    " AND a.pid = %s AND a.backend_start = %s AND a.state_change = %s"
-                    " AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')",
-                    (_pid(change), _ts(change, "backend_start"), _ts(change, "since")),
-                ).fetchone()
-                if row and row["ok"]:
-                    done.append(change)
-        return done
 
     def verify(self, applied: list[Change]) -> tuple[bool, str]:
         pids = [_pid(c) for c in applied]
