@@ -13,10 +13,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from . import net, process
 from .base import Service, ServiceRecord
+from .daemon import http_ok
 from .yaml_style import Flow
 
 START_TIMEOUT_S = 15.0
@@ -71,23 +70,15 @@ class Backend(Service):
             paths={"dir": str(d), "cert": str(cert), "tls_port": str(tls_port)},
             cmdline_markers=[MODULE, f"--port {port}"],
         )
-        ok = process.wait_until(
-            lambda: process.child_exited(proc.pid) is not None or self.is_healthy(record), START_TIMEOUT_S, 0.05)
-        if not ok or not self.is_healthy(record):
-            if process.child_exited(proc.pid) is None:
-                proc.kill()
-                proc.wait(5)
-            raise process.failure(f"backend on 127.0.0.1:{port} did not answer /api/health", log)
+        process.await_healthy(proc, lambda: self.is_healthy(record), START_TIMEOUT_S,
+                              f"backend on 127.0.0.1:{port}", log)
         record.proc_start = process.start_ticks(proc.pid)
         record.running = True
         return record
 
     def is_healthy(self, record: ServiceRecord) -> bool:
-        try:
-            # /metrics: health checks must not change the request counts tests rely on
-            return httpx.get(f"{base_url(record.port)}/metrics", timeout=2.0, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
+        # /metrics: health checks must not change the request counts tests rely on
+        return http_ok(f"{base_url(record.port)}/metrics")
 
     def playbook_fragment(self, record: ServiceRecord) -> dict[str, Any]:
         base = base_url(record.port)

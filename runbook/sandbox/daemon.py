@@ -29,15 +29,7 @@ def start_daemon(name: str, cmd: Sequence[str], *, port: int, log: Path, cwd: Pa
     proc = process.spawn(cmd, log, cwd=cwd)
     record = ServiceRecord(name=name, pid=proc.pid, port=port, log_file=str(log), paths=paths,
                            cmdline_markers=list(markers))
-    ok = process.wait_until(
-        lambda: process.child_exited(proc.pid) is not None or http_ok(health_url, 1.0), timeout_s, 0.05)
-    if not ok or not http_ok(health_url):
-        exited = process.child_exited(proc.pid)
-        if exited is None:
-            proc.kill()
-            proc.wait(5)
-        reason = f"exited with {exited}" if exited is not None else f"not healthy within {timeout_s:.0f}s"
-        raise process.failure(f"{name} on 127.0.0.1:{port} {reason}", log)
+    process.await_healthy(proc, lambda: http_ok(health_url, 1.0), timeout_s, f"{name} on 127.0.0.1:{port}", log)
     record.proc_start = process.start_ticks(proc.pid)
     record.running = True
     return record

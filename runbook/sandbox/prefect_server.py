@@ -16,10 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-
 from . import net, process
 from .base import Requirement, Service, ServiceRecord
+from .daemon import http_ok
 from .errors import SandboxError
 
 START_TIMEOUT_S = 60.0
@@ -146,10 +145,7 @@ class PrefectServer(Service):
         return record
 
     def is_healthy(self, record: ServiceRecord) -> bool:
-        try:
-            return httpx.get(f"{api_url(record.port)}/health", timeout=2.0, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return http_ok(f"{api_url(record.port)}/health")
 
 
 SERVICE = PrefectServer()

@@ -179,3 +179,20 @@ def _log_suffix(log_file: Path | None) -> str:
 def failure(what: str, log_file: Path) -> SandboxError:
     """A SandboxError carrying the tail of the service's log file."""
     return SandboxError(f"{what}{_log_suffix(log_file)}")
+
+
+def await_healthy(proc: subprocess.Popen[bytes], healthy: Callable[[], bool], timeout: float, what: str,
+                  log_file: Path, interval: float = 0.05) -> None:
+    """Wait until ``healthy()`` or the child exits; on failure kill it if still running and raise with the log.
+
+    The one start-up wait of every spawned sandbox service: fail fast when the process dies, never wait forever.
+    """
+    ok = wait_until(lambda: child_exited(proc.pid) is not None or healthy(), timeout, interval)
+    if ok and healthy():
+        return
+    exited = child_exited(proc.pid)
+    if exited is None:
+        proc.kill()
+        proc.wait(5)
+    reason = f"exited with {exited}" if exited is not None else f"not healthy within {timeout:.0f} s"
+    raise failure(f"{what} {reason}", log_file)

@@ -47,14 +47,8 @@ class Redis(Service):
             # redis-server rewrites its title to "redis-server 127.0.0.1:PORT"
             cmdline_markers=["redis-server", f"{net.LOOPBACK}:{port}"],
         )
-        ok = process.wait_until(
-            lambda: self.is_healthy(record) or process.child_exited(proc.pid) is not None, START_TIMEOUT_S, 0.05
-        )
-        if not ok or not self.is_healthy(record):
-            if process.child_exited(proc.pid) is None:
-                proc.kill()
-                proc.wait(5)
-            raise process.failure(f"redis did not answer PING on 127.0.0.1:{port} within {START_TIMEOUT_S:.0f}s", log)
+        process.await_healthy(proc, lambda: self.is_healthy(record), START_TIMEOUT_S,
+                              f"redis (PING) on 127.0.0.1:{port}", log)
         record.proc_start = process.start_ticks(proc.pid)
         record.running = True
         return record
