@@ -43,7 +43,6 @@ class Executor:
         self._flows: dict[UUID, object] = {}
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
-        self.completed: list[tuple[str, str]] = []  # (flow run id, final state name), for tests and the CLI
 
     # -------------------------------------------------------------- public
 
@@ -134,10 +133,7 @@ class Executor:
         finally:
             with self._lock:
                 self._running -= 1
-        name = getattr(state, "name", "?")
-        self.completed.append((run_id, name))
-        del self.completed[:-1000]  # a long-lived process keeps only the recent ones
-        log.info("flow run %s finished %s in %.1f s", run_id, name, time.monotonic() - started)
+        log.info("flow run %s finished %s in %.1f s", run_id, getattr(state, "name", "?"), time.monotonic() - started)
 
     def _flow_for(self, client: object, flow_id: UUID) -> object | None:
         from runbook.procedure import PROCEDURES

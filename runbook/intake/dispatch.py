@@ -38,8 +38,6 @@ class Dispatcher:
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.healthy = False
-        self.created = 0
-        self.failures = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread
         self._wake: asyncio.Event
@@ -154,7 +152,6 @@ class Dispatcher:
                 run_id = resp["id"]
             except PrefectUnavailable as exc:
                 self.healthy = False
-                self.failures += 1
                 log.warning("cannot create the run for %s yet: %s", occ.key, exc)
                 return False
             except PrefectRejected as exc:
@@ -162,7 +159,6 @@ class Dispatcher:
                 log.error("Prefect rejected the run for %s: %s", occ.key, exc)
                 return True
             self.store.mark_created(occ.key, run_id)
-            self.created += 1
             if self.on_created:
                 self.on_created(run_id)
             return True
