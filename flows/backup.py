@@ -8,47 +8,49 @@ renamed only when complete. Dry run unless dry_run=False; skipped when a backup 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-from prefect import flow
 from pydantic import Field
 
-from runbook.findings import Finding, Severity
-from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
+from runbook.findings import ActionResult, Finding, Report, Severity
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_remediations import TakeBackup
 
 EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
 DbName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="database name from the playbook")]
 
 
-@flow(name="backup", log_prints=False)
+@procedure("backup", remediations=(TakeBackup,), tags=('backups',),
+           summary="Backup: pg_dump | gzip streamed to the backup location with checksum and manifest")
 def backup(
     env: EnvName,
     database: DbName = "main",
     dry_run: bool = True,
     fresh_within_s: Annotated[float, Field(ge=0, description="skip when a backup is younger (s); 0: always")] = 300,
     timeout_s: Annotated[float, Field(gt=0, le=86400, description="pg_dump must finish within (s)")] = 3600,
-) -> dict[str, Any]:
+) -> None:
     """Back up the database to the playbook's backup location (unless dry_run or a fresh one exists)."""
-    report, environment = start_report("backup", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     if environment.backups is None:
         report.add(Finding(title="no backups: section in the playbook", severity=Severity.CRITICAL,
                            subject=f"environment {env}", aggregation_key="backup-config"))
-        return finish_report(report)
+        return
     with unreachable_as_finding(report):
-        rem = TakeBackup(environment, database, fresh_within_s=fresh_within_s, timeout_s=timeout_s)
-        result = remediate(rem, dry_run=dry_run)
-        report.actions.append(result)
-        if rem.manifest:
-            m = rem.manifest
-            report.add(Finding(
-                title=f"backup {m['file']} written ({m['size_bytes'] / 1e6:.1f} MB in {m['duration_s']:.1f} s)",
-                severity=Severity.INFO, subject=f"database {m['database']}",
-                details={"file": m["file"], "sha256": m["sha256"], "server_version": m["server_version"],
-                         "key_rows": m["key_rows"], "tables": len(m["tables"]), "finished_at": m["finished_at"]},
-                aggregation_key="backup-taken",
-            ))
-        elif result.error:
-            report.add(Finding(title=f"backup failed: {result.error}", severity=Severity.CRITICAL,
-                               subject=f"{env}/{database}", aggregation_key="backup-failed"))
-    return finish_report(report)
+        run.offer(TakeBackup(environment, database, fresh_within_s=fresh_within_s, timeout_s=timeout_s),
+                  after=report_backup)
+
+
+def report_backup(report: Report, result: ActionResult) -> None:
+    """The backup's manifest as a finding once written, or the failure as a critical one."""
+    if result.applied and not result.error:
+        m = result.applied[0].after
+        report.add(Finding(
+            title=f"backup {m['file']} written ({m['size_bytes'] / 1e6:.1f} MB)",
+            severity=Severity.INFO, subject=f"{report.env}/{result.target}",
+            details={"file": m["file"], "sha256": m["sha256"], "key_rows": m["rows"]},
+            aggregation_key="backup-taken",
+        ))
+    elif result.error:
+        report.add(Finding(title=f"backup failed: {result.error}", severity=Severity.CRITICAL,
+                           subject=result.target, aggregation_key="backup-failed"))

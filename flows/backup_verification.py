@@ -21,13 +21,12 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import psycopg
-from prefect import flow
 from pydantic import Field
 
 from runbook.config import Environment
 from runbook.errors import RemediationFailed, TargetUnreachable
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, start_report, unreachable_as_finding
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_store import BackupStore, open_store
 from tasks.backups import (
     BackupEntry,
@@ -51,7 +50,8 @@ _LOG_ERROR = re.compile(r"\b(error|fatal|failed|failure|panic|abort(ed)?)\b", re
 SIZE_HISTORY = 5
 
 
-@flow(name="backup-verification", log_prints=False)
+@procedure("backup-verification", tags=('backups',),
+           summary="Backup and Recovery Monitoring: age vs RPO, size, gzip, checksum, log, test restore (RTO)")
 def backup_verification(
     env: EnvName,
     database: DbName = "main",
@@ -62,13 +62,14 @@ def backup_verification(
     live_tolerance_pct: Annotated[float, Field(ge=0, le=100, description="without a manifest: row-count "
                                                                           "tolerance against the live database")] = 5.0,
     restore_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 3600,
-) -> dict[str, Any]:
+) -> None:
     """Verify the newest backup end to end; record the result next to it unless dry_run."""
-    report, environment = start_report("backup-verification", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     if environment.backups is None:
         report.add(Finding(title="no backups: section in the playbook", severity=Severity.CRITICAL,
                            subject=f"environment {env}", aggregation_key="backup-config"))
-        return finish_report(report)
+        return
     with unreachable_as_finding(report), open_store(environment) as store:
         verdict = verify_latest(report, environment, store, database, backup, test_restore, log_lines,
                                 live_tolerance_pct, restore_timeout_s)
@@ -77,7 +78,6 @@ def backup_verification(
             report.notes.append(f"result recorded in {store.describe()}/{side_name(verdict['file'], 'verify.json')}")
         elif verdict:
             report.notes.append("dry run: result not recorded (dry_run=False stores it next to the backup)")
-    return finish_report(report)
 
 
 def verify_latest(report: Report, env: Environment, store: BackupStore, database: str, name: str | None,

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from prefect import flow
 from pydantic import Field
 
 from runbook.config import HttpCheckConfig, Thresholds
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, start_report, unreachable_as_finding
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.cache import get_cache_stats
 from tasks.http_checks import breakdown_table, check_http_endpoints
 from tasks.metrics import get_app_metrics
@@ -24,15 +23,17 @@ from tasks.metrics import get_app_metrics
 NOTHING_TO_REMEDIATE = "cache-api diagnoses only: there is nothing to remediate (dry_run changes nothing here)"
 
 
-@flow(name="cache-api", log_prints=False)
+@procedure("cache-api", tags=('application',),
+           summary="Application Optimization: Redis hit ratio/evictions, API timing breakdown, runbook PromQL")
 def cache_api(
     env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
     dry_run: bool = True,
     window: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,3}[smh]$", description="PromQL rate window")] = "5m",
     sample_s: Annotated[float, Field(ge=0, le=300, description="also measure the hit ratio over this window")] = 0.0,
-) -> dict[str, Any]:
+) -> None:
     """Redis cache statistics, API timing breakdown and the runbook's application metrics against thresholds."""
-    report, environment = start_report("cache-api", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     cache_f = get_cache_stats.submit(environment, sample_s) if environment.redis else None
     http_f = check_http_endpoints.submit(environment) if environment.http_checks else None
     prom_f = get_app_metrics.submit(environment, window) if environment.prometheus_url else None
@@ -49,7 +50,6 @@ def cache_api(
         with unreachable_as_finding(report):
             assess_app_metrics(report, prom_f.result(), environment.thresholds)
     report.notes.append(NOTHING_TO_REMEDIATE)
-    return finish_report(report)
 
 
 # ------------------------------------------------------------------ assessments (pure: data in, findings out)

@@ -6,28 +6,20 @@ checksum, right database; safety backups are never a restore source), the writer
 and the dated name the old database keeps. Then, only with approval: stop writers, safety backup, restore into a
 new database, verify it, swap by renaming (nothing is dropped), start writers, verify health.
 
-Approval: ``approved_by`` (the CLI's ``--apply --approve`` fills it with the operator at the terminal); otherwise,
-under a Prefect server, the run pauses with a form that shows the plan and waits ``approval_timeout_s``. No
-approval, a rejection or a timeout changes nothing.
+Approval: required (the procedure's default; an environment may say otherwise in ``approvals:``). The engine's
+runner asks: at the terminal for `runbook run --apply` (or ``--yes``), else the run pauses with the findings and the
+exact plan in the Prefect UI / `runbook approve`. No approval, a rejection or a timeout changes nothing.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from prefect import flow, task
-from prefect.cache_policies import NONE
-from prefect.context import FlowRunContext
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from pydantic import Field
 
 from runbook.config import Environment
-from runbook.findings import ActionResult, Change, Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
-from runbook.remediation import run_remediation
+from runbook.findings import Finding, Report, Severity, TableBlock
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_remediations import RestoreFromBackup
 from tasks.backups import run_amcheck
 from tasks.writers import NO_DOCKER, writers_for
@@ -35,64 +27,32 @@ from tasks.writers import NO_DOCKER, writers_for
 EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
 DbName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="database name from the playbook")]
 BackupFile = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,200}\.sql\.gz$", description="a backup file name")]
-Approver = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$", description="who approved the restore")]
-APPROVAL_POLL_S = 2
 
 
-class RestoreApproval(RunInput):
-    """The restore this run will carry out once approved. Tick 'approve' and give your name to go ahead."""
-
-    backup_file: str = Field(description="the backup to restore")
-    backup_age_h: float = Field(description="its age in hours: data written since then is not in it")
-    database: str = Field(description="the database that will be replaced")
-    damage: str = Field(description="what the assessment found")
-    old_database_kept_as: str = Field(description="the current database is renamed to this, never dropped")
-    safety_backup: str = Field(description="backup of the current database taken first")
-    writers_to_stop: str = Field(description="services stopped during the restore")
-    approve: bool = Field(False, description="restore now")
-    approver: str = Field("", max_length=64, description="your name (recorded in the report)")
-    reason: str = Field("", max_length=500, description="why (recorded in the report); `runbook approve` sends it")
-
-
-@flow(name="data-corruption", log_prints=False)
+@procedure("data-corruption", remediations=(RestoreFromBackup,), approval="required", tags=('backups',),
+           summary="Data Corruption: assess vs backup, then with approval stop writers, restore, swap, restart")
 def data_corruption(
     env: EnvName,
     database: DbName = "main",
     dry_run: bool = True,
     backup: BackupFile | None = None,
-    approved_by: Approver | None = None,
-    approval_timeout_s: Annotated[float, Field(gt=0, le=86400, description="wait this long for approval")] = 1800,
     row_loss_tolerance_pct: Annotated[float, Field(ge=0, le=100, description="key-table row loss below this is "
                                                                              "not damage")] = 1.0,
     amcheck: Annotated[bool, Field(description="run pg_amcheck where the database allows it")] = True,
     writer_stop_s: Annotated[int, Field(ge=0, le=600, description="grace period for writers to stop (s)")] = 10,
-) -> dict[str, Any]:
+) -> None:
     """Assess corruption against the newest good backup; with approval (and not dry_run) restore it by swapping."""
-    report, environment = start_report("data-corruption", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     if not _configured(report, environment, database):
-        return finish_report(report)
+        return
     with unreachable_as_finding(report):
         rem = RestoreFromBackup(environment, database, backup, row_loss_tolerance_pct, writer_stop_s=writer_stop_s)
         state = rem.check()
         assess(report, rem, state)
         if amcheck and state["exists"]:
             assess_amcheck(report, run_amcheck(environment, database), rem.dbname)
-        planned = remediate(rem, dry_run=True)
-        if dry_run or not planned.planned or planned.error:
-            report.actions.append(planned)
-            return finish_report(report)
-        approver, how = get_approval(report, rem, state, approved_by, approval_timeout_s)
-        if approver is None:
-            planned.skipped_reason = f"not applied: {how}; nothing was changed"
-            report.actions.append(planned)
-            return finish_report(report)
-        report.add(Finding(title=f"restore approved by {approver} ({how})", severity=Severity.INFO,
-                           subject=rem.target, details={"at": datetime.now(UTC).isoformat(timespec="seconds")},
-                           aggregation_key="restore-approval"))
-        result = apply_restore(rem, planned.planned)
-        report.actions.append(result)
-        report_progress(report, rem)
-    return finish_report(report)
+        run.offer(rem, state=state, after=lambda r, _result: report_progress(r, rem))
 
 
 def _configured(report: Report, env: Environment, database: str) -> bool:
@@ -159,53 +119,8 @@ def assess_amcheck(report: Report, result: dict[str, Any], dbname: str) -> None:
     ))
 
 
-def get_approval(report: Report, rem: RestoreFromBackup, state: dict[str, Any], approved_by: str | None,
-                 timeout_s: float) -> tuple[str | None, str]:
-    """(approver, how) or (None, why not). A Prefect pause when running against a server, else only approved_by."""
-    if approved_by:
-        return approved_by, "at the terminal (--approve)"
-    from prefect.settings import PREFECT_API_URL
-
-    if FlowRunContext.get() is None or not PREFECT_API_URL.value():
-        return None, "no approval: run with --apply --approve, or through a Prefect server to approve in the UI"
-    backup = state["backup"]
-    form = RestoreApproval.with_initial_data(
-        description=(f"**Restore {rem.dbname} from {backup['file']}** ({backup['age_h']:.1f} h old).\n\n"
-                     f"Damage: {'; '.join(state['damage'])[:1000]}\n\nNothing changes unless you tick *approve*."),
-        backup_file=backup["file"], backup_age_h=backup["age_h"], database=rem.dbname,
-        damage="; ".join(state["damage"])[:1000], old_database_kept_as=rem.kept_as,
-        safety_backup=rem.safety_file,
-        writers_to_stop=", ".join(n for n, s in rem.env.services.items() if s.writer) or "none",
-    )
-    report.notes.append(f"waiting up to {timeout_s:g} s for approval in the Prefect UI")
-    try:
-        answer = pause_flow_run(wait_for_input=form, timeout=int(timeout_s), poll_interval=APPROVAL_POLL_S,
-                                key="restore-approval")
-    except FlowPauseTimeout:
-        return None, f"approval timed out after {timeout_s:g} s"
-    who = answer.approver.strip() or "someone in the Prefect UI"
-    if answer.reason:
-        report.notes.append(f"approval reason given by {who}: {answer.reason}")
-    if not answer.approve:
-        return None, f"rejected by {who}"
-    if answer.backup_file != backup["file"] or answer.database != rem.dbname:
-        return None, "the approval form was changed (backup or database differ from the plan)"
-    return who, "in the Prefect UI"
-
-
-@task(cache_policy=NONE, task_run_name="remediate-restore-from-backup")
-def apply_restore(rem: RestoreFromBackup, approved: list[Change]) -> ActionResult:
-    """Apply exactly the approved plan: if a fresh check plans anything else, nothing is done."""
-    key = [(c.action, c.subject) for c in approved]
-
-    def same_plan() -> str | None:
-        now = [(c.action, c.subject) for c in rem.last_plan]
-        return None if now == key else "the plan changed after it was approved: run again to see the new plan"
-
-    return run_remediation(rem, dry_run=False, allowed=same_plan)
-
-
 def report_progress(report: Report, rem: RestoreFromBackup) -> None:
+    """The restore's steps as a finding once it ran: finished, or where it stopped and what is in place."""
     if not rem.progress:
         return
     rows = [[p["step"], p["detail"], p["at"]] for p in rem.progress]

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from prefect import flow
 from pydantic import Field
 
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, remediate_all, start_report, unreachable_as_finding
+from runbook.procedure import current_run, procedure
 from tasks.postgres import (
     analyze_indexes,
     blocking_tree,
@@ -29,7 +28,8 @@ from tasks.postgres_remediations import CancelLongQueries, TerminateIdleBlockers
 DbName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="database name from the playbook")]
 
 
-@flow(name="db-slowness", log_prints=False)
+@procedure("db-slowness", remediations=(CancelLongQueries, TerminateIdleBlockers), tags=("database",),
+           summary="Database Performance Issues: connections, long queries, lock tree, slow statements, indexes")
 def db_slowness(
     env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
     database: DbName = "main",
@@ -37,12 +37,13 @@ def db_slowness(
     long_query_s: Annotated[float | None, Field(gt=0, description="cancel active queries older (s)")] = None,
     idle_in_transaction_s: Annotated[float | None, Field(gt=0, description="terminate idle blockers older (s)")] = None,
     top: Annotated[int, Field(ge=1, le=50, description="how many statements to rank and explain")] = 10,
-) -> dict[str, Any]:
+) -> None:
     """Diagnose a slow database and, unless dry_run, cancel runaway queries and terminate idle root blockers."""
-    report, environment = start_report("db-slowness", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     long_s = long_query_s or environment.thresholds.long_query_s
     idle_s = idle_in_transaction_s or environment.thresholds.idle_in_transaction_s
-    with unreachable_as_finding(report):
+    with run.unreachable_as_finding():
         snapshot_f = get_activity_snapshot.submit(environment, database)
         top_f = get_top_statements.submit(environment, database, top)
         snapshot, statements = snapshot_f.result(), top_f.result()
@@ -54,9 +55,8 @@ def db_slowness(
         filters = _filter_columns(plans)
         indexes = analyze_indexes(environment, database, list(filters), filters)
         assess_indexes(report, indexes)
-        remediate_all(report, [CancelLongQueries(environment, database, long_s),
-                               TerminateIdleBlockers(environment, database, idle_s)], dry_run)
-    return finish_report(report, environment)
+        run.offer(CancelLongQueries(environment, database, long_s))
+        run.offer(TerminateIdleBlockers(environment, database, idle_s))
 
 
 # ------------------------------------------------------------------ assessments (pure: data in, findings out)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from prefect import flow
 from pydantic import Field
 
 from flows.db_slowness import assess_long_queries
 from runbook.config import ServiceConfig
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.container_remediations import ScaleService
 from tasks.containers import (
     get_container_logs,
@@ -38,7 +37,8 @@ MAX_HOT = 3  # hot containers whose processes and logs are read
 _ANY = ServiceConfig()
 
 
-@flow(name="high-cpu", log_prints=False)
+@procedure("high-cpu", remediations=(ScaleService,), tags=('containers',),
+           summary="High CPU Usage: containers and host processes by CPU, long queries, ERROR logs; scale")
 def high_cpu(
     env: EnvName,
     dry_run: bool = True,
@@ -47,9 +47,10 @@ def high_cpu(
     sample_interval_s: Annotated[float, Field(ge=0.2, le=30, description="between the two CPU samples")] = 1.0,
     database: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")] = "main",
     prometheus_window: Annotated[str, Field(pattern=r"^\d{1,4}[smh]$", description="the [5m] of the CPU query")] = "5m",
-) -> dict[str, Any]:
+) -> None:
     """Rank containers and host processes by CPU, correlate with long queries and ERROR logs; scale if allowed."""
-    report, environment = start_report("high-cpu", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     threshold = environment.thresholds.cpu_percent
     if service is not None and environment.docker is not None:  # bad input fails before minutes of diagnosis
         ScaleService(environment, service, replicas or environment.services.get(service, _ANY).max_replicas)
@@ -90,8 +91,7 @@ def high_cpu(
         report.notes.append(f"hot service {target!r} is not in the playbook's services: not scaled")
     elif environment.docker is not None:
         n = replicas or environment.services[target].max_replicas
-        report.actions.append(remediate(ScaleService(environment, target, n), dry_run=dry_run))
-    return finish_report(report)
+        run.offer(ScaleService(environment, target, n))
 
 
 # ------------------------------------------------------------------ assessments (pure: data in, findings out)

@@ -10,32 +10,32 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from prefect import flow
 from pydantic import Field
 
 from runbook.config import Thresholds
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, start_report, unreachable_as_finding
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.logs import analyze_logs
 
 NOTHING_TO_REMEDIATE = "log-analysis diagnoses only: there is nothing to remediate (dry_run changes nothing here)"
 
 
-@flow(name="log-analysis", log_prints=False)
+@procedure("log-analysis", tags=('logs',),
+           summary="Log Analysis: the four Kibana queries with counts, top messages and a histogram")
 def log_analysis(
     env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
     dry_run: bool = True,
     service: Annotated[str | None, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$",
                                          description="only this service's logs")] = None,
-) -> dict[str, Any]:
+) -> None:
     """The runbook's four Kibana queries with counts, top messages and a histogram."""
-    report, environment = start_report("log-analysis", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     with unreachable_as_finding(report):
         result = analyze_logs(environment, None, service)
         report.notes.extend(result["notes"])
         assess_logs(report, result["results"], environment.thresholds)
     report.notes.append(NOTHING_TO_REMEDIATE)
-    return finish_report(report)
 
 
 def _severity(name: str, count: int, thresholds: Thresholds) -> Severity:

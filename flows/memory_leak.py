@@ -16,13 +16,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from prefect import flow
 from pydantic import Field
 
 from runbook.config import Environment
 from runbook.errors import BadInput
 from runbook.findings import CodeBlock, Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.container_remediations import RestartLeakers
 from tasks.containers import (
     fit_growth,
@@ -39,7 +38,8 @@ MIN_R2 = 0.9
 MIN_GROWTH_BYTES = MIB  # a step of a few hundred KiB in a tiny container is not a leak, whatever its rate
 
 
-@flow(name="memory-leak", log_prints=False)
+@procedure("memory-leak", remediations=(RestartLeakers,), tags=('containers',),
+           summary="Memory Leaks: memory growth per container, time to limit, heap hook; rolling restart")
 def memory_leak(
     env: EnvName,
     dry_run: bool = True,
@@ -51,9 +51,10 @@ def memory_leak(
     since: Annotated[datetime | None, Field(description="when the alert began: containers (re)started after it "
                                                         "are not restarted again (default: this run's start)")] = None,
     heap_profile: Annotated[bool, Field(description="run the service's heap_profile_command in leakers")] = False,
-) -> dict[str, Any]:
+) -> None:
     """Find containers whose memory grows steadily, project time to their limit; restart them one at a time."""
-    report, environment = start_report("memory-leak", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     if service is not None and service not in environment.services:
         known = ", ".join(sorted(environment.services)) or "none"
         raise BadInput(f"service {service!r} is not in environments.{env}.services (known: {known})")
@@ -74,10 +75,9 @@ def memory_leak(
             prometheus_memory(report, environment, samples * interval_s)
     if leakers:
         rem = RestartLeakers(environment, [c["id"] for c in leakers], alert_began)
-        report.actions.append(remediate(rem, dry_run=dry_run))
+        run.offer(rem)
     elif environment.docker is not None:
         report.notes.append("no leaking container: nothing to restart")
-    return finish_report(report)
 
 
 # ------------------------------------------------------------------ assessments

@@ -11,26 +11,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from prefect import flow
 from pydantic import Field
 
 from runbook.config import HttpCheckConfig, NetworkConfig, Thresholds
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, start_report, unreachable_as_finding
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.http_checks import breakdown_table
 from tasks.network import check_connectivity
 
 NOTHING_TO_REMEDIATE = "network-checks diagnoses only: there is nothing to remediate (dry_run changes nothing here)"
 
 
-@flow(name="network-checks", log_prints=False)
+@procedure("network-checks", tags=('network',),
+           summary="Network Issues: TCP matrix from host and containers, HTTPS endpoints with TLS days, DNS")
 def network_checks(
     env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
     dry_run: bool = True,
     include_http: Annotated[bool, Field(description="also check the playbook's HTTP(S) endpoints")] = True,
-) -> dict[str, Any]:
+) -> None:
     """Connectivity matrix, HTTP(S) endpoints with TLS days left, and DNS, from the host and inside containers."""
-    report, environment = start_report("network-checks", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     cfg = environment.network or NetworkConfig()
     if not cfg.targets and not cfg.dns_names and not (include_http and environment.http_checks):
         report.notes.append("no network targets, DNS names or HTTP checks are configured for this environment")
@@ -39,7 +40,6 @@ def network_checks(
         assess_network(report, result["rows"], environment.thresholds, environment.http_checks)
         report.notes.extend(result["notes"])
     report.notes.append(NOTHING_TO_REMEDIATE)
-    return finish_report(report)
 
 
 # ------------------------------------------------------------------ assessments (pure: rows in, findings out)

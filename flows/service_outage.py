@@ -17,35 +17,37 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from prefect import flow, task
+from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import Field
 
 from runbook.config import Environment, HttpCheckConfig
 from runbook.errors import BadInput
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import finish_report, remediate, start_report, unreachable_as_finding
+from runbook.notify import post_json
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from runbook.redact import redact
 from tasks.container_remediations import StartServiceContainers
 from tasks.containers import get_container_logs, get_recent_changes, list_project_containers
 from tasks.hosts import collect_host_snapshots, host_findings
 from tasks.http_checks import check_http
-from tasks.notify import post_json
 
 EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
 ServiceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="compose service from the playbook")]
 
 
-@flow(name="service-outage", log_prints=False)
+@procedure("service-outage", remediations=(StartServiceContainers,), tags=('containers',),
+           summary="Service Outage: health, container states, up, deployments, hosts, errors; start; notify")
 def service_outage(
     env: EnvName,
     service: ServiceName = "backend",
     dry_run: bool = True,
     deploy_hours: Annotated[float, Field(gt=0, le=24 * 30, description="'recent deployments' look-back")] = 24,
     notify: Annotated[bool, Field(description="post the summary to incident_webhook when an outage is found")] = True,
-) -> dict[str, Any]:
+) -> None:
     """Health, container states, `up`, recent deployments, hosts and errors; start stopped containers; notify."""
-    report, environment = start_report("service-outage", env, dry_run)
+    run = current_run()
+    report, environment = run.report, run.env
     if service not in environment.services:
         known = ", ".join(sorted(environment.services)) or "none"
         raise BadInput(f"service {service!r} is not in environments.{env}.services (known: {known})")
@@ -78,14 +80,20 @@ def service_outage(
             for finding in host_findings(hosts_f.result(), environment.thresholds):
                 report.add(finding)
     if environment.docker is not None:
-        report.actions.append(remediate(StartServiceContainers(environment, service), dry_run=dry_run))
-    if environment.incident_webhook is not None and notify and report.worst is Severity.CRITICAL:
-        error = notify_incident(environment, incident_summary(report, service))
-        report.notes.append(f"incident webhook: {'notified' if not error else 'NOT notified: ' + error}")
+        run.offer(StartServiceContainers(environment, service))
+    if environment.incident_webhook is not None and notify:
+        run.on_finish(lambda r: post_incident(r, environment, service))
     elif environment.incident_webhook is not None:
-        report.notes.append("incident webhook: not notified ("
-                            + ("notify=False" if not notify else "no outage found") + ")")
-    return finish_report(report)
+        report.notes.append("incident webhook: not notified (notify=False)")
+
+
+def post_incident(report: Report, environment: Environment, service: str) -> None:
+    """After the remediation step: tell the incident channel when the outage was found, saying what changed."""
+    if report.worst is not Severity.CRITICAL:
+        report.notes.append("incident webhook: not notified (no outage found)")
+        return
+    error = notify_incident(environment, incident_summary(report, service))
+    report.notes.append(f"incident webhook: {'notified' if not error else 'NOT notified: ' + error}")
 
 
 @task(cache_policy=NONE)
@@ -196,7 +204,7 @@ def incident_summary(report: Report, service: str) -> dict[str, Any]:
     if report.dry_run:
         action = f"DRY RUN, nothing changed; would: {', '.join(acted) or 'nothing'}"
     else:
-        done = [f"{c.action} {c.subject}" for a in report.actions if a.changed for c in a.planned]
+        done = [f"{c.action} {c.subject}" for a in report.actions for c in a.applied]
         failed = [a.error for a in report.actions if a.error]
         action = (f"applied: {', '.join(done) or 'nothing'}"
                   + (f"; verified: {all(a.verified for a in report.actions if a.changed)}" if done else "")

@@ -1,7 +1,9 @@
 """`runbook`: the operator's command line. Errors are mapped to exit codes here, at one boundary.
 
-Exit codes: 0 ran and found nothing critical; 3 ran and found something critical (or a remediation failed);
-2 bad input (unknown procedure, invalid playbook, missing secret, bad parameter); 1 engine failure.
+Exit codes (`runbook run`): 0 nothing critical found, nothing failed; 4 critical found, remediated and verified;
+3 needs attention (something critical remains, a remediation failed, or changes were not applied: dry run,
+rejected, timed out); 2 bad input (unknown procedure, invalid playbook, missing secret, bad parameter, approval
+refused at the prompt or impossible without a terminal); 1 engine failure.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from runbook.config import iter_secret_refs, load_playbooks, playbook_json_schem
 from runbook.errors import BadInput, ConfigError, RunbookError
 from runbook.redact import redact
 
-EXIT_OK, EXIT_ENGINE, EXIT_BAD_INPUT, EXIT_CRITICAL = 0, 1, 2, 3
+EXIT_OK, EXIT_ENGINE, EXIT_BAD_INPUT, EXIT_CRITICAL, EXIT_REMEDIATED = 0, 1, 2, 3, 4
+OUTCOME_EXIT = {"Completed": EXIT_OK, "Remediated": EXIT_REMEDIATED, "Needs attention": EXIT_CRITICAL,
+                "Not applied": EXIT_CRITICAL}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Executable runbook for the Pafar platform: diagnose, then remediate (dry run by default).")
@@ -111,26 +115,8 @@ def parse_params(procedure: str, raw: list[str]) -> dict[str, Any]:
             raise BadInput(f"--param {item!r}: expected key=value")
         if key in RESERVED_PARAMS:
             raise BadInput(f"--param {key}: use {'--env' if key == 'env' else '--apply'} instead")
-        if key == APPROVER_PARAM:
-            raise BadInput(f"--param {key}: use --approve (records the operator at this terminal)")
         params[key] = value
     return validate_params(procedure, params, label="--param ")
-
-
-APPROVER_PARAM = "approved_by"
-
-
-def _approver(procedure: str, apply: bool) -> str:
-    """The operator at the terminal, for procedures with an approval gate (``approved_by``)."""
-    import getpass
-
-    from runbook.procedure import PROCEDURES
-
-    if not apply:
-        raise BadInput("--approve needs --apply (a dry run has nothing to approve)")
-    if APPROVER_PARAM not in {p.name for p in PROCEDURES[procedure].parameters()}:
-        raise BadInput(f"--approve: {procedure} has no approval step")
-    return getpass.getuser()
 
 
 @app.command()
@@ -140,10 +126,11 @@ def run(
     param: Annotated[list[str] | None, typer.Option("--param", help="procedure parameter as key=value")] = None,
     apply: Annotated[bool, typer.Option("--apply", help="carry out remediations (default: dry run)")] = False,
     output: Annotated[str, typer.Option("--output", help="text or json")] = "text",
-    approve: Annotated[bool, typer.Option("--approve", help="with --apply: approve the procedure's gated step "
-                                                            "as the operator at this terminal")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="with --apply: approve the plan without the prompt (scripts); "
+                                                    "recorded as this OS user and host")] = False,
 ) -> None:
-    """Run a procedure: a dry run unless --apply. Records to PREFECT_API_URL when set, else an embedded API."""
+    """Run a procedure: a dry run unless --apply. Procedures that need approval show the plan and ask for `yes`."""
+    from runbook.approval import local_approver
     from runbook.findings import render_terminal, report_from_json
     from runbook.procedure import PROCEDURES, attended_run
 
@@ -151,18 +138,23 @@ def run(
         raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
     if procedure not in PROCEDURES:
         raise _fail(EXIT_BAD_INPUT, f"unknown procedure {procedure!r}; known: {', '.join(PROCEDURES)}")
+    spec = PROCEDURES[procedure]
     try:
+        if yes and not apply:
+            raise BadInput("--yes needs --apply (a dry run has nothing to approve)")
         params = parse_params(procedure, param or [])
-        if approve:
-            params[APPROVER_PARAM] = _approver(procedure, apply)
         environment = load_playbooks().environment(env)
         for where, ref in iter_secret_refs(environment):  # fail fast, before a flow run exists
             environment.resolve_secret(ref, where)
+        if apply and spec.approval_for(environment) == "required" and not yes and not _interactive():
+            raise BadInput(f"{procedure} needs approval to apply and there is no terminal to ask at: run it at a "
+                           "terminal (it shows the plan and asks for `yes`), pass --yes from a script, or run it "
+                           "through the Prefect server (it pauses for approval)")
     except (ConfigError, BadInput) as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
-    flow_fn = PROCEDURES[procedure].load_flow()
+    flow_fn = spec.load_flow()
     try:
-        with attended_run():
+        with attended_run(), local_approver(_auto_approver if yes else _terminal_approver):
             doc = flow_fn(env=env, dry_run=not apply, **params)
     except (ConfigError, BadInput) as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
@@ -175,7 +167,38 @@ def run(
         print(json.dumps(doc, indent=2))
     else:
         render_terminal(report, out)
-    raise typer.Exit(EXIT_CRITICAL if report.has_critical else EXIT_OK)
+    raise typer.Exit(OUTCOME_EXIT.get(report.outcome, EXIT_CRITICAL if report.has_critical else EXIT_OK))
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _auto_approver(view: Any) -> Any:
+    """--yes: the plan is printed for the record and approved as the OS user and host running the script."""
+    from runbook.approval import Decision, operator_identity
+
+    err.print(view.text(), markup=False, highlight=False)
+    return Decision(approved=True, approver=operator_identity(), how="--yes (script)")
+
+
+def _terminal_approver(view: Any) -> Any:
+    """Terraform's habit: print the plan, apply only on the literal answer `yes`."""
+    from runbook.approval import Decision, operator_identity
+
+    if not _interactive():
+        return Decision(approved=False, reason="no terminal to ask at (pass --yes from a script)")
+    err.print(view.text(), markup=False, highlight=False)
+    err.print("Only 'yes' will be accepted to approve.", highlight=False)
+    try:
+        answer = input("Apply this plan? ").strip()
+    except EOFError:
+        answer = ""
+    who = operator_identity()
+    if answer != "yes":
+        return Decision(approved=False, approver=who, reason=f"answered {answer[:20]!r} at the terminal",
+                        how="at the terminal")
+    return Decision(approved=True, approver=who, how="at the terminal")
 
 
 # ------------------------------------------------------------------ sandbox
@@ -251,7 +274,7 @@ def _token(token_env: str) -> str:
 
 @app.command()
 def deploy() -> None:
-    """Register every procedure's deployment (prefect.yaml) and the `runbook` work pool on PREFECT_API_URL."""
+    """Register every procedure's deployment (from the catalog) and the `runbook` work pool on PREFECT_API_URL."""
     from runbook.serve import register_deployments
 
     api = _api_url()
@@ -329,32 +352,113 @@ def serve(
                 ex.stop(wait=False)
 
 
+def _prefect_http() -> Any:
+    import httpx
+
+    return httpx.Client(base_url=_api_url(), timeout=10, trust_env=False)
+
+
+def _waiting_plan(http: Any, run: dict[str, Any]) -> Any:
+    """The plan a paused run stored for its approvers, or None when the run is not waiting for approval."""
+    from runbook.approval import PAUSE_KEY, PLAN_INPUT_KEY, parse_plan_input
+
+    state = run.get("state") or {}
+    if state.get("type") != "PAUSED" or (state.get("state_details") or {}).get("pause_key") != PAUSE_KEY:
+        return None
+    resp = http.get(f"/flow_runs/{run['id']}/input/{PLAN_INPUT_KEY}")
+    return parse_plan_input(resp.text) if resp.status_code == 200 else None
+
+
+@app.command()
+def approvals(
+    output: Annotated[str, typer.Option("--output", help="text or json")] = "text",
+) -> None:
+    """Runs waiting for approval: procedure, environment, target, age, time left and the plan."""
+    from datetime import UTC, datetime
+
+    import httpx
+    from rich.table import Table
+
+    if output not in {"text", "json"}:
+        raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
+    try:
+        with _prefect_http() as http:
+            runs = http.post("/flow_runs/filter", json={
+                "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}, "sort": "START_TIME_DESC", "limit": 200,
+            }).raise_for_status().json()
+            waiting = [(r, v) for r in runs if (v := _waiting_plan(http, r)) is not None]
+    except httpx.HTTPError as exc:
+        raise _fail(EXIT_ENGINE, f"cannot read runs from the Prefect API: {type(exc).__name__}: {exc}") from None
+    now = datetime.now(UTC)
+    rows = [{"run_id": r["id"], "procedure": v.procedure, "env": v.env, "route": v.route,
+             "targets": v.targets, "age_s": round((now - v.asked_at).total_seconds()),
+             "time_left_s": round((v.deadline - now).total_seconds()) if v.deadline else None,
+             "changes": v.changes} for r, v in waiting]
+    if output == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        out.print("no run is waiting for approval")
+        return
+    t = Table(title="waiting for approval (runbook approve RUN_ID)")
+    for col in ("run", "procedure", "env", "target", "age", "left", "plan"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        plan = "; ".join(r["changes"][:3]) + (f" (+{len(r['changes']) - 3} more)" if len(r["changes"]) > 3 else "")
+        t.add_row(r["run_id"], r["procedure"], r["env"], ", ".join(r["targets"]), f"{r['age_s'] // 60} min",
+                  f"{(r['time_left_s'] or 0) // 60} min", plan)
+    out.print(t)
+
+
 @app.command()
 def approve(
-    run_id: Annotated[str, typer.Argument(help="the paused flow run's id")],
+    run_id: Annotated[str, typer.Argument(help="the waiting flow run's id (see `runbook approvals`)")],
     reject: Annotated[bool, typer.Option("--reject", help="reject instead of approving")] = False,
     reason: Annotated[str, typer.Option(help="why (recorded in the run's report)")] = "",
+    yes: Annotated[bool, typer.Option("--yes", help="approve without the prompt (scripts)")] = False,
 ) -> None:
-    """Approve (or --reject) a run paused for approval; the operator at this terminal is the approver."""
-    import getpass
+    """Show a waiting run's plan and approve it (asks for `yes`) or --reject it; you are the recorded approver."""
     from uuid import UUID
 
-    from prefect.exceptions import ObjectNotFound
+    import httpx
+    from prefect.exceptions import NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
 
-    _api_url()
+    from runbook.approval import operator_identity
+
     try:
         uid = UUID(run_id)
     except ValueError:
         raise _fail(EXIT_BAD_INPUT, f"{run_id!r} is not a flow run id (a UUID)") from None
     try:
-        resume_flow_run(uid, run_input={"approve": not reject, "approver": getpass.getuser(),
-                                        "reason": reason[:500]})
+        with _prefect_http() as http:
+            resp = http.get(f"/flow_runs/{uid}")
+            if resp.status_code == 404:
+                raise _fail(EXIT_BAD_INPUT, f"no flow run {uid}")
+            run = resp.raise_for_status().json()
+            view = _waiting_plan(http, run)
+    except httpx.HTTPError as exc:
+        raise _fail(EXIT_ENGINE, f"cannot read run {uid} from the Prefect API: {type(exc).__name__}: {exc}") from None
+    if view is None:
+        state = (run.get("state") or {}).get("name", "unknown")
+        raise _fail(EXIT_BAD_INPUT, f"run {uid} is not waiting for approval (state: {state})")
+    out.print(view.text(), markup=False, highlight=False)
+    if not reject and not yes:
+        if not _interactive():
+            raise _fail(EXIT_BAD_INPUT, "no terminal to ask at: pass --yes to approve from a script")
+        if input("Approve and apply this plan? Only 'yes' approves: ").strip() != "yes":
+            out.print("not approved: the run keeps waiting (approve again, or --reject)")
+            raise typer.Exit(EXIT_BAD_INPUT)
+    who = operator_identity()
+    try:
+        resume_flow_run(uid, run_input={"approve": not reject, "approver": who, "reason": reason[:500]})
     except ObjectNotFound:
-        raise _fail(EXIT_BAD_INPUT, f"no flow run {run_id}") from None
-    except RuntimeError as exc:
-        raise _fail(EXIT_BAD_INPUT, f"cannot resume {run_id}: {exc}") from None
-    out.print(f"{'rejected' if reject else 'approved'} {run_id} as {getpass.getuser()}")
+        raise _fail(EXIT_BAD_INPUT, f"no flow run {uid}") from None
+    except (NotPausedError, RuntimeError, ValueError) as exc:  # decided (or timed out) meanwhile
+        raise _fail(EXIT_BAD_INPUT, f"run {uid} is no longer waiting for approval: {exc}") from None
+    except httpx.HTTPError as exc:
+        raise _fail(EXIT_ENGINE, f"cannot reach the Prefect API: {type(exc).__name__}: {exc}") from None
+    out.print(f"{'rejected' if reject else 'approved'} {uid} as {who}", highlight=False)
 
 
 # ------------------------------------------------------------------ backups

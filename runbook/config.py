@@ -234,6 +234,9 @@ class Environment(Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     grafana: GrafanaConfig | None = None
     incident_webhook: IncidentWebhookConfig | None = None
+    approvals: dict[Name, Literal["required", "optional"]] = Field(
+        default_factory=dict, description="procedure -> whether an operator's apply needs a person's approval "
+                                          "(default: the procedure's own; data-corruption: required)")
 
     _name: str = PrivateAttr("")
     _source: Path = PrivateAttr(Path("."))

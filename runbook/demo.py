@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 
 from runbook import sandbox
+from runbook.approval import Decision, local_approver, operator_identity
 from runbook.findings import render_terminal, report_from_json
 from runbook.procedure import attended_run, flush_run_records
 from runbook.sandbox.incidents import DbIncident
@@ -197,8 +198,7 @@ def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
 def demo_backups(console: Console, state: sandbox.SandboxState) -> bool:
     """Issue 5's part: a backup, its verification (test restore, RTO/RPO), then a data-corruption incident on pafar
     (rows deleted, a table dropped): assessed in a dry run, restored with the operator's approval (what
-    `runbook run data-corruption --apply --approve` does), and a second run that changes nothing."""
-    import getpass
+    `runbook run data-corruption --apply --yes` does), and a second run that changes nothing."""
 
     import psycopg
 
@@ -224,10 +224,11 @@ def demo_backups(console: Console, state: sandbox.SandboxState) -> bool:
         conn.execute("DROP TABLE payments")
     console.rule("[bold]data-corruption, dry run[/]: assess against the newest good backup, plan")
     dry = show(data_corruption(env="sandbox", dry_run=True))
-    console.rule(f"[bold]data-corruption --apply --approve[/] (approved by {getpass.getuser()} at this terminal)")
-    applied = show(data_corruption(env="sandbox", dry_run=False, approved_by=getpass.getuser(), writer_stop_s=2))
-    console.rule("[bold]data-corruption --apply --approve again[/] (nothing left to restore)")
-    again = show(data_corruption(env="sandbox", dry_run=False, approved_by=getpass.getuser(), writer_stop_s=2))
+    console.rule(f"[bold]data-corruption --apply --yes[/] (the plan approved as {operator_identity()})")
+    with local_approver(lambda view: Decision(approved=True, approver=operator_identity(), how="demo (--yes)")):
+        applied = show(data_corruption(env="sandbox", dry_run=False, writer_stop_s=2))
+        console.rule("[bold]data-corruption --apply --yes again[/] (nothing left to restore)")
+        again = show(data_corruption(env="sandbox", dry_run=False, writer_stop_s=2))
     with psycopg.connect(state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"], autocommit=True, connect_timeout=5) as conn:
         after = conn.execute("SELECT count(*) FROM bookings").fetchone()[0]
         payments = conn.execute("SELECT to_regclass('public.payments') IS NOT NULL").fetchone()[0]

@@ -29,4 +29,12 @@ class TargetUnreachable(RunbookError):
 
 
 class RemediationFailed(RunbookError):
-    """A remediation's apply raised, or its verify did not confirm the change."""
+    """A remediation's apply raised, or its verify did not confirm the change.
+
+    ``done`` carries the changes already made before the failure (Ansible's ``fail_json(**result)``), so a partial
+    apply is reported as what it is, never as "changed nothing".
+    """
+
+    def __init__(self, message: str, done: list | None = None) -> None:  # type: ignore[type-arg]
+        super().__init__(message)
+        self.done = list(done or [])

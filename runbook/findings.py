@@ -71,6 +71,11 @@ class Change(BaseModel):
     subject: str = Field(description="exactly what it acts on, e.g. 'pid 4242'")
     before: dict[str, Any] = Field(default_factory=dict)
     after: dict[str, Any] = Field(default_factory=dict)
+    key: str = Field("", description="machine identity of the target as planned (pid+start time, container id+"
+                                     "state, ...): the runner applies an approved change only while it still holds")
+
+    def identity(self) -> str:
+        return self.key or f"{self.action}:{self.subject}"
 
 
 class ActionResult(BaseModel):
@@ -80,6 +85,8 @@ class ActionResult(BaseModel):
     target: str
     dry_run: bool
     planned: list[Change] = Field(default_factory=list)
+    applied: list[Change] = Field(default_factory=list, description="what apply actually changed (also on failure)")
+    skipped: list[str] = Field(default_factory=list, description="planned changes not applied, each with why")
     changed: bool = False
     verified: bool | None = None
     skipped_reason: str = ""
@@ -96,6 +103,8 @@ class Report(BaseModel):
     findings: list[Finding] = Field(default_factory=list)
     actions: list[ActionResult] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    audit: list[str] = Field(default_factory=list, description="every decision the runner took, in order")
+    outcome: str = Field("", description="Completed | Remediated | Needs attention | Not applied")
     flow_run_id: str | None = None
 
     def add(self, finding: Finding) -> Finding:
@@ -144,6 +153,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
                 "target": a.target,
                 "dry_run": a.dry_run,
                 "planned": [c.model_dump(mode="json") for c in a.planned],
+                "applied": [c.model_dump(mode="json") for c in a.applied],
+                "skipped": a.skipped,
                 "changed": a.changed,
                 "verified": a.verified,
                 "skipped_reason": a.skipped_reason,
@@ -153,6 +164,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
             for a in report.actions
         ],
         "notes": report.notes,
+        "audit": report.audit,
+        "outcome": report.outcome,
     }
     return redact_obj(json.loads(json.dumps(doc, default=str)))
 
@@ -169,6 +182,8 @@ def report_from_json(doc: dict[str, Any]) -> Report:
         findings=[Finding(**f) for f in doc.get("findings", [])],
         actions=[ActionResult(**a) for a in doc.get("actions", [])],
         notes=doc.get("notes", []),
+        audit=doc.get("audit", []),
+        outcome=doc.get("outcome", ""),
     )
 
 
@@ -208,7 +223,7 @@ def report_to_markdown(report: Report) -> str:
     """
     mode = "DRY RUN (nothing was changed)" if report.dry_run else "APPLY"
     parts = [
-        f"# {report.procedure} on `{report.env}`: {mode}",
+        f"# {report.procedure} on `{report.env}`: {mode}" + (f" · {report.outcome}" if report.outcome else ""),
         f"Worst severity: **{report.worst.value}** · {len(report.findings)} findings · "
         f"{sum(a.changed for a in report.actions)} of {len(report.actions)} remediations changed something",
         "## Findings",
@@ -225,9 +240,14 @@ def report_to_markdown(report: Report) -> str:
         parts.append(f"### {a.name} → `{redact(a.target)}`: {_action_status(a)}")
         if a.planned:
             parts.append(_md_table(["action", "subject", "before", "after"], [_change_row(c) for c in a.planned]))
+        if a.applied and not a.dry_run:
+            parts.append("Changed: " + ", ".join(f"{c.action} `{redact(c.subject)}`" for c in a.applied))
+        parts += [f"Skipped: {redact(s)}" for s in a.skipped]
         parts += [redact(text) for text in (a.skipped_reason, a.detail, a.error) if text]
     if report.notes:
         parts += ["## Notes", "\n".join(f"- {redact(n)}" for n in report.notes)]
+    if report.audit:
+        parts += ["## Decisions", "\n".join(f"- {redact(n)}" for n in report.audit)]
     return "\n\n".join(parts)
 
 
@@ -240,6 +260,8 @@ def _action_status(a: ActionResult) -> str:
         return f"would change {len(a.planned)} (dry run)"
     if a.changed:
         return "changed, verified" if a.verified else "changed, NOT verified"
+    if a.skipped_reason:
+        return "not applied"
     return "no change"
 
 
@@ -312,8 +334,11 @@ def render_terminal(report: Report, console: Console) -> None:
             t.add_row(a.name, redact(a.target), redact(status), redact(planned))
         console.print(t)
     for n in report.notes:
-        console.print(f"[dim]note:[/] {redact(n)}")
-    console.print(f"worst severity: [{_STYLE[report.worst]}]{report.worst.value}[/]")
+        console.print(f"[dim]note:[/] {redact(n)}", highlight=False)
+    for n in report.audit:
+        console.print(Text.assemble(("decision: ", "dim"), redact(n)), highlight=False)
+    console.print(f"worst severity: [{_STYLE[report.worst]}]{report.worst.value}[/]"
+                  + (f" · outcome: [bold]{report.outcome}[/]" if report.outcome else ""))
 
 
 def _rich_block(block: Block) -> Any:

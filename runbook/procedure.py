@@ -1,7 +1,23 @@
-"""What every procedure flow shares: loading its environment, collecting the report, remediating, publishing.
+"""The one way a procedure runs: the engine, not each flow, owns dry run, policy, approval, audit and announcements.
 
-Flows stay a readable list of diagnostics and remediations; this module holds the plumbing so that each one
-handles an unreachable target, dry runs, artifacts and the JSON return value the same way.
+A flow module declares a procedure with ``@procedure``: its body gathers evidence, adds findings and *offers*
+remediations (``run.offer(rem)``). When the body returns, the runner takes over, the same way for every procedure:
+
+    plan -> policy -> (approval) -> apply -> verify -> announce -> publish
+
+- plan: every offered remediation's check + plan (changes nothing);
+- policy: ``diagnose`` plans nothing; a dry run (the default, or a route's ``dry_run``, or a tripped breaker) stops
+  at the plan; ``auto`` and an operator's ``--apply`` apply; ``approve`` (a route) or ``approval: required`` (the
+  procedure's default, or the environment's ``approvals:``) asks a person first, showing the findings and the plan;
+- apply: exactly the plan that was shown, each change re-checked against the identity it was planned for
+  (runbook.runner); partial results survive a failure;
+- announce: Grafana annotations for every change, the alert route's notifications (waiting, finished);
+  delivery failures land in the report, never fail the run;
+- publish: the report artifact, every decision as a run-log line, and a final state named for the outcome
+  (``Remediated``, ``Needs attention``, ``Not applied``, ``Completed``).
+
+Flows cannot apply anything themselves: ``Remediation.apply`` refuses any caller but runbook.runner, which flows
+and tasks may not import (import contract).
 """
 
 from __future__ import annotations
@@ -9,84 +25,141 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import time
-from collections.abc import Iterator
+import logging
+import pkgutil
+import types
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from prefect import task
+from prefect import Flow, flow, task
 from prefect.cache_policies import NONE
 from prefect.context import FlowRunContext
-from prefect.input import RunInput
+from prefect.states import Completed, State
 from pydantic import TypeAdapter, ValidationError
 
-from runbook.config import Environment, load_playbooks
-from runbook.errors import BadInput, TargetUnreachable
+from runbook import approval
+from runbook.config import Environment, Route, load_playbooks
+from runbook.errors import BadInput, ConfigError, TargetUnreachable
 from runbook.findings import ActionResult, Finding, Report, Severity, publish_artifacts, report_to_json
 from runbook.redact import install_log_redaction, redact
-from runbook.remediation import Remediation, run_remediation
+from runbook.remediation import Remediation
+from runbook.runner import _UNSET, apply_plan, plan_remediation
+
+log = logging.getLogger(__name__)
+
+Approval = Literal["required", "optional"]
+OUTCOME_OK, OUTCOME_REMEDIATED, OUTCOME_ATTENTION, OUTCOME_NOT_APPLIED = (
+    "Completed", "Remediated", "Needs attention", "Not applied")
+MODE_PREFIX = "mode:"
+TIMEOUT_PREFIX = "approval-timeout-s:"
+ROUTE_PREFIX = "route:"
+RESERVED_PARAMS = frozenset({"env", "dry_run"})
+
+
+# ------------------------------------------------------------------ the catalog: @procedure registers a flow
 
 
 @dataclass(frozen=True)
-class ProcedureInfo:
-    """One entry of ``runbook list``: the CLI name and where its flow lives."""
+class ProcedureSpec:
+    """One procedure: its name (CLI, routes, deployment), summary, remediations offered and approval default."""
 
     name: str
-    flow_path: str  # "module:function"
     summary: str
+    flow: Flow[..., Any]
+    remediations: tuple[type[Remediation[Any]], ...] = ()
+    approval: Approval = "optional"
+    tags: tuple[str, ...] = ()
 
-    def load_flow(self) -> Any:
-        module, _, attr = self.flow_path.partition(":")
-        return getattr(importlib.import_module(module), attr)
+    @property
+    def flow_path(self) -> str:
+        fn = self.flow.fn
+        return f"{fn.__module__}:{fn.__name__}"
+
+    def load_flow(self) -> Flow[..., Any]:
+        return self.flow
 
     def parameters(self) -> list[inspect.Parameter]:
-        return list(_signature(self.flow_path).values())
+        return list(_signature(self.name).values())
 
     def parameter_names(self) -> set[str]:
-        return set(_signature(self.flow_path))
+        return set(_signature(self.name))
+
+    def approval_for(self, env: Environment) -> Approval:
+        """The environment's ``approvals:`` entry for this procedure, else the procedure's own default."""
+        return env.approvals.get(self.name, self.approval)
+
+
+_REGISTRY: dict[str, ProcedureSpec] = {}
+
+
+class _Catalog(Mapping[str, ProcedureSpec]):
+    """Every procedure, found by importing the modules of the ``flows`` package once (the one list)."""
+
+    def _load(self) -> dict[str, ProcedureSpec]:
+        if not getattr(self, "_loaded", False):
+            package = importlib.import_module("flows")
+            for mod in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
+                importlib.import_module(f"flows.{mod}")
+            self._loaded = True
+        return _REGISTRY
+
+    def __getitem__(self, key: str) -> ProcedureSpec:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+PROCEDURES: Mapping[str, ProcedureSpec] = _Catalog()
+
+
+def procedure(name: str, *, summary: str, remediations: tuple[type[Remediation[Any]], ...] = (),
+              approval: Approval = "optional", tags: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Flow]:
+    """Declare a procedure. The body's signature is the deployment's form (it must take ``env`` and ``dry_run``);
+    the body diagnoses and offers remediations; the runner does the rest."""
+
+    def deco(body: Callable[..., None]) -> Flow[..., Any]:
+        params = inspect.signature(body).parameters
+        if "env" not in params or "dry_run" not in params:
+            raise TypeError(f"procedure {name}: the body must take env and dry_run")
+        if name in _REGISTRY:
+            raise ValueError(f"procedure {name!r} declared twice")
+        spec_box: list[ProcedureSpec] = []
+
+        def _bind(fn: Callable[..., None], box: list[ProcedureSpec], execute: Callable[..., Any]) -> Callable[..., Any]:
+            def procedure_flow(*args: Any, **kwargs: Any) -> Any:  # only closure names: its globals are replaced
+                return execute(box[0], fn, args, kwargs)
+            return procedure_flow
+
+        raw = _bind(body, spec_box, _execute)
+        # rebuilt with the flow module's globals: Prefect and pydantic resolve the (string) annotations there
+        wrapper = types.FunctionType(raw.__code__, body.__globals__, body.__name__, None, raw.__closure__)
+        functools.update_wrapper(wrapper, body)
+        prefect_flow = flow(name=name, log_prints=False, description=summary)(wrapper)
+        spec = ProcedureSpec(name, summary, prefect_flow, tuple(remediations), approval, tags)
+        spec_box.append(spec)
+        _REGISTRY[name] = spec
+        return prefect_flow
+
+    return deco
 
 
 @functools.cache
-def _signature(flow_path: str) -> dict[str, inspect.Parameter]:
-    module, _, attr = flow_path.partition(":")
-    fn = getattr(importlib.import_module(module), attr).fn
-    return {p.name: p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "env"}
+def _signature(name: str) -> dict[str, inspect.Parameter]:
+    fn = inspect.unwrap(PROCEDURES[name].flow.fn)
+    return {p.name: p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in
+            RESERVED_PARAMS}
 
 
 @functools.cache
-def _adapter(flow_path: str, name: str) -> TypeAdapter[Any]:
-    return TypeAdapter(_signature(flow_path)[name].annotation)
-
-
-PROCEDURES: dict[str, ProcedureInfo] = {
-    p.name: p
-    for p in [
-        ProcedureInfo("db-slowness", "flows.db_slowness:db_slowness",
-                      "Database Performance Issues: connections, long queries, lock tree, slow statements, indexes"),
-        ProcedureInfo("backup", "flows.backup:backup",
-                      "Backup: pg_dump | gzip streamed to the backup location with checksum and manifest"),
-        ProcedureInfo("backup-verification", "flows.backup_verification:backup_verification",
-                      "Backup and Recovery Monitoring: age vs RPO, size, gzip, checksum, log, test restore (RTO)"),
-        ProcedureInfo("data-corruption", "flows.data_corruption:data_corruption",
-                      "Data Corruption: assess vs backup, then with approval stop writers, restore, swap, restart"),
-        ProcedureInfo("network-checks", "flows.network_checks:network_checks",
-                      "Network Issues: TCP matrix from host and containers, HTTPS endpoints with TLS days, DNS"),
-        ProcedureInfo("cache-api", "flows.cache_api:cache_api",
-                      "Application Optimization: Redis hit ratio/evictions, API timing breakdown, runbook PromQL"),
-        ProcedureInfo("log-analysis", "flows.log_analysis:log_analysis",
-                      "Log Analysis: the four Kibana queries with counts, top messages and a histogram"),
-        ProcedureInfo("high-cpu", "flows.high_cpu:high_cpu",
-                      "High CPU Usage: containers and host processes by CPU, long queries, ERROR logs; scale"),
-        ProcedureInfo("memory-leak", "flows.memory_leak:memory_leak",
-                      "Memory Leaks: memory growth per container, time to limit, heap hook; rolling restart"),
-        ProcedureInfo("service-outage", "flows.service_outage:service_outage",
-                      "Service Outage: health, container states, up, deployments, hosts, errors; start; notify"),
-    ]
-}
-
-
-RESERVED_PARAMS = frozenset({"env", "dry_run"})
+def _adapter(name: str, param: str) -> TypeAdapter[Any]:
+    return TypeAdapter(_signature(name)[param].annotation)
 
 
 def validate_params(procedure: str, params: dict[str, Any], label: str = "") -> dict[str, Any]:
@@ -96,8 +169,7 @@ def validate_params(procedure: str, params: dict[str, Any], label: str = "") -> 
     """
     if procedure not in PROCEDURES:
         raise BadInput(f"unknown procedure {procedure!r}; known: {', '.join(PROCEDURES)}")
-    flow_path = PROCEDURES[procedure].flow_path
-    sig = _signature(flow_path)
+    sig = _signature(procedure)
     out: dict[str, Any] = {}
     for key, value in params.items():
         if key in RESERVED_PARAMS:
@@ -105,22 +177,69 @@ def validate_params(procedure: str, params: dict[str, Any], label: str = "") -> 
         if key not in sig:
             raise BadInput(f"{label}{key}: {procedure} has no such parameter (known: {', '.join(sig) or 'none'})")
         try:
-            out[key] = _adapter(flow_path, key).validate_python(value)
+            out[key] = _adapter(procedure, key).validate_python(value)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             raise BadInput(f"{label}{key}={value!r}: {first['msg']}") from None
     return out
 
 
-def start_report(procedure: str, env_name: str, dry_run: bool) -> tuple[Report, Environment]:
-    """Load the environment a flow runs against and open its report. Config errors propagate (exit 2)."""
-    install_log_redaction()
-    env = load_playbooks().environment(env_name)
-    report = Report(procedure=procedure, env=env_name, dry_run=dry_run)
-    ctx = FlowRunContext.get()
-    if ctx and ctx.flow_run:
-        report.flow_run_id = str(ctx.flow_run.id)
-    return report, env
+# ------------------------------------------------------------------ the run a body works with
+
+
+@dataclass
+class _Offer:
+    rem: Remediation[Any]
+    after: Callable[[Report, ActionResult], None] | None
+    state: Any
+
+
+@dataclass
+class Run:
+    """What a procedure body sees: its environment, its report, and ``offer`` for remediations."""
+
+    spec: ProcedureSpec
+    env: Environment
+    report: Report
+    dry_run: bool
+    mode: str
+    route: str | None
+    approval_timeout_s: float
+    offers: list[_Offer] = field(default_factory=list)
+    finishers: list[Callable[[Report], None]] = field(default_factory=list)
+
+    def offer(self, rem: Remediation[Any], *, after: Callable[[Report, ActionResult], None] | None = None,
+              state: Any = _UNSET) -> None:
+        """Hand a remediation to the runner; ``after`` sees its result; ``state`` reuses a check already made."""
+        if not isinstance(rem, self.spec.remediations or ()):
+            raise TypeError(f"{self.spec.name} offers {rem.name!r}, which its @procedure does not declare")
+        self.offers.append(_Offer(rem, after, state))
+
+    def on_finish(self, fn: Callable[[Report], None]) -> None:
+        """Run ``fn(report)`` after remediation, before publishing (e.g. the incident channel message)."""
+        self.finishers.append(fn)
+
+    @contextmanager
+    def unreachable_as_finding(self) -> Iterator[None]:
+        """Turn a TargetUnreachable raised inside the block into a critical finding; the body carries on."""
+        with unreachable_as_finding(self.report):
+            yield
+
+    def decide(self, line: str) -> None:
+        """One audit line: in the report's Decisions and in the run's log (the UI's log tab tells the story)."""
+        self.report.audit.append(line)
+        _run_logger().info("%s", redact(line))
+
+
+_CURRENT: ContextVar[Run | None] = ContextVar("runbook_current_run", default=None)
+
+
+def current_run() -> Run:
+    """The run of the procedure body executing now."""
+    run = _CURRENT.get()
+    if run is None:
+        raise RuntimeError("current_run() is only available inside a @procedure body")
+    return run
 
 
 @contextmanager
@@ -135,188 +254,237 @@ def unreachable_as_finding(report: Report) -> Iterator[None]:
         ))
 
 
-MODE_PREFIX = "mode:"
-TIMEOUT_PREFIX = "approval-timeout-s:"
-DEFAULT_APPROVAL_TIMEOUT_S = 1800.0
-_APPROVED: dict[str, str] = {}  # flow run id -> approver, set only by remediate_all after an approval
+# ------------------------------------------------------------------ the pipeline
 
 
-def run_mode() -> str:
-    """The alert policy's mode for this run (from its tags); 'manual' for CLI and UI runs."""
+def _execute(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> State[Any]:
+    install_log_redaction()
+    bound = inspect.signature(body).bind(*args, **kwargs)
+    bound.apply_defaults()
+    env_name, dry_run = bound.arguments["env"], bool(bound.arguments["dry_run"])
+    environment = load_playbooks().environment(env_name)
+    report = Report(procedure=spec.name, env=env_name, dry_run=dry_run)
+    tags = _run_tags()
     ctx = FlowRunContext.get()
-    tags = (ctx.flow_run.tags if ctx and ctx.flow_run else None) or []
-    for tag in tags:
-        if tag.startswith(MODE_PREFIX):
-            return tag.removeprefix(MODE_PREFIX)
-    return "manual"
-
-
-def _run_id() -> str:
-    ctx = FlowRunContext.get()
-    return str(ctx.flow_run.id) if ctx and ctx.flow_run else ""
-
-
-@task(cache_policy=NONE, task_run_name="remediate-{rem.name}")
-def remediate(rem: Remediation[Any], dry_run: bool = True) -> ActionResult:
-    """Run one remediation through the single runner; as a task so the UI shows it as its own step.
-
-    The run's policy can only narrow: 'diagnose' plans nothing, 'approve' applies only after remediate_all
-    recorded an approval for this very run.
-    """
-    mode = run_mode()
-    if mode == "diagnose":
-        return ActionResult(name=rem.name, target=rem.target, dry_run=True,
-                            skipped_reason="diagnose-only policy: remediations not planned")
-    allowed = None
-    if mode == "approve" and _run_id() not in _APPROVED:
-        def allowed() -> str | None:
-            return "approval required and not given"
-    return run_remediation(rem, dry_run=dry_run, allowed=allowed)
-
-
-class ApprovalInput(RunInput):
-    """The form an approver fills in (Prefect UI, or `runbook approve`)."""
-
-    approve: bool = False
-    approver: str = ""
-    reason: str = ""
-
-
-def remediate_all(report: Report, rems: list[Remediation[Any]], dry_run: bool) -> None:
-    """Run the flow's remediations; under the 'approve' policy, plan them, pause for a person, then apply.
-
-    No approval, a rejection, a timeout or the alert resolving while waiting changes nothing.
-    """
-    if run_mode() == "approve" and not dry_run:
-        previews = [remediate(rem, dry_run=True) for rem in rems]
-        if not any(p.planned for p in previews):
-            report.actions.extend(previews)
-            return
-        decision = request_approval(report, previews)
-        if not decision.approve:
-            for p in previews:
-                p.skipped_reason = f"not applied: {decision.reason or 'not approved'}"
-            report.actions.extend(previews)
-            report.notes.append(f"approval: rejected by {decision.approver or 'nobody'}: {decision.reason}")
-            return
-        _APPROVED[_run_id()] = decision.approver
-        report.notes.append(f"approved by {decision.approver or 'unknown'}: {decision.reason}")
+    if ctx and ctx.flow_run:
+        report.flow_run_id = str(ctx.flow_run.id)
+    run = Run(spec, environment, report, dry_run, _tag(tags, MODE_PREFIX) or "manual", _tag(tags, ROUTE_PREFIX),
+              _timeout(tags))
+    token = _CURRENT.set(run)
     try:
-        report.actions.extend(remediate(rem, dry_run=dry_run) for rem in rems)
+        body(*bound.args, **bound.kwargs)
     finally:
-        _APPROVED.pop(_run_id(), None)
-
-
-def request_approval(report: Report, previews: list[ActionResult]) -> ApprovalInput:
-    """Pause this run with a typed form showing the plan, and wait for a decision.
-
-    Written on Prefect's pause pieces rather than ``pause_flow_run`` because that one only notices a resume:
-    a run cancelled while paused (its alert resolved) would sit out the whole timeout.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import Abort
-    from prefect.input import keyset_from_paused_state
-    from prefect.input.run_input import run_input_subclass_from_type
-    from prefect.states import Paused
-    from prefect.utilities.engine import propose_state_sync
-
-    ctx = FlowRunContext.get()
-    if not ctx or not ctx.flow_run:
-        return ApprovalInput(approve=False, reason="approval needs a Prefect flow run")
-    timeout = _approval_timeout(ctx.flow_run.tags or [])
-    plan = _plan_markdown(report, previews)
-    form = run_input_subclass_from_type(ApprovalInput).with_initial_data(description=plan, approve=False)
-    # the server's own pause expiry comes a little after ours, so this loop always decides first
-    state = Paused(timeout_seconds=int(timeout) + 60, reschedule=False, pause_key="approval")
-    keyset = keyset_from_paused_state(state)
-    state.state_details.run_input_keyset = keyset
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        try:
-            new = propose_state_sync(client=client, state=state, flow_run_id=ctx.flow_run.id)
-        except Abort as exc:
-            return ApprovalInput(approve=False, reason=f"could not pause for approval: {exc}")
-        if not new.is_paused():
-            return ApprovalInput(approve=False, reason=f"could not pause for approval: state is {new.type.value}")
-        form.save(keyset)
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
-            current = client.read_flow_run(ctx.flow_run.id).state
-            if current is None:
-                continue
-            if current.is_running():
-                return ApprovalInput.model_validate(form.load(keyset).model_dump())
-            if current.is_final() or current.name == "Cancelling":
-                return ApprovalInput(approve=False, reason=f"run {current.name.lower()} while waiting for approval")
-        # Nobody decided: take the run out of PAUSED ourselves (forced: the server would otherwise fail a paused run
-        # that completes), so it finishes with a report saying nothing was applied.
-        from prefect.states import Running
-
-        client.set_flow_run_state(ctx.flow_run.id, Running(message="approval timed out"), force=True)
-    return ApprovalInput(approve=False, reason=f"no approval within {timeout:g} s (timeout counts as rejection)")
-
-
-def _approval_timeout(tags: list[str]) -> float:
-    for tag in tags:
-        if tag.startswith(TIMEOUT_PREFIX):
-            try:
-                return max(1.0, float(tag.removeprefix(TIMEOUT_PREFIX)))
-            except ValueError:
-                break
-    return DEFAULT_APPROVAL_TIMEOUT_S
-
-
-def _plan_markdown(report: Report, previews: list[ActionResult]) -> str:
-    serious = [f for f in report.findings if f.severity.rank > 0][:8]
-    lines = [f"## Approve remediation: {report.procedure} on `{report.env}`", "", "What was found:"]
-    lines += [f"- {f.severity.value}: {redact(f.title)}" for f in serious] or ["- nothing above info"]
-    lines += ["", "The plan (nothing has been changed yet):"]
-    for p in previews:
-        for c in p.planned:
-            before = ", ".join(f"{k}={str(v)[:80]}" for k, v in c.before.items())
-            lines.append(f"- **{p.name}**: {c.action} `{redact(c.subject)}` ({redact(before)})")
-    lines += ["", "Set **approve** and submit to apply; leave it unset (or reject) and nothing changes."]
-    return "\n".join(lines)
-
-
-def finish_report(report: Report, env: Environment | None = None) -> dict[str, Any]:
-    """Close the report; under Prefect publish it, annotate applied remediations and notify the alert's route."""
+        _CURRENT.reset(token)
+    _remediate(run)
+    for fn in run.finishers:
+        fn(report)
     report.finish()
-    if FlowRunContext.get():
-        if env is not None:
-            _announce(report, env)  # first: its delivery errors belong in the published report
+    report.outcome = outcome(report, run)
+    run.decide(f"outcome: {report.outcome}")
+    if ctx:
+        _announce_finished(run)  # first: its delivery errors belong in the published report
         publish_artifacts(report)
-    return report_to_json(report)
+    doc = report_to_json(report)
+    return Completed(name=report.outcome, message=_summary(report), data=doc)
 
 
-def _announce(report: Report, env: Environment) -> None:
-    from prefect.settings import PREFECT_UI_URL
-
-    from tasks.notify import annotate_grafana, notify_route
-
-    for a in report.actions:
-        if a.changed:
-            subjects = ", ".join(c.subject for c in a.planned)
-            error = annotate_grafana(env, f"{report.procedure}: {a.name} on {a.target}: {subjects}",
-                                     [report.procedure, env.name, a.name])
-            if error:
-                report.notes.append(f"Grafana annotation failed: {error}")
-    ctx = FlowRunContext.get()
-    route_name = next((t.removeprefix("route:") for t in (ctx.flow_run.tags or []) if t.startswith("route:")), None) \
-        if ctx and ctx.flow_run else None
-    if not route_name:
+def _remediate(run: Run) -> None:
+    report, spec = run.report, run.spec
+    if not run.offers:
+        if spec.remediations:
+            run.decide("no remediation offered: the diagnosis found nothing this procedure can fix")
         return
-    route = next((r for r in load_playbooks().routes if r.name == route_name), None)
+    applying = not run.dry_run and run.mode not in ("diagnose", "dry_run")
+    needs_approval = applying and (run.mode == "approve" or spec.approval_for(run.env) == "required")
+    run.decide(f"policy: mode {run.mode}" + (f" (route {run.route})" if run.route else "")
+               + ("; dry run: plan only" if not applying else "; apply")
+               + ("; approval required" if needs_approval else ""))
+    if run.mode == "diagnose":
+        for o in run.offers:
+            report.actions.append(ActionResult(name=o.rem.name, target=o.rem.target, dry_run=True,
+                                               skipped_reason="diagnose-only policy: remediations not planned"))
+        run.decide("diagnose-only policy: no remediation planned")
+        return
+    plans = [plan_step(o.rem, o.state) for o in run.offers]
+    planned = [p for p in plans if p.planned and not p.error]
+    for p in plans:
+        run.decide(f"planned {p.name} on {p.target}: " + (p.error or f"{len(p.planned)} change(s)"))
+    if not applying or not planned:
+        _finish_actions(run, plans)
+        return
+    if needs_approval:
+        decision = _ask(run, planned)
+        if not decision.approved:
+            for p in planned:
+                p.skipped_reason = f"not applied: {decision.reason or 'not approved'}"
+            _finish_actions(run, plans)
+            return
+        report.notes.append(f"approved by {decision.approver} ({decision.how})"
+                            + (f": {decision.reason}" if decision.reason else ""))
+    results = []
+    for offer, p in zip(run.offers, plans, strict=True):
+        if p.planned and not p.error:
+            r = apply_step(offer.rem, p)
+            run.decide(f"applied {r.name}: {len(r.applied)} of {len(r.planned)} change(s) made"
+                       + (f", verified: {r.verified}" if r.applied else "") + (f"; ERROR {r.error}" if r.error else ""))
+            for s in r.skipped:
+                run.decide(f"skipped {r.name}: {s}")
+            results.append(r)
+        else:
+            results.append(p)
+    _finish_actions(run, results)
+
+
+def _finish_actions(run: Run, results: list[ActionResult]) -> None:
+    for offer, result in zip(run.offers, results, strict=True):
+        run.report.actions.append(result)
+        if offer.after is not None:
+            offer.after(run.report, result)
+
+
+@task(cache_policy=NONE, task_run_name="plan-{rem.name}")
+def plan_step(rem: Remediation[Any], state: Any = _UNSET) -> ActionResult:
+    """check + plan (a task, so the UI shows each remediation's plan as its own step)."""
+    return plan_remediation(rem, state)
+
+
+@task(cache_policy=NONE, task_run_name="apply-{rem.name}")
+def apply_step(rem: Remediation[Any], planned: ActionResult) -> ActionResult:
+    """Apply exactly the shown plan, re-checked change by change, then verify."""
+    return apply_plan(rem, planned)
+
+
+def _ask(run: Run, planned: list[ActionResult]) -> approval.Decision:
+    report = run.report
+    view = approval.PlanView(
+        procedure=report.procedure, env=report.env, route=run.route or "",
+        targets=[p.target for p in planned],
+        findings=[f"{f.severity.value}: {redact(f.title)}" for f in report.findings if f.severity.rank > 0][:10],
+        changes=[f"{p.name}: {c.action} {redact(c.subject)}" + (f" ({redact(_kv(c.before))})" if c.before else "")
+                 for p in planned for c in p.planned],
+    )
+    run.decide(f"approval asked: {len(view.changes)} change(s); waiting up to {run.approval_timeout_s:g} s")
+
+    def waiting(v: approval.PlanView) -> None:
+        _notify(run, "waiting", f"{report.procedure} on {report.env} is WAITING FOR APPROVAL "
+                f"(up to {run.approval_timeout_s:g} s): " + "; ".join(v.changes[:10]),
+                {"changes": len(v.changes)})
+
+    decision = approval.ask(view, run.approval_timeout_s, waiting)
+    if decision.approved:
+        run.decide(f"approval granted by {decision.approver} ({decision.how})")
+    else:
+        who = f" by {decision.approver}" if decision.approver else ""
+        run.decide(f"approval not given{who}: {decision.reason or 'rejected'}")
+    return decision
+
+
+def outcome(report: Report, run: Run | None = None) -> str:
+    """Remediated: something changed and verified, nothing failed. Needs attention: a failure, or a critical
+    finding left as it was. Not applied: changes were wanted but policy or a person held them back."""
+    if any(a.error for a in report.actions):
+        return OUTCOME_ATTENTION
+    changed = [a for a in report.actions if a.changed]
+    if changed and all(a.verified for a in changed):
+        return OUTCOME_REMEDIATED
+    if any(a.skipped_reason.startswith("not applied") for a in report.actions):
+        return OUTCOME_NOT_APPLIED
+    if report.has_critical:
+        return OUTCOME_ATTENTION
+    return OUTCOME_OK
+
+
+def _summary(report: Report) -> str:
+    changed = sum(len(a.applied) for a in report.actions)
+    return (f"{report.outcome}: worst {report.worst.value}, {len(report.findings)} finding(s), "
+            f"{changed} change(s) made" + (" (dry run)" if report.dry_run else ""))
+
+
+# ------------------------------------------------------------------ announcements (never fail a run)
+
+
+def _announce_finished(run: Run) -> None:
+    from runbook.notify import annotate_grafana
+
+    report = run.report
+    for a in report.actions:
+        if a.applied:
+            subjects = ", ".join(c.subject for c in a.applied)
+            try:
+                error = annotate_grafana(run.env, f"{report.procedure}: {a.name} on {a.target}: {subjects}",
+                                         [report.procedure, run.env.name, a.name])
+            except ConfigError as exc:
+                error = str(exc)
+            if error:
+                report.notes.append(f"Grafana annotation failed: {redact(error)}")
+    _notify(run, "finished", f"{report.procedure} on {report.env} finished: {_summary(report)}",
+            {"worst": report.worst.value, "outcome": report.outcome})
+
+
+def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
+    from runbook.notify import notify_route
+
+    route = _route(run)
     if route is None or not route.notify:
         return
+    try:
+        errors = notify_route(route, run.env, event, text, fields, _run_link(run.report))
+    except ConfigError as exc:
+        errors = [str(exc)]
+    for error in errors:
+        run.report.notes.append(f"notification ({event}) failed: {redact(error)}")
+    run.decide(f"notified route {route.name}: {event}" + (f" ({len(errors)} failed)" if errors else ""))
+
+
+def _route(run: Run) -> Route | None:
+    if not run.route:
+        return None
+    try:
+        return next((r for r in load_playbooks().routes if r.name == run.route), None)
+    except ConfigError:
+        return None
+
+
+def _run_link(report: Report) -> str | None:
+    from prefect.settings import PREFECT_UI_URL
+
     ui = PREFECT_UI_URL.value()
-    link = f"{ui}/runs/flow-run/{report.flow_run_id}" if ui and report.flow_run_id else None
-    changed = sum(a.changed for a in report.actions)
-    text = (f"{report.procedure} on {env.name} finished: worst severity {report.worst.value}, "
-            f"{len(report.findings)} findings, {changed} remediation(s) changed something"
-            + (" (dry run)" if report.dry_run else ""))
-    for error in notify_route(route, env, "finished", text, {"worst": report.worst.value}, link):
-        report.notes.append(f"notification failed: {error}")
+    return f"{ui}/runs/flow-run/{report.flow_run_id}" if ui and report.flow_run_id else None
+
+
+# ------------------------------------------------------------------ run context helpers
+
+
+def _run_tags() -> list[str]:
+    ctx = FlowRunContext.get()
+    return list((ctx.flow_run.tags if ctx and ctx.flow_run else None) or [])
+
+
+def _tag(tags: list[str], prefix: str) -> str | None:
+    return next((t.removeprefix(prefix) for t in tags if t.startswith(prefix)), None)
+
+
+def _timeout(tags: list[str]) -> float:
+    raw = _tag(tags, TIMEOUT_PREFIX)
+    try:
+        return max(1.0, float(raw)) if raw else approval.DEFAULT_APPROVAL_TIMEOUT_S
+    except ValueError:
+        return approval.DEFAULT_APPROVAL_TIMEOUT_S
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={str(v)[:80]}" for k, v in d.items())
 
 
 @contextmanager

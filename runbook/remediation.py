@@ -1,33 +1,50 @@
-"""The remediation contract (Ansible check mode) and the one runner that honours dry_run.
+"""The remediation contract (Ansible check mode): check, plan, apply, verify.
 
 A remediation reads state (``check``), computes the changes needed (``plan``: empty means already converged),
-mutates (``apply``) and re-reads to confirm (``verify``). ``run_remediation`` is the only code that calls ``apply``:
-a dry run stops after ``plan``, an empty plan skips ``apply``, and a failed verify is an error, never a silent
-success. Guards that make repeats safe (pid still running the same query, container not restarted since the alert)
-live in ``plan`` and are re-checked inside ``apply``.
+mutates (``apply``) and re-reads to confirm (``verify``). Only the engine's runner (runbook.runner) may call
+``apply``: every subclass's ``apply`` is wrapped so that a call outside the runner raises, whoever makes it. Guards
+that make repeats safe (pid still running the same query, container not restarted since the alert) live in
+``plan`` (as each change's ``key``) and are re-checked inside ``apply``.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, ClassVar, Generic, TypeVar
 
-from runbook.errors import RemediationFailed, TargetUnreachable
-from runbook.findings import ActionResult, Change
-from runbook.redact import redact
-
-log = logging.getLogger(__name__)
+from runbook.errors import RemediationFailed
+from runbook.findings import Change
 
 StateT = TypeVar("StateT")
+
+_APPLY_PERMIT: ContextVar[bool] = ContextVar("runbook_apply_permit", default=False)
+
+
+@contextmanager
+def _permit_apply() -> Iterator[None]:
+    """Held by runbook.runner while it applies a plan; nothing else in the project uses it (import contract)."""
+    token = _APPLY_PERMIT.set(True)
+    try:
+        yield
+    finally:
+        _APPLY_PERMIT.reset(token)
 
 
 class Remediation(ABC, Generic[StateT]):
     """Subclass, set ``name``, implement the four steps; ``@register`` it so the contract suite runs it."""
 
     name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        apply = cls.__dict__.get("apply")
+        if apply is not None and not getattr(apply, "_guarded", False):
+            cls.apply = _guarded(apply)
 
     @property
     @abstractmethod
@@ -44,11 +61,26 @@ class Remediation(ABC, Generic[StateT]):
 
     @abstractmethod
     def apply(self, plan: list[Change]) -> list[Change]:
-        """Carry out the plan, re-checking each guard; return the changes actually made."""
+        """Carry out the plan, re-checking each guard; return the changes actually made.
+
+        On failure raise RemediationFailed(..., done=[changes made so far]).
+        """
 
     @abstractmethod
     def verify(self, applied: list[Change]) -> tuple[bool, str]:
         """Re-read state and confirm the applied changes took effect: (ok, human-readable detail)."""
+
+
+def _guarded(apply: Callable[..., list[Change]]) -> Callable[..., list[Change]]:
+    @functools.wraps(apply)
+    def guarded(self: Remediation[Any], plan: list[Change]) -> list[Change]:
+        if not _APPLY_PERMIT.get():
+            raise RemediationFailed(f"{type(self).name}: apply refused: remediations are applied only by the "
+                                    "procedure runner (plan, policy, approval, apply, verify)")
+        return apply(self, plan)
+
+    guarded._guarded = True  # type: ignore[attr-defined]
+    return guarded
 
 
 REGISTRY: dict[str, type[Remediation[Any]]] = {}
@@ -73,52 +105,3 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: floa
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval_s)
-
-
-def run_remediation(rem: Remediation[Any], *, dry_run: bool = True,
-                    allowed: Callable[[], str | None] | None = None) -> ActionResult:
-    """Drive check -> plan -> (apply -> verify) and report it. Dry run is the default.
-
-    ``allowed`` may return a reason to refuse applying (a policy narrowing the run to dry-run); it can only narrow.
-    Unreachable targets and failed applies become an ``ActionResult`` with ``error`` set, not exceptions, so one
-    failing remediation never hides the report of the others.
-    """
-    result = ActionResult(name=rem.name, target=rem.target, dry_run=dry_run)
-    try:
-        state = rem.check()
-        result.planned = rem.plan(state)
-    except TargetUnreachable as exc:
-        result.error = redact(str(exc))
-        return result
-    if not result.planned:
-        result.detail = "already converged: nothing to do"
-        return result
-    if not dry_run and allowed is not None:
-        reason = allowed()
-        if reason:
-            result.dry_run = True
-            result.skipped_reason = f"not applied: {reason}"
-            return result
-    if dry_run:
-        result.detail = f"dry run: would make {len(result.planned)} change(s)"
-        return result
-    try:
-        applied = rem.apply(result.planned)
-    except (RemediationFailed, TargetUnreachable) as exc:
-        result.error = redact(f"apply failed: {exc}")
-        return result
-    result.changed = bool(applied)
-    if not applied:
-        result.detail = "guards found nothing left to change (state moved on since the plan)"
-        result.verified = True
-        return result
-    try:
-        ok, detail = rem.verify(applied)
-    except (RemediationFailed, TargetUnreachable) as exc:
-        ok, detail = False, f"verify could not run: {exc}"
-    result.verified = ok
-    result.detail = redact(detail)
-    if not ok:
-        result.error = redact(f"verify failed: {detail}")
-    log.info("remediation %r on %r: changed=%r verified=%r", rem.name, rem.target, result.changed, ok)
-    return result

@@ -1,7 +1,7 @@
 """`runbook serve` and its pieces: a Prefect server, the deployments, the warm executor and the alert intake.
 
 Embedded (the default): one command starts (or reuses) a local Prefect server on SQLite, registers the
-deployments from prefect.yaml, runs the executor and the intake in this process, and stops all of it on Ctrl-C.
+deployments from the procedure catalog, runs the executor and the intake in this process, and stops all of it on Ctrl-C.
 Scale-out: the same pieces as separate processes (`runbook intake`, `runbook worker`) against one Prefect
 server on PostgreSQL; see the README.
 """
@@ -23,6 +23,7 @@ from runbook.config import PROJECT_ROOT
 from runbook.errors import RunbookError
 
 PREFECT_BIN = Path(sys.executable).parent / "prefect"
+DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook
 
 
 def prefect_env(api_url: str) -> dict[str, str]:
@@ -46,12 +47,30 @@ def prefect_server_env(home: Path, port: int, database_url: str) -> dict[str, st
 
 
 def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
-    """Create the process work pool if missing and apply every deployment in prefect.yaml."""
-    env = prefect_env(api_url)
+    """Create the process work pool if missing and upsert one deployment per procedure of the catalog.
+
+    The catalog (``@procedure`` in flows/) is the one list of procedures: each deployment's form comes from the
+    flow's typed signature, with dry_run defaulting to true and the schema enforced, so a run created with a
+    parameter the flow does not take (e.g. one claiming an approval) is refused by the server. Done over the REST
+    API rather than `prefect deploy` (a CLI subprocess and a second list in prefect.yaml).
+    """
+    from runbook.procedure import PROCEDURES
+
     with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
         if http.get(f"/work_pools/{work_pool}").status_code == 404:
-            _prefect(["work-pool", "create", work_pool, "--type", "process"], env)
-    _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(PROJECT_ROOT / "prefect.yaml")], env)
+            http.post("/work_pools/", json={"name": work_pool, "type": "process"}).raise_for_status()
+        for spec in PROCEDURES.values():
+            flow_id = http.post("/flows/", json={"name": spec.name}).raise_for_status().json()["id"]
+            module, _, fn = spec.flow_path.partition(":")
+            http.post("/deployments/", json={
+                "name": DEPLOYMENT_NAME, "flow_id": flow_id, "work_pool_name": work_pool,
+                "work_queue_name": "default", "description": spec.summary,
+                "tags": ["procedure", *spec.tags], "entrypoint": f"{module.replace('.', '/')}.py:{fn}",
+                "path": str(PROJECT_ROOT),
+                "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}],
+                "parameters": {"dry_run": True}, "enforce_parameter_schema": True,
+                "parameter_openapi_schema": spec.flow.parameters.model_dump(mode="json"),
+            }).raise_for_status()
     apply_verification_schedules(api_url)
 
 
@@ -83,13 +102,6 @@ def apply_verification_schedules(api_url: str) -> None:
                 {"schedule": {"cron": cron, "timezone": "UTC"}, "active": True, "slug": slug,
                  "parameters": {"env": env, "dry_run": True}}
                 for slug, (cron, env) in wanted.items()]).raise_for_status()
-
-
-def _prefect(args: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run([str(PREFECT_BIN), *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
-    if proc.returncode != 0:
-        raise RunbookError(f"prefect {' '.join(args[:3])} failed: {(proc.stdout + proc.stderr)[-1500:]}")
 
 
 def wait_healthy(api_url: str, timeout_s: float = 60.0) -> None:

@@ -307,7 +307,8 @@ class RestoreFromBackup(Remediation[dict[str, Any]]):
             if set(back) != set(stopped):
                 self.stopped_at = step
                 raise RemediationFailed(f"restored, but only {len(back)} of {len(stopped)} writer containers "
-                                        "are running again: start the others by hand")
+                                        "are running again: start the others by hand",
+                                        done=[c for c in plan if c.action != "start-writers"])
         else:
             self._step(step, NO_DOCKER)
         with contextlib.suppress(OSError, TargetUnreachable), open_store(self.env) as store:

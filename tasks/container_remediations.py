@@ -100,6 +100,8 @@ class ScaleService(Remediation[dict[str, Any]]):
             number = state["next_number"] + i
             changes.append(Change(
                 action="create", subject=f"container {project}-{self.service}-{number}",
+                key=f"create:{project}-{self.service}-{number}:running=" + ",".join(sorted(
+                    c["id"] for c in state["running"])),
                 before={"service": self.service, "running_replicas": have, "copy_of": src["name"]},
                 after={"image": src["image"], "number": number, "state": "running", "replicas": self.replicas},
             ))
@@ -122,7 +124,7 @@ class ScaleService(Remediation[dict[str, Any]]):
                 try:
                     client.containers.run(**_replica_spec(template, name, int(change.after["number"])))
                 except docker.errors.APIError as exc:
-                    raise RemediationFailed(f"creating {name}: {exc.explanation or exc}") from None
+                    raise RemediationFailed(f"creating {name}: {exc.explanation or exc}", done=done) from None
                 done.append(change)
                 missing -= 1
         return done
@@ -211,7 +213,7 @@ class RestartLeakers(Remediation[list[dict[str, Any]]]):
 
     def plan(self, state: list[dict[str, Any]]) -> list[Change]:
         return [
-            Change(action="restart", subject=f"container {c['name']}",
+            Change(action="restart", subject=f"container {c['name']}", key=f"restart:{c['id']}:{c['started_at']}",
                    before={"id": c["id"], "service": c["service"], "started_at": c["started_at"].isoformat(),
                            "mem_usage": c.get("mem_usage", 0), "memory": human_bytes(c.get("mem_usage", 0))},
                    after={"state": "running", "started_after": self.since.isoformat()})
@@ -234,7 +236,7 @@ class RestartLeakers(Remediation[list[dict[str, Any]]]):
                 try:
                     client.api.restart(cid, timeout=self.stop_timeout_s)
                 except docker.errors.APIError as exc:
-                    raise RemediationFailed(f"restarting {now['name']}: {exc.explanation or exc}") from None
+                    raise RemediationFailed(f"restarting {now['name']}: {exc.explanation or exc}", done=done) from None
 
                 def back(cid: str = cid, before: datetime | None = planned_start) -> bool:
                     s = summarize(_inspect(client, cid) or {"Id": cid})
@@ -244,7 +246,7 @@ class RestartLeakers(Remediation[list[dict[str, Any]]]):
                 if not wait_until(back, self.wait_timeout_s):
                     # rolling: never take down the next replica while this one is not back
                     raise RemediationFailed(f"{now['name']} not running again within {self.wait_timeout_s:g} s; "
-                                            f"stopped the rolling restart after {len(done)} container(s)")
+                                            f"stopped the rolling restart after {len(done)} container(s)", done=done)
         return done
 
     def verify(self, applied: list[Change]) -> tuple[bool, str]:
@@ -291,6 +293,7 @@ class StartServiceContainers(Remediation[list[dict[str, Any]]]):
     def plan(self, state: list[dict[str, Any]]) -> list[Change]:
         return [
             Change(action="start", subject=f"container {c['name']}",
+                   key=f"start:{c['id']}:{c['state']}:{c['finished_at']}",
                    before={"id": c["id"], "state": c["state"], "exit_code": c["exit_code"],
                            "finished_at": c["finished_at"].isoformat() if c["finished_at"] else None},
                    after={"state": "running"})
@@ -311,7 +314,7 @@ class StartServiceContainers(Remediation[list[dict[str, Any]]]):
                 try:
                     client.api.start(now["id"])
                 except docker.errors.APIError as exc:
-                    raise RemediationFailed(f"starting {now['name']}: {exc.explanation or exc}") from None
+                    raise RemediationFailed(f"starting {now['name']}: {exc.explanation or exc}", done=done) from None
                 done.append(change)
         return done
 

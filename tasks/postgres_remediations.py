@@ -33,6 +33,7 @@ def _snapshot_change(action: str, row: dict[str, Any], **extra: Any) -> Change:
     return Change(
         action=action,
         subject=f"pid {row['pid']}",
+        key=f"{action}:pid={row['pid']}:start={row['backend_start'].isoformat()}:since={row['since'].isoformat()}",
         before={
             "user": row["usename"],
             "state": row["state"],

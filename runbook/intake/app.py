@@ -34,8 +34,8 @@ from runbook.intake.models import Webhook
 from runbook.intake.policy import decide
 from runbook.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
 from runbook.intake.store import Store
+from runbook.notify import notify_route
 from runbook.redact import redact
-from tasks.notify import notify_route
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from runbook.intake.store import Occurrence, Store
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (prefect.yaml)
+DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (runbook.serve)
 CANCELLABLE = {"SCHEDULED", "PENDING", "PAUSED"}
 
 

@@ -63,6 +63,7 @@ def test_network_config_rejects_shell_characters() -> None:
 
 def test_procedures_are_listed() -> None:
     assert {"network-checks", "cache-api", "log-analysis"} <= set(PROCEDURES)
-    for name in ("network-checks", "cache-api", "log-analysis"):
-        params = {p.name: p.default for p in PROCEDURES[name].parameters()}
-        assert params["dry_run"] is True
+    for name in PROCEDURES:
+        schema = PROCEDURES[name].flow.parameters.model_dump()["properties"]
+        assert schema["dry_run"]["default"] is True, f"{name}: dry run must be the default"
+        assert "dry_run" not in PROCEDURES[name].parameter_names(), "--param cannot set dry_run"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from runbook.findings import Change
-from runbook.remediation import REGISTRY, Remediation, run_remediation
+from runbook.remediation import REGISTRY, Remediation
+from runbook.runner import run_remediation
 
 
 class EnsureLine(Remediation[str]):

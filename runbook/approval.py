@@ -1,0 +1,171 @@
+"""Approval: a human act on a shown plan, never a parameter.
+
+The runner asks here when a run would apply changes under the ``approve`` policy, or when the procedure needs
+approval (``approval: required``, data-corruption by default). Two ways to ask, chosen by where the run is:
+
+- a local approver the CLI installs for its own in-process run (the plan printed, ``yes`` typed at a terminal, or
+  ``--yes`` from a script, recorded as the OS user and host);
+- otherwise the run pauses in Prefect with a form that shows the findings and the exact plan. The plan is also
+  stored as the run's input ``runbook-plan`` so ``runbook approvals`` / ``runbook approve`` can show it.
+
+No decision, a rejection, a timeout or the run being cancelled while it waits changes nothing.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime, timedelta
+
+from prefect.input import RunInput
+from pydantic import BaseModel, Field
+
+PAUSE_KEY = "approval"
+PLAN_INPUT_KEY = "runbook-plan"
+DEFAULT_APPROVAL_TIMEOUT_S = 1800.0
+APPROVER_PATTERN = r"^[A-Za-z0-9_.@+ -]{1,128}$"
+
+
+class ApprovalInput(RunInput):
+    """The form an approver fills in (Prefect UI, or `runbook approve`). Your name is required."""
+
+    approve: bool = Field(False, description="apply exactly the plan shown above")
+    approver: str = Field(min_length=1, max_length=128, pattern=APPROVER_PATTERN,
+                          description="your name: recorded in the report and the run's log")
+    reason: str = Field("", max_length=500, description="why (recorded in the report)")
+
+
+class Decision(BaseModel):
+    approved: bool
+    approver: str = ""
+    reason: str = ""
+    how: str = ""
+
+
+class PlanView(BaseModel):
+    """What a person approves: the findings that matter and the exact changes. Stored with the paused run."""
+
+    procedure: str
+    env: str
+    run_id: str = ""
+    route: str = ""
+    targets: list[str] = Field(default_factory=list)
+    findings: list[str] = Field(default_factory=list)
+    changes: list[str] = Field(default_factory=list)
+    asked_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    deadline: datetime | None = None
+
+    def text(self) -> str:
+        lines = [f"{self.procedure} on {self.env}: approve these changes?", "found:"]
+        lines += [f"  - {f}" for f in self.findings] or ["  - nothing above info"]
+        lines += ["plan (nothing has been changed yet):"] + [f"  - {c}" for c in self.changes]
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        lines = [f"## Approve remediation: {self.procedure} on `{self.env}`", "", "What was found:"]
+        lines += [f"- {f}" for f in self.findings] or ["- nothing above info"]
+        lines += ["", "The plan (nothing has been changed yet):"] + [f"- {c}" for c in self.changes]
+        lines += ["", "Set **approve**, give your name and submit to apply exactly this plan; reject (or let it "
+                  "time out) and nothing changes."]
+        return "\n".join(lines)
+
+
+LocalApprover = Callable[[PlanView], Decision]
+_LOCAL: ContextVar[LocalApprover | None] = ContextVar("runbook_local_approver", default=None)
+
+
+@contextmanager
+def local_approver(fn: LocalApprover) -> Iterator[None]:
+    """Install how an in-process run asks (the CLI's terminal prompt or ``--yes``) for the block's runs."""
+    token = _LOCAL.set(fn)
+    try:
+        yield
+    finally:
+        _LOCAL.reset(token)
+
+
+def operator_identity() -> str:
+    """Who is at this terminal or runs this script: OS user and host."""
+    return f"{getpass.getuser()}@{socket.gethostname()}"[:128]
+
+
+def ask(view: PlanView, timeout_s: float, on_waiting: Callable[[PlanView], None]) -> Decision:
+    """Ask for a decision on ``view``; ``on_waiting`` is called once the question is out (notifications)."""
+    local = _LOCAL.get()
+    if local is not None:
+        return local(view)
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None or not PREFECT_API_URL.value():
+        return Decision(approved=False, reason="nobody can be asked: run at a terminal (`runbook run ... --apply`) "
+                                               "or through a Prefect server, where the run pauses for approval")
+    return _pause_for_approval(view, timeout_s, on_waiting)
+
+
+def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[PlanView], None]) -> Decision:
+    """Pause this run with the form, store the plan, and wait for a decision (or the timeout, or a cancel).
+
+    Written on Prefect's pause pieces rather than ``pause_flow_run`` because that one only notices a resume:
+    a run cancelled while paused (its alert resolved) would sit out the whole timeout.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import Abort
+    from prefect.input import keyset_from_paused_state
+    from prefect.input.run_input import run_input_subclass_from_type
+    from prefect.states import Paused, Running
+    from prefect.utilities.engine import propose_state_sync
+
+    ctx = FlowRunContext.get()
+    assert ctx is not None and ctx.flow_run is not None
+    run_id = ctx.flow_run.id
+    view.run_id, view.deadline = str(run_id), datetime.now(UTC) + timedelta(seconds=timeout_s)
+    form = run_input_subclass_from_type(ApprovalInput).with_initial_data(description=view.markdown(), approve=False)
+    # the server's own pause expiry comes a little after ours, so this loop always decides first
+    state = Paused(timeout_seconds=int(timeout_s) + 60, reschedule=False, pause_key=PAUSE_KEY)
+    keyset = keyset_from_paused_state(state)
+    state.state_details.run_input_keyset = keyset
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        client.create_flow_run_input(run_id, PLAN_INPUT_KEY, view.model_dump_json())
+        try:
+            new = propose_state_sync(client=client, state=state, flow_run_id=run_id)
+        except Abort as exc:
+            return Decision(approved=False, reason=f"could not pause for approval: {exc}")
+        if not new.is_paused():
+            return Decision(approved=False, reason=f"could not pause for approval: state is {new.type.value}")
+        form.save(keyset)
+        on_waiting(view)
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            current = client.read_flow_run(run_id).state
+            if current is None:
+                continue
+            if current.is_running():
+                answer = ApprovalInput.model_validate(form.load(keyset).model_dump())
+                return Decision(approved=answer.approve, approver=answer.approver, reason=answer.reason,
+                                how="in the Prefect UI or with `runbook approve`")
+            if current.is_final() or current.name == "Cancelling":
+                return Decision(approved=False, reason=f"run {current.name.lower()} while waiting for approval")
+        # Nobody decided: take the run out of PAUSED ourselves (forced: the server would otherwise fail a paused run
+        # that completes), so it finishes with a report saying nothing was applied.
+        client.set_flow_run_state(run_id, Running(message="approval timed out"), force=True)
+    return Decision(approved=False, reason=f"no approval within {timeout_s:g} s (a timeout counts as rejection)")
+
+
+def parse_plan_input(raw: str) -> PlanView | None:
+    """The stored plan of a paused run (``runbook approvals``); None when it is not one of ours."""
+    try:
+        value = json.loads(raw)
+        if isinstance(value, str):  # Prefect stores inputs JSON-encoded
+            value = json.loads(value)
+        return PlanView.model_validate(value)
+    except (ValueError, TypeError):
+        return None
