@@ -127,7 +127,7 @@ def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[
     assert ctx is not None and ctx.flow_run is not None
     run_id = ctx.flow_run.id
     view.run_id, view.deadline = str(run_id), datetime.now(UTC) + timedelta(seconds=timeout_s)
-    form = run_input_subclass_from_type(ApprovalInput).with_initial_data(description=view.markdown(), approve=False)
+    form = run_input_subclass_from_type(ApprovalInput).with_initial_data(approve=False)
     # the server's own pause expiry comes a little after ours, so this loop always decides first
     state = Paused(timeout_seconds=int(timeout_s) + 60, reschedule=False, pause_key=PAUSE_KEY)
     keyset = keyset_from_paused_state(state)
@@ -142,6 +142,9 @@ def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[
         if not new.is_paused():
             return Decision(approved=False, reason=f"could not pause for approval: state is {new.type.value}")
         form.save(keyset)
+        # Prefect's with_initial_data(description=...) is lost on pydantic 2 models (stored as a private attribute,
+        # never saved): write the description the UI shows above the form ourselves
+        client.create_flow_run_input(run_id, keyset["description"], view.markdown())
         on_waiting(view)
         while time.monotonic() < deadline:
             time.sleep(0.5)

@@ -1,4 +1,4 @@
-"""The CLI around backups: the procedures in `runbook list`, --approve's rules, `runbook backups list`."""
+"""The CLI around backups: the procedures in `runbook list`, approval is never a parameter, `runbook backups list`."""
 
 from __future__ import annotations
 
@@ -22,16 +22,16 @@ def test_list_shows_the_backup_procedures() -> None:
     assert code == 0
     for name in ("backup ", "backup-verification", "data-corruption"):
         assert name in text
-    assert "approved_by" in text and "approval_timeout_s" in text and "test_restore" in text
+    assert "approved_by" not in text and "test_restore" in text
 
 
-def test_approve_needs_apply_and_an_approval_step_and_cannot_be_a_param() -> None:
-    code, text = invoke("run", "data-corruption", "--env", "production", "--approve")
-    assert code == 2 and "--approve needs --apply" in text
-    code, text = invoke("run", "db-slowness", "--env", "production", "--apply", "--approve")
-    assert code == 2 and "db-slowness has no approval step" in text
+def test_approval_is_never_a_parameter_and_yes_needs_apply() -> None:
+    code, text = invoke("run", "data-corruption", "--env", "production", "--yes")
+    assert code == 2 and "--yes needs --apply" in text
     code, text = invoke("run", "data-corruption", "--env", "production", "--param", "approved_by=mallory")
-    assert code == 2 and "use --approve" in text
+    assert code == 2 and "approved_by: data-corruption has no such parameter" in text
+    code, text = invoke("run", "data-corruption", "--env", "production", "--apply", "--approve")
+    assert code == 2 and "No such option: --approve" in text
 
 
 def test_backups_list_unknown_env_exits_2() -> None:

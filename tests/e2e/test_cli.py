@@ -33,7 +33,7 @@ def cli(*args: str, extra_env: dict[str, str] | None = None, timeout: float = 12
 def test_list_shows_procedures_with_parameters() -> None:
     code, text = invoke("list")
     assert code == 0
-    assert "db-slowness" in text and "long_query_s" in text and "dry_run" in text
+    assert "db-slowness" in text and "long_query_s" in text and "dry_run" not in text  # --apply, not --param
 
 
 def test_unknown_procedure_exits_2() -> None:

@@ -3,7 +3,7 @@
 The incident: a tenth of the bookings deleted and the payments table dropped. Assessed correctly; a dry run, no
 approval, a rejected approval, a timeout and a failure injected mid-restore (a session that will not leave the
 database, so the swap cannot happen) all leave the original database in place and the writers running; the
-restore through `runbook run --apply --approve` brings the data back, keeps the old database under its dated name
+restore through `runbook run --apply --yes` brings the data back, keeps the old database under its dated name
 and leaves a safety backup that itself restores; a second run changes nothing.
 """
 
@@ -74,17 +74,18 @@ def test_incident_is_assessed_and_dry_run_changes_nothing(incident: dict[str, An
     assert writers_running(incident["env"])
 
 
-def test_without_a_flow_run_or_server_nobody_can_approve(incident: dict[str, Any]) -> None:
-    """Outside a Prefect flow run (or with no server) only approved_by (the CLI's --approve) can approve."""
-    from flows.data_corruption import get_approval
-    from runbook.findings import Report
-    from tasks.backup_remediations import RestoreFromBackup
+def test_without_a_terminal_or_server_nobody_can_approve(incident: dict[str, Any]) -> None:
+    """An in-process run with no local approver and no Prefect API to pause on cannot be approved: nothing changes."""
+    from prefect.context import FlowRunContext
 
-    rem = RestoreFromBackup(incident["env"])
-    state = rem.check()
-    who, why = get_approval(Report(procedure="data-corruption", env="bk", dry_run=False), rem, state, None, 5)
-    assert who is None and "no approval" in why
-    assert get_approval(Report(procedure="x", env="bk", dry_run=False), rem, state, "bob", 5)[0] == "bob"
+    from runbook import approval
+
+    assert FlowRunContext.get() is None
+    view = approval.PlanView(procedure="data-corruption", env="bk", changes=["restore-from-backup: restore x"])
+    decision = approval.ask(view, 5, lambda v: None)
+    assert not decision.approved and "nobody can be asked" in decision.reason
+    with approval.local_approver(lambda v: approval.Decision(approved=True, approver="bob@host", how="test")):
+        assert approval.ask(view, 5, lambda v: None).approver == "bob@host"
 
 
 def _paused_run(api: str, since: datetime, timeout_s: float = 60) -> str:
@@ -109,7 +110,7 @@ def _form_schema(api: str, run_id: str, timeout_s: float = 20) -> dict[str, Any]
     with httpx.Client(timeout=10) as http:
         while time.monotonic() < deadline:
             keys = http.post(f"{api}/flow_runs/{run_id}/input/filter",
-                             json={"prefix": "paused-restore-approval"}).json()
+                             json={"prefix": "paused-approval"}).json()
             for k in keys:
                 if k["key"].endswith("schema"):
                     return json.loads(k["value"])
@@ -134,24 +135,36 @@ def test_rejected_approval_in_prefect_changes_nothing(incident: dict[str, Any], 
 
     before = snapshot(sandbox_state, incident["dir"])
     since = datetime.now(UTC)
-    t, out = _run_in_thread(env="bk", dry_run=False, approval_timeout_s=120)
+    t, out = _run_in_thread(env="bk", dry_run=False)
     run_id = _paused_run(sandbox_state.prefect_api_url, since)
     schema = _form_schema(sandbox_state.prefect_api_url, run_id)
-    assert {"backup_file", "backup_age_h", "database", "old_database_kept_as", "safety_backup",
-            "approve"} <= set(schema["properties"])
-    resume_flow_run(run_id, run_input={"approve": False, "approver": "alice"})
+    assert {"approve", "approver", "reason"} <= set(schema["properties"]) and "approver" in schema["required"]
+    with httpx.Client(timeout=10, base_url=f"{sandbox_state.prefect_api_url}/flow_runs/{run_id}/input") as http:
+        deadline = time.monotonic() + 20
+        while (resp := http.get("/paused-approval-description")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        description, plan = resp.text, http.get("/runbook-plan").text
+    shown = {"runbook-plan": plan}
+    assert "restore" in description and "swap" in description, "the form shows the plan"
+    assert "restore-from-backup: swap" in shown["runbook-plan"], "the plan is stored for `runbook approvals`"
+    resume_flow_run(run_id, run_input={"approve": False, "approver": "alice", "reason": "wrong backup"})
     t.join(60)
     assert not t.is_alive()
     action = out["doc"]["actions"][0]
-    assert "rejected by alice" in action["skipped_reason"] and not action["changed"]
+    assert "not applied: wrong backup" in action["skipped_reason"] and not action["changed"]
+    assert out["doc"]["outcome"] == "Not applied"
+    assert any("approval not given by alice" in line for line in out["doc"]["audit"])
     assert snapshot(sandbox_state, incident["dir"]) == before
     assert writers_running(incident["env"])
 
 
 def test_approval_timeout_changes_nothing(incident: dict[str, Any], sandbox_state) -> None:  # noqa: ANN001
     before = snapshot(sandbox_state, incident["dir"])
-    doc = data_corruption(env="bk", dry_run=False, approval_timeout_s=1)
-    assert "approval timed out" in doc["actions"][0]["skipped_reason"]
+    from prefect import tags
+
+    with tags("approval-timeout-s:1"):  # how a route passes its approval_timeout_s
+        doc = data_corruption(env="bk", dry_run=False)
+    assert "no approval within 1 s" in doc["actions"][0]["skipped_reason"]
     assert snapshot(sandbox_state, incident["dir"]) == before
 
 
@@ -160,8 +173,11 @@ def test_failure_mid_restore_leaves_original_in_place(incident: dict[str, Any], 
     app_dsn = sandbox_state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"].rsplit("/", 1)[0] + f"/{DB}"
     assert APP_DSN_VAR
     dbs_before = databases(sandbox_state)
-    with psycopg.connect(app_dsn, autocommit=True, application_name="stubborn-client") as blocker:
-        doc = data_corruption(env="bk", dry_run=False, approved_by="tester", writer_stop_s=1)
+    from runbook.approval import Decision, local_approver
+
+    with psycopg.connect(app_dsn, autocommit=True, application_name="stubborn-client") as blocker, \
+            local_approver(lambda view: Decision(approved=True, approver="tester", how="test")):
+        doc = data_corruption(env="bk", dry_run=False, writer_stop_s=1)
         blocker.execute("SELECT 1")
     action = doc["actions"][0]
     assert "stopped at step 'swap'" in action["error"] and "stubborn-client" in action["error"]
@@ -178,17 +194,19 @@ def test_failure_mid_restore_leaves_original_in_place(incident: dict[str, Any], 
 def test_restore_with_cli_approval_then_second_run_changes_nothing(incident: dict[str, Any],
                                                                    sandbox_state) -> None:  # noqa: ANN001
     env = {**os.environ, "PREFECT_API_URL": sandbox_state.prefect_api_url}
-    cmd = [sys.executable, "-m", "runbook.cli", "run", "data-corruption", "--env", "bk", "--apply", "--approve",
+    cmd = [sys.executable, "-m", "runbook.cli", "run", "data-corruption", "--env", "bk", "--apply", "--yes",
            "--param", "writer_stop_s=1", "--output", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert proc.returncode == 3, proc.stderr  # critical: the damage found; the restore itself succeeded
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 4, proc.stderr  # the damage found, restored and verified
+    assert "restore-from-backup: restore" in proc.stderr, "--yes prints the plan it approves"
     doc = json.loads(proc.stdout)
     action = doc["actions"][0]
     assert action["changed"] and action["verified"] and not action["error"], action
-    approval = next(f for f in doc["findings"] if f["title"].startswith("restore approved by"))
     import getpass
+    import socket
 
-    assert getpass.getuser() in approval["title"] and "--approve" in approval["title"]
+    assert f"approved by {getpass.getuser()}@{socket.gethostname()} (--yes (script))" in doc["notes"]
     assert row_counts(sandbox_state) == ROWS, "the data did not come back"
     kept = [d for d in databases(sandbox_state) if d.startswith(f"{DB}_before_restore_")]
     assert len(kept) == 1 and row_counts(sandbox_state, kept[0]) == DAMAGED, "the old database was not kept"

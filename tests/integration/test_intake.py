@@ -161,7 +161,7 @@ def test_approve_mode_pauses_then_applies_after_runbook_approve(intake: Intake, 
     intake.post(alert("DbApproveTest", {"db": "main"}, fingerprint="a001"))
     run = _paused_run(intake, "a001")
     assert incident.waiter_results == [], "nothing may change before the approval"
-    proc = _approve_cli(intake, run["id"], "--reason", "blocker confirmed")
+    proc = _approve_cli(intake, run["id"], "--yes", "--reason", "blocker confirmed")
     assert proc.returncode == 0, proc.stderr
     assert intake.wait_state(run["id"], {"COMPLETED", "FAILED"}) == "COMPLETED"
     report = _report(intake, run["id"])
@@ -182,7 +182,7 @@ def test_approval_timeout_counts_as_rejection(intake: Intake, incident: DbIncide
     intake.post(alert("DbApproveTimeoutTest", {}, fingerprint="a004"))
     run = _wait_runs(intake, "db-approve-timeout", "a004")[0]
     assert intake.wait_state(run["id"], {"COMPLETED", "FAILED"}, 90) == "COMPLETED"
-    assert "no approval within 3 s (timeout counts as rejection)" in _report(intake, run["id"])
+    assert "no approval within 3 s (a timeout counts as rejection)" in _report(intake, run["id"])
     assert incident.waiter_results == [], "a timed-out approval changed something"
 
 
