@@ -130,6 +130,16 @@ class Executor:
             self._running += 1
         try:
             state = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+        except Exception as exc:  # the engine failed before the run could record it (e.g. bad parameters)
+            from prefect.states import Failed
+
+            from runbook.redact import redact
+
+            message = redact(f"could not start: {type(exc).__name__}: {exc}")[:500]
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(flow_run.id, Failed(message=message), force=True)
+            log.warning("flow run %s %s", run_id, message)
+            return
         finally:
             with self._lock:
                 self._running -= 1

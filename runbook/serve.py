@@ -69,9 +69,14 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
                 "path": str(PROJECT_ROOT),
                 "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}],
                 "parameters": {"dry_run": True}, "enforce_parameter_schema": True,
-                "parameter_openapi_schema": spec.flow.parameters.model_dump(mode="json"),
+                "parameter_openapi_schema": _closed_schema(spec.flow.parameters.model_dump(mode="json")),
             }).raise_for_status()
     apply_verification_schedules(api_url)
+
+
+def _closed_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """No parameter the flow does not take: the server then refuses (409) e.g. a run that claims an approval."""
+    return {**schema, "additionalProperties": False}
 
 
 def apply_verification_schedules(api_url: str) -> None:
