@@ -58,11 +58,11 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
 
     with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
         if http.get(f"/work_pools/{work_pool}").status_code == 404:
-            http.post("/work_pools/", json={"name": work_pool, "type": "process"}).raise_for_status()
+            _post(http, "/work_pools/", {"name": work_pool, "type": "process"})
         for spec in PROCEDURES.values():
-            flow_id = http.post("/flows/", json={"name": spec.name}).raise_for_status().json()["id"]
+            flow_id = _post(http, "/flows/", {"name": spec.name}).json()["id"]
             module, _, fn = spec.flow_path.partition(":")
-            http.post("/deployments/", json={
+            _post(http, "/deployments/", {
                 "name": DEPLOYMENT_NAME, "flow_id": flow_id, "work_pool_name": work_pool,
                 "work_queue_name": "default", "description": spec.summary,
                 "tags": ["procedure", *spec.tags], "entrypoint": f"{module.replace('.', '/')}.py:{fn}",
@@ -70,8 +70,19 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
                 "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}],
                 "parameters": {"dry_run": True}, "enforce_parameter_schema": True,
                 "parameter_openapi_schema": _closed_schema(spec.flow.parameters.model_dump(mode="json")),
-            }).raise_for_status()
+            })
     apply_verification_schedules(api_url)
+
+
+def _post(http: httpx.Client, path: str, body: dict[str, Any], attempts: int = 8) -> httpx.Response:
+    """POST with retries on 503/429, as Prefect's own client does: a SQLite-backed server (`runbook serve`)
+    answers 503 "database is locked" while it is busy writing, e.g. just after start-up."""
+    for attempt in range(attempts):
+        resp = http.post(path, json=body)
+        if resp.status_code not in (429, 503) or attempt == attempts - 1:
+            return resp.raise_for_status()
+        time.sleep(0.25 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _closed_schema(schema: dict[str, Any]) -> dict[str, Any]:
