@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import current_run, procedure
+from runbook.procedure import current_run, procedure, unreachable_as_finding
 from tasks.postgres import (
     analyze_indexes,
     blocking_tree,
@@ -43,7 +43,7 @@ def db_slowness(
     report, environment = run.report, run.env
     long_s = long_query_s or environment.thresholds.long_query_s
     idle_s = idle_in_transaction_s or environment.thresholds.idle_in_transaction_s
-    with run.unreachable_as_finding():
+    with unreachable_as_finding(report):
         snapshot_f = get_activity_snapshot.submit(environment, database)
         top_f = get_top_statements.submit(environment, database, top)
         snapshot, statements = snapshot_f.result(), top_f.result()

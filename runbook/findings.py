@@ -266,10 +266,11 @@ def _action_status(a: ActionResult) -> str:
 
 
 def _change_row(c: Change) -> list[Any]:
-    return [c.action, c.subject, _kv(c.before), _kv(c.after)]
+    return [c.action, c.subject, kv_text(c.before), kv_text(c.after)]
 
 
-def _kv(d: dict[str, Any]) -> str:
+def kv_text(d: dict[str, Any]) -> str:
+    """A change's before/after as one short line (report tables, the approval plan)."""
     return ", ".join(f"{k}={_short(v, 80)}" for k, v in d.items())
 
 
@@ -328,7 +329,7 @@ def render_terminal(report: Report, console: Console) -> None:
         for col in ("remediation", "target", "status", "planned changes"):
             t.add_column(col)
         for a in report.actions:
-            planned = "\n".join(f"{c.action} {c.subject}: {_kv(c.before)}" for c in a.planned) or "-"
+            planned = "\n".join(f"{c.action} {c.subject}: {kv_text(c.before)}" for c in a.planned) or "-"
             status = _action_status(a) + (f"\n{a.error}" if a.error else "") + (
                 f"\n{a.skipped_reason}" if a.skipped_reason else "")
             t.add_row(a.name, redact(a.target), redact(status), redact(planned))

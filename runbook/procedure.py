@@ -43,7 +43,7 @@ from pydantic import TypeAdapter, ValidationError
 from runbook import approval
 from runbook.config import Environment, Route, load_playbooks
 from runbook.errors import BadInput, ConfigError, TargetUnreachable
-from runbook.findings import ActionResult, Finding, Report, Severity, publish_artifacts, report_to_json
+from runbook.findings import ActionResult, Finding, Report, Severity, kv_text, publish_artifacts, report_to_json
 from runbook.redact import install_log_redaction, redact
 from runbook.remediation import Remediation
 from runbook.runner import _UNSET, apply_plan, plan_remediation
@@ -204,6 +204,7 @@ class Run:
     dry_run: bool
     mode: str
     route: str | None
+    route_config: Route | None
     approval_timeout_s: float
     offers: list[_Offer] = field(default_factory=list)
     finishers: list[Callable[[Report], None]] = field(default_factory=list)
@@ -218,12 +219,6 @@ class Run:
     def on_finish(self, fn: Callable[[Report], None]) -> None:
         """Run ``fn(report)`` after remediation, before publishing (e.g. the incident channel message)."""
         self.finishers.append(fn)
-
-    @contextmanager
-    def unreachable_as_finding(self) -> Iterator[None]:
-        """Turn a TargetUnreachable raised inside the block into a critical finding; the body carries on."""
-        with unreachable_as_finding(self.report):
-            yield
 
     def decide(self, line: str) -> None:
         """One audit line: in the report's Decisions and in the run's log (the UI's log tab tells the story)."""
@@ -263,14 +258,16 @@ def _execute(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ..
     bound = inspect.signature(body).bind(*args, **kwargs)
     bound.apply_defaults()
     env_name, dry_run = bound.arguments["env"], bool(bound.arguments["dry_run"])
-    environment = load_playbooks().environment(env_name)
+    playbooks = load_playbooks()
+    environment = playbooks.environment(env_name)
     report = Report(procedure=spec.name, env=env_name, dry_run=dry_run)
     tags = _run_tags()
     ctx = FlowRunContext.get()
     if ctx and ctx.flow_run:
         report.flow_run_id = str(ctx.flow_run.id)
-    run = Run(spec, environment, report, dry_run, _tag(tags, MODE_PREFIX) or "manual", _tag(tags, ROUTE_PREFIX),
-              _timeout(tags))
+    route = _tag(tags, ROUTE_PREFIX)
+    run = Run(spec, environment, report, dry_run, _tag(tags, MODE_PREFIX) or "manual", route,
+              next((r for r in playbooks.routes if r.name == route), None) if route else None, _timeout(tags))
     token = _CURRENT.set(run)
     try:
         body(*bound.args, **bound.kwargs)
@@ -280,7 +277,7 @@ def _execute(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ..
     for fn in run.finishers:
         fn(report)
     report.finish()
-    report.outcome = outcome(report, run)
+    report.outcome = outcome(report)
     run.decide(f"outcome: {report.outcome}")
     if ctx:
         _announce_finished(run)  # first: its delivery errors belong in the published report
@@ -361,7 +358,7 @@ def _ask(run: Run, planned: list[ActionResult]) -> approval.Decision:
         procedure=report.procedure, env=report.env, route=run.route or "",
         targets=[p.target for p in planned],
         findings=[f"{f.severity.value}: {redact(f.title)}" for f in report.findings if f.severity.rank > 0][:10],
-        changes=[f"{p.name}: {c.action} {redact(c.subject)}" + (f" ({redact(_kv(c.before))})" if c.before else "")
+        changes=[f"{p.name}: {c.action} {redact(c.subject)}" + (f" ({redact(kv_text(c.before))})" if c.before else "")
                  for p in planned for c in p.planned],
     )
     run.decide(f"approval asked: {len(view.changes)} change(s); waiting up to {run.approval_timeout_s:g} s")
@@ -380,7 +377,7 @@ def _ask(run: Run, planned: list[ActionResult]) -> approval.Decision:
     return decision
 
 
-def outcome(report: Report, run: Run | None = None) -> str:
+def outcome(report: Report) -> str:
     """Remediated: something changed and verified, nothing failed. Needs attention: a failure, or a critical
     finding left as it was. Not applied: changes were wanted but policy or a person held them back."""
     if any(a.error for a in report.actions):
@@ -425,7 +422,7 @@ def _announce_finished(run: Run) -> None:
 def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
     from runbook.notify import notify_route
 
-    route = _route(run)
+    route = run.route_config
     if route is None or not route.notify:
         return
     try:
@@ -435,15 +432,6 @@ def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
     for error in errors:
         run.report.notes.append(f"notification ({event}) failed: {redact(error)}")
     run.decide(f"notified route {route.name}: {event}" + (f" ({len(errors)} failed)" if errors else ""))
-
-
-def _route(run: Run) -> Route | None:
-    if not run.route:
-        return None
-    try:
-        return next((r for r in load_playbooks().routes if r.name == run.route), None)
-    except ConfigError:
-        return None
 
 
 def _run_link(report: Report) -> str | None:
@@ -481,10 +469,6 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return get_run_logger()
     except MissingContextError:
         return log
-
-
-def _kv(d: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={str(v)[:80]}" for k, v in d.items())
 
 
 @contextmanager

@@ -77,12 +77,13 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
 def _post(http: httpx.Client, path: str, body: dict[str, Any], attempts: int = 8) -> httpx.Response:
     """POST with retries on 503/429, as Prefect's own client does: a SQLite-backed server (`runbook serve`)
     answers 503 "database is locked" while it is busy writing, e.g. just after start-up."""
-    for attempt in range(attempts):
+    resp = http.post(path, json=body)
+    for attempt in range(1, attempts):
+        if resp.status_code not in (429, 503):
+            break
+        time.sleep(0.25 * attempt)
         resp = http.post(path, json=body)
-        if resp.status_code not in (429, 503) or attempt == attempts - 1:
-            return resp.raise_for_status()
-        time.sleep(0.25 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return resp.raise_for_status()
 
 
 def _closed_schema(schema: dict[str, Any]) -> dict[str, Any]:
