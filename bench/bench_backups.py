@@ -70,7 +70,7 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from runbook.config import load_playbooks
+from runbook.engine.config import load_playbooks
 from tasks.backup_store import LocalStore
 from tasks.backups import check_stream, restore_backup
 env = load_playbooks().environment("sandbox")
@@ -94,8 +94,8 @@ print(json.dumps({"check_s": check_s, "restore_s": restore_s, "base_mb": base, "
 def main() -> int:
     print("starting sandbox (postgres, backups)...", flush=True)
     was_running = set(sandbox.status().running())
-    sandbox.up(["postgres", "backups"])
-    from runbook.config import load_playbooks
+    os.environ.update(sandbox.up(["postgres", "backups"]).engine_env())
+    from runbook.engine.config import load_playbooks
     from tasks.backups import admin_connection, client_env, drop_database, dsn_parts
 
     env = load_playbooks().environment("sandbox")

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runbook import sandbox  # noqa: E402
-from runbook.config import load_playbooks  # noqa: E402
+from runbook.engine.config import load_playbooks  # noqa: E402
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 CONTAINERS = 10
@@ -42,6 +42,7 @@ def main() -> None:
     print("starting sandbox (podman, sshd)...", flush=True)
     was_running = set(sandbox.status().running())
     state = sandbox.up(["podman", "sshd"])
+    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     os.environ["RUNBOOK_PLAYBOOKS"] = str(state.playbook_dir)
     env = load_playbooks().environment("sandbox")
     from runbook.sandbox.incidents import ContainerIncident, remove_containers_except

@@ -74,6 +74,7 @@ def main() -> None:
     print("starting sandbox (postgres, prefect)...", flush=True)
     was_running = set(sandbox.status().running())
     state = sandbox.up(["postgres", "prefect"])
+    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     secrets = state.env_vars()
     incident = DbIncident(secrets["RUNBOOK_SANDBOX_APP_DSN"], runaway=False).start()  # something to find
     base_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -85,7 +86,7 @@ def main() -> None:
                 secrets["RUNBOOK_SANDBOX_DB_DSN"]]
         baseline = [timed(psql, base_env) for _ in range(REPEATS)]
 
-        cli = [sys.executable, "-m", "runbook.cli", "run", "db-slowness", "--env", "sandbox", "--output", "json"]
+        cli = [sys.executable, "-m", "runbook.app.cli", "run", "db-slowness", "--env", "sandbox", "--output", "json"]
         embedded = [timed(cli, base_env) for _ in range(REPEATS)]
         served_env = {**base_env, "PREFECT_API_URL": state.prefect_api_url}
         served = [timed(cli, served_env) for _ in range(REPEATS)]
@@ -94,7 +95,7 @@ def main() -> None:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         from flows.db_slowness import db_slowness
-        from runbook.procedure import attended_run, flush_run_records
+        from runbook.engine.procedure import attended_run, flush_run_records
 
         with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}), attended_run():
             db_slowness(env="sandbox")  # warm-up: imports, client, first connection

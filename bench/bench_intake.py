@@ -115,7 +115,7 @@ def latency_ours(state: sandbox.SandboxState, work: Path) -> list[float]:
 
 def latency_plain_worker(state: sandbox.SandboxState, work: Path) -> list[float]:
     api = state.prefect_api_url
-    env = {**os.environ, "PREFECT_API_URL": api, "RUNBOOK_PROJECT_DIR": str(ROOT)}
+    env = {**os.environ, "PREFECT_API_URL": api}
     prefect = str(Path(sys.executable).parent / "prefect")
     subprocess.run([prefect, "work-pool", "create", "bench-plain", "--type", "process", "--overwrite"], env=env,
                    capture_output=True, check=True, cwd=ROOT)
@@ -148,6 +148,7 @@ def latency_plain_worker(state: sandbox.SandboxState, work: Path) -> list[float]
 def main() -> None:
     was_running = set(sandbox.status().running())
     state = sandbox.up(["postgres", "prefect"])
+    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)

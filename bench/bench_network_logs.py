@@ -43,10 +43,12 @@ def main() -> None:
     print(f"starting sandbox ({', '.join(SERVICES)})...", flush=True)
     was_running = set(sandbox.status().running())
     state = sandbox.up(SERVICES)
+    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     try:
-        from runbook.config import NetworkConfig, NetworkTarget, load_playbooks
+        from runbook.engine.config import NetworkConfig, NetworkTarget, load_playbooks
         from tasks.logs import search_logs
-        from tasks.network import plan_checks, run_checks
+        from tasks.network import plan_checks
+        from tasks.probes import run_checks
 
         env = load_playbooks([state.playbook_dir]).environment("sandbox")
         assert env.network is not None

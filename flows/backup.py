@@ -12,8 +12,8 @@ from typing import Annotated
 
 from pydantic import Field
 
-from runbook.findings import ActionResult, Finding, Report, Severity
-from runbook.procedure import current_run, procedure, unreachable_as_finding
+from runbook.engine.findings import ActionResult, Finding, Report, Severity
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_remediations import TakeBackup
 
 EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]

@@ -23,10 +23,10 @@ from typing import Annotated, Any
 import psycopg
 from pydantic import Field
 
-from runbook.config import Environment
-from runbook.errors import RemediationFailed, TargetUnreachable
-from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import current_run, procedure, unreachable_as_finding
+from runbook.engine.config import Environment
+from runbook.engine.errors import RemediationFailed, TargetUnreachable
+from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_store import BackupStore, open_store
 from tasks.backups import (
     BackupEntry,

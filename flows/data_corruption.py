@@ -17,9 +17,9 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from runbook.config import Environment
-from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import current_run, procedure, unreachable_as_finding
+from runbook.engine.config import Environment
+from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_remediations import RestoreFromBackup
 from tasks.backups import run_amcheck
 from tasks.writers import NO_DOCKER, writers_for

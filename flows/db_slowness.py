@@ -13,8 +13,9 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import current_run, procedure, unreachable_as_finding
+from assessments.postgres import assess_long_queries
+from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.postgres import (
     analyze_indexes,
     blocking_tree,
@@ -76,21 +77,6 @@ def assess_connections(report: Report, totals: dict[str, Any], threshold: int) -
         details={"numbackends": numbackends, "alert_threshold": threshold, "server_clients": used,
                  "max_connections": totals["max_connections"], "server_version": totals["server_version"]},
         aggregation_key="db-connections",
-    ))
-
-
-def assess_long_queries(report: Report, sessions: list[dict[str, Any]], threshold_s: float) -> None:
-    long = [s for s in sessions if s["state"] == "active" and (s["query_age_s"] or 0) > threshold_s
-            and s["wait_event_type"] != "Lock"]
-    if not long:
-        return
-    report.add(Finding(
-        title=f"{len(long)} active quer{'y' if len(long) == 1 else 'ies'} running longer than {threshold_s:g} s",
-        severity=Severity.WARNING, subject="long-running queries",
-        blocks=[TableBlock(columns=["pid", "user", "age s", "wait", "query"], rows=[
-            [s["pid"], s["usename"], round(s["query_age_s"], 1), s["wait_event"] or "", s["query"][:200]]
-            for s in long])],
-        aggregation_key="db-long-queries",
     ))
 
 

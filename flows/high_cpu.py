@@ -16,10 +16,11 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from flows.db_slowness import assess_long_queries
-from runbook.config import ServiceConfig
-from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import current_run, procedure, unreachable_as_finding
+from assessments.hosts import host_findings
+from assessments.postgres import assess_long_queries
+from runbook.engine.config import ServiceConfig
+from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.container_remediations import ScaleService
 from tasks.containers import (
     get_container_logs,
@@ -28,7 +29,8 @@ from tasks.containers import (
     list_project_containers,
     sample_container_stats,
 )
-from tasks.hosts import collect_host_snapshots, host_findings
+from tasks.hosts import collect_host_snapshots
+from tasks.metrics import SYSTEM_QUERIES, PromQLError, instant_query, render
 from tasks.postgres import get_activity_snapshot
 
 EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
@@ -140,7 +142,6 @@ def assess_hot_containers(report: Report, hot: list[dict[str, Any]], processes: 
 
 def prometheus_cpu(report: Report, environment: Any, window: str, threshold: float) -> None:
     """The runbook's CPU Usage query (tasks.metrics), as a finding when Prometheus is configured."""
-    from tasks.metrics import SYSTEM_QUERIES, PromQLError, instant_query, render
 
     promql = render(SYSTEM_QUERIES["cpu_percent"], window)
     try:

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from runbook.config import Thresholds
-from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import current_run, procedure, unreachable_as_finding
+from runbook.engine.config import Thresholds
+from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.logs import analyze_logs
 
 NOTHING_TO_REMEDIATE = "log-analysis diagnoses only: there is nothing to remediate (dry_run changes nothing here)"

@@ -18,10 +18,10 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from runbook.config import Environment
-from runbook.errors import BadInput
-from runbook.findings import CodeBlock, Finding, Report, Severity, TableBlock
-from runbook.procedure import current_run, procedure, unreachable_as_finding
+from runbook.engine.config import Environment
+from runbook.engine.errors import BadInput
+from runbook.engine.findings import CodeBlock, Finding, Report, Severity, TableBlock
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.container_remediations import RestartLeakers
 from tasks.containers import (
     fit_growth,
@@ -31,6 +31,7 @@ from tasks.containers import (
     sample_memory_series,
     sparkline,
 )
+from tasks.metrics import SYSTEM_QUERIES, PromQLError, range_query, render
 
 EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
 MIB = 2**20
@@ -157,7 +158,6 @@ def attach_heap_profiles(report: Report, environment: Environment, leakers: list
 
 def prometheus_memory(report: Report, environment: Environment, window_s: float) -> None:
     """The runbook's host Memory Usage query over the sampling window, with its growth (tasks.metrics)."""
-    from tasks.metrics import SYSTEM_QUERIES, PromQLError, range_query, render
 
     promql = render(SYSTEM_QUERIES["memory_percent"])
     end = datetime.now(UTC)

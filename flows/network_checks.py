@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from runbook.config import HttpCheckConfig, NetworkConfig, Thresholds
-from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.procedure import current_run, procedure, unreachable_as_finding
+from runbook.engine.config import HttpCheckConfig, NetworkConfig, Thresholds
+from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.http_checks import breakdown_table
 from tasks.network import check_connectivity
 

@@ -21,16 +21,18 @@ from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import Field
 
-from runbook.config import Environment, HttpCheckConfig
-from runbook.errors import BadInput
-from runbook.findings import Finding, Report, Severity, TableBlock
-from runbook.notify import post_json
-from runbook.procedure import current_run, procedure, unreachable_as_finding
-from runbook.redact import redact
+from assessments.hosts import host_findings
+from runbook.engine.config import Environment, HttpCheckConfig
+from runbook.engine.errors import BadInput
+from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.notify import post_json
+from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
+from runbook.engine.redact import redact
 from tasks.container_remediations import StartServiceContainers
 from tasks.containers import get_container_logs, get_recent_changes, list_project_containers
-from tasks.hosts import collect_host_snapshots, host_findings
+from tasks.hosts import collect_host_snapshots
 from tasks.http_checks import check_http
+from tasks.metrics import PromQLError, instant_query
 
 EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
 ServiceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="compose service from the playbook")]
@@ -179,7 +181,6 @@ def assess_recent_changes(report: Report, changes: list[dict[str, Any]], hours: 
 
 def prometheus_up(report: Report, environment: Environment) -> None:
     """Prometheus `up` for every target (tasks.metrics): a target at 0 is critical."""
-    from tasks.metrics import PromQLError, instant_query
 
     try:
         rows = instant_query(environment, "up")

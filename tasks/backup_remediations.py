@@ -19,10 +19,10 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from runbook.config import Environment
-from runbook.errors import RemediationFailed, TargetUnreachable
-from runbook.findings import Change
-from runbook.remediation import Remediation, register
+from runbook.engine.config import Environment
+from runbook.engine.errors import RemediationFailed, TargetUnreachable
+from runbook.engine.findings import Change
+from runbook.engine.remediation import Remediation, register
 from tasks.backup_store import open_store
 from tasks.backups import (
     BackupEntry,

@@ -2,7 +2,7 @@
 
 Both stores offer the same small surface (list, stream in, stream out under a temporary name, publish without ever
 overwriting, small sidecar files, the tail of a log), so taking, verifying and restoring a backup is one code path.
-SFTP is paramiko's own client on the connection ``runbook.clients.ssh`` opens (host key checked, key auth only);
+SFTP is paramiko's own client on the connection ``runbook.engine.clients.ssh`` opens (host key checked, key auth only);
 every channel read and write has the host's timeout.
 """
 
@@ -20,9 +20,9 @@ from typing import IO, Protocol
 
 import paramiko
 
-from runbook.clients import ssh
-from runbook.config import BackupConfig, Environment
-from runbook.errors import ConfigError, TargetUnreachable
+from runbook.engine.clients import ssh
+from runbook.engine.config import BackupConfig, Environment
+from runbook.engine.errors import ConfigError, TargetUnreachable
 
 CHUNK = 1 << 20
 

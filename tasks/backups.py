@@ -36,10 +36,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from runbook.clients import APPLICATION_NAME, postgres
-from runbook.config import Environment
-from runbook.errors import ConfigError, RemediationFailed, TargetUnreachable
-from runbook.redact import redact
+from runbook.engine.clients import APPLICATION_NAME, postgres
+from runbook.engine.config import Environment
+from runbook.engine.errors import ConfigError, RemediationFailed, TargetUnreachable
+from runbook.engine.redact import redact
 from tasks.backup_store import CHUNK, BackupStore, StoredFile
 
 SUFFIX = ".sql.gz"

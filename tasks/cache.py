@@ -13,8 +13,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from runbook.clients import redis_client
-from runbook.config import Environment
+from runbook.engine.clients import redis_client
+from runbook.engine.config import Environment
 
 FIELDS = ("keyspace_hits", "keyspace_misses", "evicted_keys", "expired_keys", "used_memory", "used_memory_peak",
           "maxmemory", "maxmemory_policy", "mem_fragmentation_ratio", "connected_clients", "blocked_clients",

@@ -1,8 +1,9 @@
 """Container remediations: scale a service, restart leaking containers one at a time, start stopped containers.
 
-All three follow the check/plan/apply/verify contract (runbook.remediation) and talk to the Docker API only (there is
-no `docker compose` on a Podman host, and the engine must not shell out). Each planned change names one container;
-``apply`` re-reads it and acts only if it still is as planned, so a repeat (or a state that moved on) changes nothing:
+All three follow the check/plan/apply/verify contract (runbook.engine.remediation) and talk to the Docker API only
+(there is no `docker compose` on a Podman host, and the engine must not shell out). Each planned change names one
+container; ``apply`` re-reads it and acts only if it still is as planned, so a repeat (or a state that moved on)
+changes nothing:
 
 - scale-service: "scale to N unless N or more run"; N is bounded by the playbook's ``max_replicas``. New replicas copy
   an existing container's image, command, environment, labels (container-number renumbered), network and limits.
@@ -21,11 +22,11 @@ from typing import Any
 import docker.errors
 import httpx
 
-from runbook.clients import docker_client
-from runbook.config import Environment
-from runbook.errors import BadInput, RemediationFailed, TargetUnreachable
-from runbook.findings import Change
-from runbook.remediation import Remediation, register, wait_until
+from runbook.engine.clients import docker_client
+from runbook.engine.config import Environment
+from runbook.engine.errors import BadInput, RemediationFailed, TargetUnreachable
+from runbook.engine.findings import Change
+from runbook.engine.remediation import Remediation, register, wait_until
 from tasks.containers import NUMBER_LABEL, human_bytes, memory_usage, parse_time, project_filters, summarize
 
 STOPPED_STATES = {"exited", "created", "stopped", "configured"}

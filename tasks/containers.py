@@ -2,7 +2,7 @@
 
 The runbook's `docker stats --no-stream`, `top -p $(docker inspect ...)`, `docker-compose logs backend | grep ERROR`
 and `docker-compose ps`, for the containers of the playbook's compose project (found by the labels docker-compose
-sets). Every call goes through ``runbook.clients.docker_client`` (its timeout, its error mapping).
+sets). Every call goes through ``runbook.engine.clients.docker_client`` (its timeout, its error mapping).
 
 CPU %: Podman's one-shot stats have an empty ``precpu_stats`` and a ``system_cpu_usage`` that advances with wall
 time rather than with host CPU time, so the docker CLI formula is wrong there (a one-core burner reads ~200 % on two
@@ -23,8 +23,8 @@ import docker.errors
 from prefect import task
 from prefect.cache_policies import NONE
 
-from runbook.clients import docker_client
-from runbook.config import Environment
+from runbook.engine.clients import docker_client
+from runbook.engine.config import Environment
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"

@@ -19,9 +19,9 @@ import httpx
 from prefect import task
 from prefect.cache_policies import NONE
 
-from runbook.config import Environment, HttpCheckConfig
-from runbook.findings import TableBlock
-from tasks.network import HOST, resolve
+from runbook.engine.config import Environment, HttpCheckConfig
+from runbook.engine.findings import TableBlock
+from tasks.probes import HOST, resolve, run_checks
 
 MAX_BODY = 1 << 20
 
@@ -122,7 +122,6 @@ def _timed_get(client: httpx.Client, name: str, cfg: HttpCheckConfig, source: st
 def check_http_endpoints(env: Environment, names: list[str] | None = None,
                          max_parallel: int = 8) -> list[dict[str, Any]]:
     """Every configured HTTP check (or the named ones) from this host, concurrently, in playbook order."""
-    from tasks.network import run_checks
 
     checks = [(HOST, f"{n} {c.url}", "http", lambda n=n, c=c: check_http(n, c))
               for n, c in env.http_checks.items() if names is None or n in names]

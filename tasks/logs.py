@@ -2,7 +2,7 @@
 
 With Elasticsearch configured, the queries go verbatim (as ``query_string``, Kibana's Lucene syntax) through the
 official elasticsearch 8 client, all four in one multi-search request. ``elasticsearch.media_type: plain-json`` is an
-explicit per-environment opt-in for OpenSearch-compatible servers (runbook.clients.PlainJsonNode).
+explicit per-environment opt-in for OpenSearch-compatible servers (runbook.engine.clients.PlainJsonNode).
 
 Without Elasticsearch, the same four questions are answered from the compose project's container logs (Docker
 API) when a docker endpoint is configured and from the playbook's ``log_files`` read over SSH, each line parsed as
@@ -25,9 +25,9 @@ import elasticsearch
 from prefect import task
 from prefect.cache_policies import NONE
 
-from runbook.clients import search
-from runbook.config import Environment
-from runbook.errors import BadInput
+from runbook.engine.clients import docker_client, search, ssh
+from runbook.engine.config import Environment
+from runbook.engine.errors import BadInput, TargetUnreachable
 
 Record = dict[str, Any]
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -180,7 +180,6 @@ def match_records(records: list[Record], slow_ms: int, now: datetime, names: lis
 
 def read_container_records(env: Environment, hours: float = 24, tail: int = 5000) -> list[Record]:
     """Every project container's log lines of the last ``hours`` (Docker timestamps), parsed."""
-    from runbook.clients import docker_client
 
     assert env.docker is not None
     since = datetime.now(UTC) - timedelta(hours=hours)
@@ -219,8 +218,6 @@ def read_log_file_records(env: Environment) -> tuple[list[Record], list[str]]:
 
     The path is validated by the playbook schema and shell-quoted: an SSH command is always a remote shell line.
     """
-    from runbook.clients import ssh
-    from runbook.errors import TargetUnreachable
 
     records: list[Record] = []
     notes: list[str] = []

@@ -2,7 +2,7 @@
 
 Every flow that wants metrics calls these. Requests go through httpx with a timeout (the environment's
 ``prometheus_timeout_s`` unless given); a Prometheus that does not answer raises TargetUnreachable
-(runbook.clients), which flows turn into a finding. A query Prometheus rejects raises PromQLError
+(runbook.engine.clients), which flows turn into a finding. A query Prometheus rejects raises PromQLError
 with Prometheus' own message.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from runbook.clients import prometheus
-from runbook.config import Environment
-from runbook.errors import RunbookError
+from runbook.engine.clients import prometheus
+from runbook.engine.config import Environment
+from runbook.engine.errors import RunbookError
 
 
 class PromQLError(RunbookError):

@@ -12,63 +12,25 @@ Names under ``.invalid`` are answered "does not exist" without asking any resolv
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 import docker.errors
-import requests
 from prefect import task
 from prefect.cache_policies import NONE
 
-from runbook.config import Environment, NetworkConfig
-from runbook.errors import TargetUnreachable
+from runbook.engine.clients import docker_client
+from runbook.engine.config import Environment, NetworkConfig
+from runbook.engine.errors import TargetUnreachable
+from tasks.http_checks import check_http
+from tasks.probes import HOST, is_reserved_invalid, resolve, row, run_checks
 
-HOST = "host"
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
-# getaddrinfo cannot be interrupted; lookups run here so a hung resolver only costs a parked thread.
-_RESOLVER = ThreadPoolExecutor(max_workers=16, thread_name_prefix="resolve")
-
-
-def row(source: str, destination: str, kind: str, ok: bool, latency_ms: float | None, result: str,
-        error: str = "") -> dict[str, Any]:
-    return {"source": source, "destination": destination, "kind": kind, "ok": ok,
-            "latency_ms": None if latency_ms is None else round(latency_ms, 2), "result": result, "error": error}
-
-
-def is_reserved_invalid(name: str) -> bool:
-    """RFC 6761: names under .invalid never exist; resolvers should answer negatively at once."""
-    return name.rstrip(".").lower().endswith(".invalid") or name.rstrip(".").lower() == "invalid"
-
-
-def resolve(name: str, timeout_s: float, source: str = HOST) -> dict[str, Any]:
-    """Resolve ``name`` on this host with a timeout: addresses and how long the lookup took."""
-    started = time.perf_counter()
-    if is_reserved_invalid(name):
-        return row(source, name, "dns", False, 0.0, "NXDOMAIN", "name does not exist (reserved .invalid domain)")
-    try:  # an address literal needs no lookup (curl reports ~0 ms for it too)
-        return row(source, name, "dns", True, 0.0, str(ipaddress.IPv4Address(name)))
-    except ValueError:
-        pass
-    fut = _RESOLVER.submit(socket.getaddrinfo, name, None, socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        infos = fut.result(timeout=timeout_s)
-    except FutureTimeout:
-        return row(source, name, "dns", False, timeout_s * 1000, "timeout", f"no answer within {timeout_s:g} s")
-    except socket.gaierror as exc:
-        elapsed = (time.perf_counter() - started) * 1000
-        return row(source, name, "dns", False, elapsed, "NXDOMAIN" if exc.errno == socket.EAI_NONAME else "error",
-                   exc.strerror or str(exc))
-    elapsed = (time.perf_counter() - started) * 1000
-    addresses = sorted({i[4][0] for i in infos})
-    return row(source, name, "dns", True, elapsed, ", ".join(addresses))
 
 
 def tcp_connect(host: str, port: int, timeout_s: float, source: str = HOST,
@@ -112,7 +74,6 @@ class ContainerSource:
 
 def list_container_sources(env: Environment, services: list[str] | None) -> list[ContainerSource]:
     """Running containers of the compose project, optionally only these services'."""
-    from runbook.clients import docker_client
 
     assert env.docker is not None
     with docker_client(env) as client:
@@ -132,7 +93,6 @@ _EXEC_GATE = threading.BoundedSemaphore(4)
 
 
 def _exec(env: Environment, container_id: str, command: list[str]) -> tuple[int | None, str]:
-    from runbook.clients import docker_client
 
     with _EXEC_GATE, docker_client(env) as client:
         exec_id = client.api.exec_create(container_id, command, stdout=True, stderr=True)["Id"]
@@ -194,7 +154,6 @@ class Plan:
 def plan_checks(env: Environment, cfg: NetworkConfig, http: bool = True) -> Plan:
     """Every (source, destination) check the config asks for: host sources x (TCP targets + the playbook's HTTP
     checks when ``http``), DNS on the host, and containers x their targets and DNS."""
-    from tasks.http_checks import check_http  # http_checks uses resolve() from here
 
     checks: list[tuple[str, str, str, Callable[[], dict[str, Any]]]] = []
     notes: list[str] = []
@@ -242,26 +201,6 @@ def plan_checks(env: Environment, cfg: NetworkConfig, http: bool = True) -> Plan
                 checks.append((src.label, dns_name, "dns",
                                lambda src=src, n=dns_name: container_resolve(env, src, n, cfg.dns_timeout_s)))
     return Plan(checks, notes)
-
-
-def run_checks(checks: list[tuple[str, str, str, Callable[[], dict[str, Any]]]],
-               max_parallel: int = 32) -> list[dict[str, Any]]:
-    """Run every check concurrently (bounded); a check that raises becomes a failed row, never a lost one."""
-    if not checks:
-        return []
-    rows: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=min(max_parallel, len(checks)), thread_name_prefix="netcheck") as pool:
-        futures: list[tuple[tuple[str, str, str], Future[dict[str, Any]]]] = [
-            ((src, dst, kind), pool.submit(fn)) for src, dst, kind, fn in checks]
-        for (src, dst, kind), fut in futures:
-            try:
-                rows.append({**fut.result(), "source": src, "destination": dst})
-            except TargetUnreachable as exc:
-                rows.append(row(src, dst, kind, False, None, "unreachable", exc.reason))
-            except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
-                # a container that went away (404) or stopped (409) between listing and exec: that check's row
-                rows.append(row(src, dst, kind, False, None, "error", f"{type(exc).__name__}: {exc}"[:300]))
-    return rows
 
 
 @task(cache_policy=NONE)

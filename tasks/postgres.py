@@ -15,8 +15,8 @@ import psycopg
 from prefect import task
 from prefect.cache_policies import NONE
 
-from runbook.clients import postgres
-from runbook.config import Environment
+from runbook.engine.clients import postgres
+from runbook.engine.config import Environment
 
 # The backends a diagnostic or remediation may look at: client sessions of the configured database, never ours.
 _SESSIONS = """

@@ -1,7 +1,7 @@
 """PostgreSQL remediations: cancel runaway queries, terminate idle-in-transaction root blockers.
 
-Both follow the check/plan/apply/verify contract (runbook.remediation). Who may be touched is decided in SQL, once:
-client backends of the configured database only; never the engine's own sessions, superusers, replication or
+Both follow the check/plan/apply/verify contract (runbook.engine.remediation). Who may be touched is decided in SQL,
+once: client backends of the configured database only; never the engine's own sessions, superusers, replication or
 other databases. Each planned change carries the backend's identity (pid + backend_start + query_start or
 state_change); ``apply`` signals only a backend that still matches it, so a reused pid or a query that finished
 in the meantime is left alone and a second apply finds nothing to do.
@@ -12,10 +12,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, ClassVar
 
-from runbook.clients import APPLICATION_NAME, postgres
-from runbook.config import Environment
-from runbook.findings import Change
-from runbook.remediation import Remediation, register, wait_until
+from runbook.engine.clients import APPLICATION_NAME, postgres
+from runbook.engine.config import Environment
+from runbook.engine.findings import Change
+from runbook.engine.remediation import Remediation, register, wait_until
 from tasks.postgres import blocking_tree
 
 _ELIGIBLE = f"""

@@ -1,7 +1,7 @@
 """The services that write to the database (``writer: true`` in the playbook), stopped around a restore.
 
 One small interface so the restore does not care how writers run: ``DockerWriters`` stops and starts their
-containers (found by compose labels, through ``runbook.clients.docker_client``) when ``docker:`` is configured.
+containers (found by compose labels, through ``runbook.engine.clients.docker_client``) when ``docker:`` is configured.
 Without it there is nothing the engine can stop, and ``writers_for`` returns None: the plan says so as a warning.
 """
 
@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import docker.errors
 
-from runbook.clients import docker_client
-from runbook.config import Environment
-from runbook.errors import RemediationFailed
+from runbook.engine.clients import docker_client
+from runbook.engine.config import Environment
+from runbook.engine.errors import RemediationFailed
 from tasks.containers import project_filters
 
 NO_DOCKER = "no docker configured: writers not stopped"

@@ -21,7 +21,7 @@ import yaml
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from runbook.config import Environment, load_playbooks
+from runbook.engine.config import Environment, load_playbooks
 from runbook.sandbox import SandboxState, pafar_seed
 
 DB = "pafar_bk"

@@ -6,6 +6,7 @@ one the session started is stopped at the end, by PID.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -20,13 +21,14 @@ pytest_plugins = ["tests.integration.listeners"]  # dead_port, silent_port: targ
 def sandbox_state() -> Iterator[SandboxState]:
     was_running = set(sandbox.status().running())
     state = sandbox.up()
+    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from runbook.procedure import attended_run
+    from runbook.engine.procedure import attended_run
 
     with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}), attended_run():
         yield state
-        from runbook.procedure import flush_run_records
+        from runbook.engine.procedure import flush_run_records
 
         flush_run_records()
     if not was_running:
@@ -35,7 +37,7 @@ def sandbox_state() -> Iterator[SandboxState]:
 
 @pytest.fixture(scope="session")
 def sandbox_env(sandbox_state: SandboxState):  # noqa: ANN201
-    from runbook.config import load_playbooks
+    from runbook.engine.config import load_playbooks
 
     return load_playbooks().environment("sandbox")
 

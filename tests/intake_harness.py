@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import uvicorn
 
-from runbook.config import PROJECT_ROOT
-from runbook.executor import Executor
-from runbook.intake.app import IntakeSettings, create_app
+from runbook.app.executor import Executor
+from runbook.app.intake.app import IntakeSettings, create_app
+from runbook.engine.config import PROJECT_ROOT
 from runbook.sandbox import SandboxState
 from runbook.sandbox.net import free_ports
 
@@ -111,7 +111,7 @@ def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str
 @contextmanager
 def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, executor: bool = True,
                    api_url: str | None = None, playbook_dirs: list[Path] | None = None) -> Iterator[Intake]:
-    from runbook.serve import register_deployments
+    from runbook.app.serve import register_deployments
 
     api = api_url or state.prefect_api_url
     assert api

@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 
-from runbook.config import Environment
-from runbook.remediation import Remediation
+from runbook.engine.config import Environment
+from runbook.engine.remediation import Remediation
 from runbook.sandbox.incidents import DbIncident
 from tasks.backup_remediations import RestoreFromBackup, TakeBackup
 from tasks.container_remediations import RestartLeakers, ScaleService, StartServiceContainers
@@ -76,7 +76,7 @@ def project_containers(docker_url: str) -> Callable[[], set[tuple[Any, ...]]]:
     """Every compose-project container: id, name, state, start time. What a dry run must leave exactly as it was."""
     import docker
 
-    from runbook.clients import docker_api_version
+    from runbook.engine.clients import docker_api_version
 
     def snapshot() -> set[tuple[Any, ...]]:
         client = docker.DockerClient(base_url=docker_url, version=docker_api_version(docker_url, 30), timeout=30)

@@ -10,7 +10,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import docker
+import docker.errors
 import psycopg
+
+from runbook.engine.clients import docker_api_version
 
 SLOW_QUERY = "SELECT * FROM bookings WHERE user_id = %s"
 LONG_QUERY = "SELECT pg_sleep(600) /* runaway report */"
@@ -134,9 +138,7 @@ class ContainerIncident:
     name: str = ""
 
     def client(self):  # noqa: ANN201 - docker.DockerClient, imported lazily (the DB incidents do not need docker)
-        import docker
 
-        from runbook.clients import docker_api_version
 
         url = self.docker_url
         return docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
@@ -156,7 +158,6 @@ class ContainerIncident:
     def stop(self) -> None:
         if not self.container_id:
             return
-        import docker.errors
 
         client = self.client()
         try:
@@ -222,9 +223,7 @@ class StoppedService(ContainerIncident):
 
 def remove_containers_except(docker_url: str, keep_ids: set[str]) -> list[str]:
     """Remove every compose-project container not in ``keep_ids`` (replicas a test scaled up); their names."""
-    import docker
 
-    from runbook.clients import docker_api_version
 
     client = docker.DockerClient(base_url=docker_url, version=docker_api_version(docker_url, 30), timeout=30)
     removed = []

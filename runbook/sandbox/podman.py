@@ -13,10 +13,17 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
+
+import docker
+import docker.errors
+import requests
+
+from runbook.engine.clients import docker_api_version
 
 from . import net, process
 from .base import Requirement, Service, ServiceRecord
@@ -204,9 +211,7 @@ class Podman(Service):
 
     @contextlib.contextmanager
     def client(self, record: ServiceRecord) -> Any:
-        import docker
 
-        from runbook.clients import docker_api_version
 
         url = socket_url(record)
         client = docker.DockerClient(base_url=url, version=docker_api_version(url, API_TIMEOUT_S),
@@ -217,8 +222,6 @@ class Podman(Service):
             client.close()
 
     def _ping(self, record: ServiceRecord) -> bool:
-        import docker.errors
-        import requests
 
         try:
             with self.client(record) as client:
@@ -228,8 +231,6 @@ class Podman(Service):
 
     def is_healthy(self, record: ServiceRecord) -> bool:
         """The API answers and the project exists (the backend's health port is open unless an incident stopped it)."""
-        import docker.errors
-        import requests
 
         try:
             with self.client(record) as client:
@@ -273,7 +274,6 @@ class Podman(Service):
 
 def _dynamically_linked(path: str) -> bool:
     """Whether an ELF binary names a program interpreter (PT_INTERP), i.e. needs the dynamic loader and libc."""
-    import struct
 
     try:
         with open(path, "rb") as fh:

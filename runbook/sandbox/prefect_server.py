@@ -16,19 +16,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psycopg
+
+from runbook.engine.prefect_env import prefect_executable, prefect_server_command, prefect_server_env
+
 from . import net, process
 from .base import Requirement, Service, ServiceRecord
 from .daemon import http_ok
 from .errors import SandboxError
+from .postgres import admin_conninfo
 
 START_TIMEOUT_S = 60.0
 DB_FILE = "prefect.db"
 PG_DATABASE = "prefect"
-
-
-def prefect_executable() -> Path:
-    """The `prefect` script of the running interpreter's environment (not resolved: venvs symlink python)."""
-    return Path(sys.executable).parent / "prefect"
 
 
 def api_url(port: int) -> str:
@@ -38,8 +38,6 @@ def api_url(port: int) -> str:
 
 def server_env(home: Path, port: int, database_url: str | None = None) -> dict[str, str]:
     """Environment for the server: isolated PREFECT_HOME, its database (SQLite unless given), telemetry off."""
-    from runbook.serve import prefect_server_env
-
     return prefect_server_env(home, port, database_url or f"sqlite+aiosqlite:///{home / DB_FILE}")
 
 
@@ -49,9 +47,7 @@ def postgres_database_url(pg: ServiceRecord) -> str:
     SQLite answers 503 'database is locked' under the concurrent writes of even one flow run (a 2 s client
     retry); PostgreSQL does not, and it is what a scaled-out deployment uses anyway.
     """
-    import psycopg
 
-    from .postgres import admin_conninfo
 
     with psycopg.connect(admin_conninfo(pg, "postgres"), autocommit=True, connect_timeout=5) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone():
@@ -119,8 +115,8 @@ class PrefectServer(Service):
 
     def _start(self, home: Path, port: int, database_url: str | None = None) -> ServiceRecord:
         log = home / "server.log"
-        exe = str(prefect_executable())
-        cmd = [exe, "server", "start", "--host", net.LOOPBACK, "--port", str(port), "--analytics-off"]
+        cmd = prefect_server_command(port, net.LOOPBACK)
+        exe = cmd[0]
         proc = process.spawn(cmd, log, env=server_env(home, port, database_url), cwd=home)
         record = ServiceRecord(
             name=self.name,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from runbook.engine.config import PROJECT_ROOT
+
 from .base import ServiceRecord
 from .postgres import admin_conninfo
 from .prefect_server import api_url
@@ -71,6 +73,14 @@ class SandboxState(BaseModel):
         if rec is None:
             return None
         return redis_url(rec.port)
+
+    def engine_env(self) -> dict[str, str]:
+        """What points the engine at this sandbox's playbook (beside the project's): RUNBOOK_PLAYBOOKS.
+
+        The engine never looks for the sandbox by itself (a production process must not pick up a sandbox
+        environment left in a checkout); tests, the demo, benchmarks and `runbook sandbox env` set it.
+        """
+        return {"RUNBOOK_PLAYBOOKS": os.pathsep.join([str(PROJECT_ROOT / "playbooks"), str(self.playbook_dir)])}
 
     def env_vars(self) -> dict[str, str]:
         """The KEY=VALUE pairs of secrets.env (empty when it does not exist)."""

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from runbook.cli import app
+from runbook.app.cli import app
 
 RUNNER = CliRunner()
 

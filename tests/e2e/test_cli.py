@@ -13,7 +13,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from runbook.cli import app
+from runbook.app.cli import app
 
 RUNNER = CliRunner()
 GOOD = "environments:\n  staging:\n    databases:\n      main:\n        dsn: {env: CLI_TEST_DSN}\n"
@@ -26,7 +26,7 @@ def invoke(*args: str, env: dict[str, str] | None = None):  # noqa: ANN201
 
 def cli(*args: str, extra_env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "runbook.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "runbook.app.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, check=False)
 
 

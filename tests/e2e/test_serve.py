@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook.config import PROJECT_ROOT
+from runbook.engine.config import PROJECT_ROOT
 from runbook.sandbox.net import free_ports, port_accepts
 from tests.intake_harness import alert
 
@@ -39,7 +39,7 @@ def test_serve_runs_an_alert_end_to_end_and_ctrl_c_stops_everything(sandbox_stat
         [str(PROJECT_ROOT / "playbooks"), str(sandbox_state.playbook_dir), str(tmp_path / "routes")]))
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runbook.cli", "serve", "--port", str(intake_port), "--prefect-port",
+        [sys.executable, "-m", "runbook.app.cli", "serve", "--port", str(intake_port), "--prefect-port",
          str(prefect_port), "--state", str(tmp_path / "state")],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     api = f"http://127.0.0.1:{prefect_port}/api"

@@ -13,7 +13,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from flows.cache_api import assess_cache, cache_api
-from runbook.findings import Report
+from runbook.engine.findings import Report
 from tasks.cache import get_cache_stats
 from tasks.metrics import PromQLError, instant_query, range_query
 from tests.integration.derived_env import derive

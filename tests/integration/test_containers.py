@@ -21,7 +21,7 @@ import pytest
 from flows.high_cpu import high_cpu
 from flows.memory_leak import memory_leak
 from flows.service_outage import service_outage
-from runbook.clients import docker_api_version
+from runbook.engine.clients import docker_api_version
 from runbook.sandbox.incidents import CpuBurner, MemoryGrower, StoppedService, remove_containers_except
 from tasks.containers import list_project_containers, sample_container_stats
 from tests.integration.derived_env import derive
@@ -97,7 +97,7 @@ def test_high_cpu_dry_run_then_scale_then_nothing(
 
 
 def test_scale_above_max_replicas_is_refused(sandbox_env) -> None:  # noqa: ANN001
-    from runbook.errors import BadInput
+    from runbook.engine.errors import BadInput
 
     with pytest.raises(BadInput, match="max_replicas"):
         high_cpu(env="sandbox", service="backend", replicas=4)

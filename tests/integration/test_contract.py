@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 import tasks.postgres_remediations  # noqa: F401  (registers)
-from runbook.remediation import REGISTRY
-from runbook.runner import run_remediation
+from runbook.engine.remediation import REGISTRY
+from runbook.engine.runner import run_remediation
 from tests.scenarios import SCENARIOS
 
 pytestmark = pytest.mark.integration

@@ -78,7 +78,7 @@ def test_without_a_terminal_or_server_nobody_can_approve(incident: dict[str, Any
     """An in-process run with no local approver and no Prefect API to pause on cannot be approved: nothing changes."""
     from prefect.context import FlowRunContext
 
-    from runbook import approval
+    from runbook.engine import approval
 
     assert FlowRunContext.get() is None
     view = approval.PlanView(procedure="data-corruption", env="bk", changes=["restore-from-backup: restore x"])
@@ -173,7 +173,7 @@ def test_failure_mid_restore_leaves_original_in_place(incident: dict[str, Any], 
     app_dsn = sandbox_state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"].rsplit("/", 1)[0] + f"/{DB}"
     assert APP_DSN_VAR
     dbs_before = databases(sandbox_state)
-    from runbook.approval import Decision, local_approver
+    from runbook.engine.approval import Decision, local_approver
 
     with psycopg.connect(app_dsn, autocommit=True, application_name="stubborn-client") as blocker, \
             local_approver(lambda view: Decision(approved=True, approver="tester", how="test")):
@@ -194,7 +194,7 @@ def test_failure_mid_restore_leaves_original_in_place(incident: dict[str, Any], 
 def test_restore_with_cli_approval_then_second_run_changes_nothing(incident: dict[str, Any],
                                                                    sandbox_state) -> None:  # noqa: ANN001
     env = {**os.environ, "PREFECT_API_URL": sandbox_state.prefect_api_url}
-    cmd = [sys.executable, "-m", "runbook.cli", "run", "data-corruption", "--env", "bk", "--apply", "--yes",
+    cmd = [sys.executable, "-m", "runbook.app.cli", "run", "data-corruption", "--env", "bk", "--apply", "--yes",
            "--param", "writer_stop_s=1", "--output", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False,
                           stdin=subprocess.DEVNULL)

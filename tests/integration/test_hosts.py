@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from assessments.hosts import host_findings
 from flows.high_cpu import high_cpu
-from runbook.config import Environment, SSHHostConfig
-from tasks.hosts import HOST_SNAPSHOT, collect_host_snapshots, host_findings, run_on_hosts
+from runbook.engine.config import Environment, SSHHostConfig
+from tasks.hosts import HOST_SNAPSHOT, collect_host_snapshots, run_on_hosts
 from tests.integration.derived_env import derive
 
 pytestmark = pytest.mark.integration

@@ -147,7 +147,7 @@ def _paused_run(intake: Intake, fingerprint: str) -> dict:
 
 def _approve_cli(intake: Intake, run_id: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": intake.api_url}
-    return subprocess.run([sys.executable, "-m", "runbook.cli", "approve", run_id, *extra], env=env,
+    return subprocess.run([sys.executable, "-m", "runbook.app.cli", "approve", run_id, *extra], env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -224,7 +224,7 @@ def test_prefect_unreachable_answers_503_and_stores_nothing(sandbox_state, tmp_p
 def test_backup_verification_is_scheduled_from_the_playbook_cron_and_reapplying_changes_nothing(
     intake: Intake, sandbox_env  # noqa: ANN001
 ) -> None:
-    from runbook.serve import apply_verification_schedules
+    from runbook.app.serve import apply_verification_schedules
 
     assert sandbox_env.backups and sandbox_env.backups.verify_cron
     apply_verification_schedules(intake.api_url)  # a second application

@@ -67,7 +67,7 @@ def test_plain_json_is_an_explicit_setting(sandbox_state, seeded, tmp_path: Path
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the opt-in the official client sends Elasticsearch's media types, which this server rejects."""
     name = derive(sandbox_state, tmp_path, monkeypatch, "esdefault", {"elasticsearch": {"media_type": "elasticsearch"}})
-    from runbook.config import load_playbooks
+    from runbook.engine.config import load_playbooks
 
     env = load_playbooks().environment(name)
     assert env.elasticsearch.media_type == "elasticsearch"
@@ -87,7 +87,7 @@ def test_without_elasticsearch_the_same_questions_over_parsed_lines() -> None:
 def test_without_any_log_source_it_says_so(sandbox_state, tmp_path: Path,  # noqa: ANN001
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     name = derive(sandbox_state, tmp_path, monkeypatch, "nologs", {}, drop=("elasticsearch", "docker"))
-    from runbook.config import load_playbooks
+    from runbook.engine.config import load_playbooks
 
     out = analyze_logs.fn(load_playbooks().environment(name))
     assert out["source"] == "none" and out["results"] == {}
@@ -143,7 +143,7 @@ def test_without_elasticsearch_log_files_over_ssh_answer_the_same(
     name = derive(sandbox_state, tmp_path, monkeypatch, "sshlogs",
                   {"log_files": {"app": {"ssh_host": host, "path": str(app_log), "service": "backend"}}},
                   drop=("elasticsearch", "docker"))
-    from runbook.config import load_playbooks
+    from runbook.engine.config import load_playbooks
 
     out = analyze_logs.fn(load_playbooks().environment(name))
     assert out["source"] == "log files over SSH"
@@ -173,7 +173,7 @@ def test_an_unreachable_log_host_is_noted(sandbox_state, sandbox_env, tmp_path: 
         "ssh_hosts": {host: {**cfg.model_dump(mode="json"), "port": dead_port, "timeout_s": 2}},
         "log_files": {"app": {"ssh_host": host, "path": "/var/log/pafar/application.log"}}},
         drop=("elasticsearch", "docker"))
-    from runbook.config import load_playbooks
+    from runbook.engine.config import load_playbooks
 
     out = analyze_logs.fn(load_playbooks().environment(name))
     assert any("not read" in n and "refused" in n for n in out["notes"]), out["notes"]
@@ -185,7 +185,7 @@ def test_without_elasticsearch_container_logs_answer(sandbox_state, sandbox_env,
     if sandbox_env.docker is None:
         pytest.skip("the sandbox has no docker endpoint (podman not running)")
     name = derive(sandbox_state, tmp_path, monkeypatch, "dockerlogs", {}, drop=("elasticsearch",))
-    from runbook.config import load_playbooks
+    from runbook.engine.config import load_playbooks
 
     out = analyze_logs.fn(load_playbooks().environment(name))
     assert out["source"] == "container logs"

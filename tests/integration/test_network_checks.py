@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from flows.network_checks import NOTHING_TO_REMEDIATE, network_checks
-from runbook.config import HttpCheckConfig
+from runbook.engine.config import HttpCheckConfig
 from runbook.sandbox import SandboxState
 from runbook.sandbox.backend import CERT_DAYS
 from tasks.http_checks import check_http
-from tasks.network import resolve, tcp_connect
+from tasks.network import tcp_connect
+from tasks.probes import resolve
 from tests.integration.derived_env import derive
 
 pytestmark = pytest.mark.integration

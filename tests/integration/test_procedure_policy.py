@@ -26,8 +26,8 @@ import httpx
 import pytest
 import yaml
 
-from runbook.config import PROJECT_ROOT, Environment
-from runbook.procedure import PROCEDURES
+from runbook.app.catalog import PROCEDURES
+from runbook.engine.config import PROJECT_ROOT, Environment
 from runbook.sandbox import SandboxState
 from tests.intake_harness import Intake, alert, running_intake
 from tests.integration.test_notifications import Receiver
@@ -252,7 +252,7 @@ def _hooks(w: World, run_id: str, event: str, timeout_s: float = 30) -> list[dic
 
 def _cli(w: World, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PREFECT_API_URL": w.intake.api_url, "RUNBOOK_PLAYBOOKS": w.playbooks}
-    return subprocess.run([sys.executable, "-m", "runbook.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "runbook.app.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False, stdin=subprocess.DEVNULL)
 
 

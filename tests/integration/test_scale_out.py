@@ -16,14 +16,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_workers_share_runs_and_each_run_executes_once(sandbox_state, tmp_path) -> None:  # noqa: ANN001
-    from runbook.serve import register_deployments
+    from runbook.app.serve import register_deployments
 
     api = sandbox_state.prefect_api_url
     assert "postgresql" in sandbox_state.services["prefect"].paths["database"], "scale-out runs on PostgreSQL"
     register_deployments(api)
     env = {**os.environ, "PREFECT_API_URL": api}
     workers = [
-        subprocess.Popen([sys.executable, "-m", "runbook.cli", "worker", "--poll", "0.5", "--max-runs", "1"],
+        subprocess.Popen([sys.executable, "-m", "runbook.app.cli", "worker", "--poll", "0.5", "--max-runs", "1"],
                          env=env, stdout=open(tmp_path / f"w{i}.log", "w"), stderr=subprocess.STDOUT)
         for i in range(2)
     ]

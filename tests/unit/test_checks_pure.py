@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from runbook.config import NetworkConfig
-from runbook.procedure import PROCEDURES
+from runbook.app.catalog import PROCEDURES
+from runbook.engine.config import NetworkConfig
 from tasks.cache import hit_ratio
 from tasks.logs import RUNBOOK_QUERIES, parse_line, query_text
 from tasks.metrics import APP_QUERIES, render
-from tasks.network import is_reserved_invalid, resolve
+from tasks.probes import is_reserved_invalid, resolve
 
 
 def test_runbook_promql_is_verbatim_with_the_window() -> None:
@@ -27,7 +27,7 @@ def test_runbook_kibana_queries_are_verbatim_and_service_is_checked() -> None:
     assert query_text(RUNBOOK_QUERIES["auth_failures"], 5000) == \
         'message:"authentication failed" AND @timestamp:[now-24h TO now]'
     assert query_text(RUNBOOK_QUERIES["payment_errors"], 5000, "payment").endswith('AND service:"payment"')
-    from runbook.errors import BadInput
+    from runbook.engine.errors import BadInput
 
     with pytest.raises(BadInput):
         query_text(RUNBOOK_QUERIES["errors"], 5000, 'x" OR *:*')

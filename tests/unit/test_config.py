@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from runbook.config import PROJECT_ROOT, load_playbooks, playbook_json_schema
-from runbook.errors import ConfigError, MissingSecret
+from runbook.engine.config import PROJECT_ROOT, load_playbooks, playbook_json_schema
+from runbook.engine.errors import ConfigError, MissingSecret
 
 MINIMAL = """
 environments:
@@ -123,8 +123,8 @@ def test_json_schema_exports() -> None:
 def test_route_passes_the_alert_start_as_since_where_the_procedure_has_it(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
-    from runbook.intake.models import Alert
-    from runbook.intake.routing import build_request
+    from runbook.app.intake.models import Alert
+    from runbook.app.intake.routing import build_request
 
     (tmp_path / "p.yaml").write_text(MINIMAL + "    services: {backend: {max_replicas: 2}}\n" + """
 routes:

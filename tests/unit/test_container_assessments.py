@@ -6,12 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from assessments.hosts import host_findings
 from flows.memory_leak import MIB, assess_growth, fit_all
 from flows.service_outage import assess_containers, incident_summary
-from runbook.config import Thresholds
-from runbook.findings import Report, Severity
+from runbook.engine.config import Thresholds
+from runbook.engine.findings import Report, Severity
 from tasks.containers import cpu_percent, fit_growth, parse_time, sparkline
-from tasks.hosts import host_findings, parse_snapshot
+from tasks.hosts import parse_snapshot
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -7,8 +7,8 @@ import subprocess
 
 import yaml
 
-from runbook.config import PROJECT_ROOT, load_playbooks
-from runbook.procedure import PROCEDURES
+from runbook.app.catalog import PROCEDURES
+from runbook.engine.config import PROJECT_ROOT, load_playbooks
 
 RULES = PROJECT_ROOT / "deploy" / "prometheus" / "pafar-alerts.yml"
 RECEIVER = PROJECT_ROOT / "deploy" / "alertmanager" / "runbook-receiver.yml"

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from runbook.redact import RedactingFilter, redact, redact_obj, register_secret
+from runbook.engine.redact import RedactingFilter, redact, redact_obj, register_secret
 
 
 def test_url_password_is_masked_even_if_never_registered() -> None:

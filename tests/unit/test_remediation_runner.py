@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runbook.findings import Change
-from runbook.remediation import REGISTRY, Remediation
-from runbook.runner import run_remediation
+from runbook.engine.findings import Change
+from runbook.engine.remediation import REGISTRY, Remediation
+from runbook.engine.runner import run_remediation
 
 
 class EnsureLine(Remediation[str]):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from runbook.errors import RemediationFailed
-from runbook.findings import Change
-from runbook.remediation import Remediation
-from runbook.runner import apply_plan, plan_remediation
+from runbook.engine.errors import RemediationFailed
+from runbook.engine.findings import Change
+from runbook.engine.remediation import Remediation
+from runbook.engine.runner import apply_plan, plan_remediation
 
 
 class EnsureFiles(Remediation[dict[str, str]]):

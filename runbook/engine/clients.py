@@ -30,9 +30,9 @@ import redis
 import requests
 from psycopg.rows import dict_row
 
-from runbook.config import Environment
-from runbook.errors import ConfigError, TargetUnreachable
-from runbook.redact import redact
+from runbook.engine.config import Environment
+from runbook.engine.errors import ConfigError, TargetUnreachable
+from runbook.engine.redact import redact
 
 APPLICATION_NAME = "runbook"
 

@@ -8,9 +8,7 @@ server on PostgreSQL; see the README.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,32 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 
-from runbook.config import PROJECT_ROOT
-from runbook.errors import RunbookError
+from runbook.app.catalog import PROCEDURES
+from runbook.app.intake.app import IntakeSettings, create_app
+from runbook.engine.config import PROJECT_ROOT, load_playbooks
+from runbook.engine.errors import RunbookError
+from runbook.engine.prefect_env import prefect_server_command, prefect_server_env
 
-PREFECT_BIN = Path(sys.executable).parent / "prefect"
 DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook
-
-
-def prefect_env(api_url: str) -> dict[str, str]:
-    return {**os.environ, "PREFECT_API_URL": api_url, "RUNBOOK_PROJECT_DIR": str(PROJECT_ROOT),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-
-
-def prefect_server_env(home: Path, port: int, database_url: str) -> dict[str, str]:
-    """Environment for a Prefect server we start: its own home and database, telemetry off, and the UI told
-    where its API is (it defaults to 127.0.0.1:4200, so on any other port the UI could not reach it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PREFECT_API_DATABASE_CONNECTION_URL=database_url,
-        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_UI_URL=f"http://127.0.0.1:{port}",
-    )
-    return env
 
 
 def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
@@ -54,8 +35,6 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
     parameter the flow does not take (e.g. one claiming an approval) is refused by the server. Done over the REST
     API rather than `prefect deploy` (a CLI subprocess and a second list in prefect.yaml).
     """
-    from runbook.procedure import PROCEDURES
-
     with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
         if http.get(f"/work_pools/{work_pool}").status_code == 404:
             _post(http, "/work_pools/", {"name": work_pool, "type": "process"})
@@ -97,8 +76,6 @@ def apply_verification_schedules(api_url: str) -> None:
     The cron lives in the playbook, not in prefect.yaml, so the platform's description stays in one place.
     Schedules are identified by slug (verify-ENV), so applying twice changes nothing.
     """
-    from runbook.config import load_playbooks
-
     wanted = {f"verify-{e.name}": (e.backups.verify_cron, e.name)
               for e in load_playbooks().environments.values() if e.backups and e.backups.verify_cron}
     with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
@@ -146,8 +123,7 @@ def local_prefect_server(home: Path, port: int) -> Iterator[str]:
     home.mkdir(parents=True, exist_ok=True)
     env = prefect_server_env(home, port, f"sqlite+aiosqlite:///{home / 'prefect.db'}")
     log = open(home / "server.log", "ab")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([str(PREFECT_BIN), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                             "--analytics-off"], env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(prefect_server_command(port), env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         wait_healthy(api_url, 90)
@@ -164,9 +140,7 @@ def local_prefect_server(home: Path, port: int) -> Iterator[str]:
 def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, executor: Any = None,
                playbook_dirs: list[Path] | None = None) -> None:
     """Serve the intake with uvicorn until interrupted; created runs go straight to ``executor`` when given."""
-    import uvicorn
 
-    from runbook.intake.app import IntakeSettings, create_app
 
     app = create_app(IntakeSettings(
         token=token, prefect_api_url=api_url, state_dir=state_dir, playbook_dirs=playbook_dirs,

@@ -27,15 +27,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
-from runbook.config import Playbooks, Route, load_playbooks
-from runbook.errors import BadInput, ConfigError
-from runbook.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnavailable
-from runbook.intake.models import Webhook
-from runbook.intake.policy import decide
-from runbook.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
-from runbook.intake.store import Store
-from runbook.notify import notify_route
-from runbook.redact import redact
+from runbook.app.catalog import PROCEDURES
+from runbook.app.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnavailable
+from runbook.app.intake.models import Webhook
+from runbook.app.intake.policy import decide
+from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
+from runbook.app.intake.store import Store
+from runbook.engine.config import Playbooks, Route, load_playbooks
+from runbook.engine.errors import BadInput, ConfigError
+from runbook.engine.notify import notify_route
+from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,6 @@ def create_app(settings: IntakeSettings) -> FastAPI:
 
 
 def _check_routes(playbooks: Playbooks) -> None:
-    from runbook.procedure import PROCEDURES
-
     for route in playbooks.routes:
         if route.procedure not in PROCEDURES:
             raise ConfigError(f"route {route.name!r}: unknown procedure {route.procedure!r} "

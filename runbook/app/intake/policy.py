@@ -10,9 +10,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from runbook.config import Route
-from runbook.intake.routing import RunRequest
-from runbook.intake.store import Store
+from runbook.app.intake.routing import RunRequest
+from runbook.app.intake.store import Store
+from runbook.engine.config import Route
 
 MODE_TAG = "mode:"
 TIMEOUT_TAG = "approval-timeout-s:"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runbook.intake.routing import RunRequest
+from runbook.app.intake.routing import RunRequest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS occurrences (

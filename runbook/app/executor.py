@@ -23,6 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.flow_engine import run_flow
+from prefect.states import Failed, Pending
+
+from runbook.app.catalog import PROCEDURES
+from runbook.engine.redact import redact
+
 log = logging.getLogger(__name__)
 
 WORK_POOL = "runbook"
@@ -76,7 +84,6 @@ class Executor:
             self._pool.submit(ctx.copy().run, self._claim_and_run, run_id)
 
     def _poll_loop(self) -> None:
-        from prefect.client.orchestration import get_client
 
         ctx = contextvars.copy_context()
         while not self._stop.is_set():
@@ -108,10 +115,6 @@ class Executor:
                 self._claimed.discard(run_id)  # once claimed it is no longer SCHEDULED: no second start
 
     def _run_if_ours(self, run_id: str) -> None:
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.responses import SetStateStatus
-        from prefect.flow_engine import run_flow
-        from prefect.states import Pending
 
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(run_id))
@@ -131,9 +134,7 @@ class Executor:
         try:
             state = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
         except Exception as exc:  # the engine failed before the run could record it (e.g. bad parameters)
-            from prefect.states import Failed
 
-            from runbook.redact import redact
 
             message = redact(f"could not start: {type(exc).__name__}: {exc}")[:500]
             with get_client(sync_client=True) as client:
@@ -146,8 +147,6 @@ class Executor:
         log.info("flow run %s finished %s in %.1f s", run_id, getattr(state, "name", "?"), time.monotonic() - started)
 
     def _flow_for(self, client: object, flow_id: UUID) -> object | None:
-        from runbook.procedure import PROCEDURES
-
         if flow_id not in self._flows:
             name = client.read_flow(flow_id).name  # type: ignore[attr-defined]
             info = PROCEDURES.get(name)
@@ -157,7 +156,5 @@ class Executor:
 
 def preload_flows() -> None:
     """Import every procedure's flow now, so the first run pays no import time."""
-    from runbook.procedure import PROCEDURES
-
     for info in PROCEDURES.values():
         info.load_flow()

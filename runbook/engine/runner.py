@@ -5,7 +5,7 @@ planned changes whose identity (``Change.key``: pid + start time, container id +
 those, and verifies what changed. A change whose target moved on since the plan is skipped and reported, never
 applied to something else; a change that appeared only now was not shown to anyone and is not applied. A failed
 apply still reports what it changed, and verify runs on that. Flows and tasks never import this module (import
-contract in pyproject.toml): runbook.procedure drives it.
+contract in pyproject.toml): runbook.engine.procedure drives it.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from runbook.errors import RemediationFailed, TargetUnreachable
-from runbook.findings import ActionResult, Change
-from runbook.redact import redact
-from runbook.remediation import Remediation, _permit_apply
+from runbook.engine.errors import RemediationFailed, TargetUnreachable
+from runbook.engine.findings import ActionResult, Change
+from runbook.engine.redact import redact
+from runbook.engine.remediation import Remediation, _permit_apply
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run_remediation(rem: Remediation[Any], *, dry_run: bool = True,
                     allowed: Callable[[], str | None] | None = None) -> ActionResult:
     """plan, then (unless dry run or ``allowed`` gives a reason not to) apply that plan and verify it.
 
-    The single-remediation path of the standard contract suite; procedures go through runbook.procedure.
+    The single-remediation path of the standard contract suite; procedures go through runbook.engine.procedure.
     """
     planned = plan_remediation(rem)
     if planned.error or not planned.planned or dry_run:

@@ -1,4 +1,4 @@
-"""The project's own errors. Third-party exceptions are mapped to these at one boundary (runbook.clients)."""
+"""The project's own errors. Third-party exceptions are mapped to these at one boundary (runbook.engine.clients)."""
 
 from __future__ import annotations
 

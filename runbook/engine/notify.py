@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from runbook.config import Environment, Notifier, Route
-from runbook.redact import redact
+from runbook.engine.config import Environment, Notifier, Route
+from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
 

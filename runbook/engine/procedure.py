@@ -10,23 +10,21 @@ remediations (``run.offer(rem)``). When the body returns, the runner takes over,
   at the plan; ``auto`` and an operator's ``--apply`` apply; ``approve`` (a route) or ``approval: required`` (the
   procedure's default, or the environment's ``approvals:``) asks a person first, showing the findings and the plan;
 - apply: exactly the plan that was shown, each change re-checked against the identity it was planned for
-  (runbook.runner); partial results survive a failure;
+  (runbook.engine.runner); partial results survive a failure;
 - announce: Grafana annotations for every change, the alert route's notifications (waiting, finished);
   delivery failures land in the report, never fail the run;
 - publish: the report artifact, every decision as a run-log line, and a final state named for the outcome
   (``Remediated``, ``Needs attention``, ``Not applied``, ``Completed``).
 
-Flows cannot apply anything themselves: ``Remediation.apply`` refuses any caller but runbook.runner, which flows
+Flows cannot apply anything themselves: ``Remediation.apply`` refuses any caller but runbook.engine.runner, which flows
 and tasks may not import (import contract).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import logging
-import pkgutil
 import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -37,16 +35,22 @@ from typing import Any, Literal
 from prefect import Flow, flow, task
 from prefect.cache_policies import NONE
 from prefect.context import FlowRunContext
+from prefect.events.worker import EventsWorker
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 from prefect.states import Completed, State
 from pydantic import TypeAdapter, ValidationError
 
-from runbook import approval
-from runbook.config import Environment, Route, load_playbooks
-from runbook.errors import BadInput, ConfigError, TargetUnreachable
-from runbook.findings import ActionResult, Finding, Report, Severity, kv_text, publish_artifacts, report_to_json
-from runbook.redact import install_log_redaction, redact
-from runbook.remediation import Remediation
-from runbook.runner import _UNSET, apply_plan, plan_remediation
+from runbook.engine import approval
+from runbook.engine.config import Environment, Route, load_playbooks
+from runbook.engine.errors import BadInput, ConfigError, TargetUnreachable
+from runbook.engine.findings import ActionResult, Finding, Report, Severity, kv_text, publish_artifacts, report_to_json
+from runbook.engine.notify import annotate_grafana, notify_route
+from runbook.engine.redact import install_log_redaction, redact
+from runbook.engine.remediation import Remediation
+from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +86,33 @@ class ProcedureSpec:
         return self.flow
 
     def parameters(self) -> list[inspect.Parameter]:
-        return list(_signature(self.name).values())
+        """The form's parameters (the body's signature without env and dry_run, which the caller decides)."""
+        return list(self._signature().values())
 
     def parameter_names(self) -> set[str]:
-        return set(_signature(self.name))
+        return set(self._signature())
+
+    def validate_params(self, params: dict[str, Any], label: str = "") -> dict[str, Any]:
+        """Validate parameters against the flow's own signature; BadInput names the parameter and what was wrong.
+
+        ``env`` and ``dry_run`` are never taken from here: the caller (CLI flags, alert policy) decides them.
+        """
+        sig = self._signature()
+        out: dict[str, Any] = {}
+        for key, value in params.items():
+            if key in RESERVED_PARAMS:
+                raise BadInput(f"{label}{key}: set by the caller, not a parameter")
+            if key not in sig:
+                raise BadInput(f"{label}{key}: {self.name} has no such parameter (known: {', '.join(sig) or 'none'})")
+            try:
+                out[key] = _adapter(self, key).validate_python(value)
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                raise BadInput(f"{label}{key}={value!r}: {first['msg']}") from None
+        return out
+
+    def _signature(self) -> dict[str, inspect.Parameter]:
+        return _signature(self)
 
     def approval_for(self, env: Environment) -> Approval:
         """The environment's ``approvals:`` entry for this procedure, else the procedure's own default."""
@@ -95,28 +122,21 @@ class ProcedureSpec:
 _REGISTRY: dict[str, ProcedureSpec] = {}
 
 
-class _Catalog(Mapping[str, ProcedureSpec]):
-    """Every procedure, found by importing the modules of the ``flows`` package once (the one list)."""
-
-    def _load(self) -> dict[str, ProcedureSpec]:
-        if not getattr(self, "_loaded", False):
-            package = importlib.import_module("flows")
-            for mod in sorted(m.name for m in pkgutil.iter_modules(package.__path__)):
-                importlib.import_module(f"flows.{mod}")
-            self._loaded = True
-        return _REGISTRY
-
-    def __getitem__(self, key: str) -> ProcedureSpec:
-        return self._load()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._load())
-
-    def __len__(self) -> int:
-        return len(self._load())
+def declared_procedures() -> Mapping[str, ProcedureSpec]:
+    """Every procedure declared so far (the application's catalog imports the flow modules that declare them)."""
+    return types.MappingProxyType(_REGISTRY)
 
 
-PROCEDURES: Mapping[str, ProcedureSpec] = _Catalog()
+@functools.cache
+def _signature(spec: ProcedureSpec) -> dict[str, inspect.Parameter]:
+    fn = inspect.unwrap(spec.flow.fn)
+    return {p.name: p for p in inspect.signature(fn, eval_str=True).parameters.values()
+            if p.name not in RESERVED_PARAMS}
+
+
+@functools.cache
+def _adapter(spec: ProcedureSpec, param: str) -> TypeAdapter[Any]:
+    return TypeAdapter(_signature(spec)[param].annotation)
 
 
 def procedure(name: str, *, summary: str, remediations: tuple[type[Remediation[Any]], ...] = (),
@@ -148,40 +168,6 @@ def procedure(name: str, *, summary: str, remediations: tuple[type[Remediation[A
         return prefect_flow
 
     return deco
-
-
-@functools.cache
-def _signature(name: str) -> dict[str, inspect.Parameter]:
-    fn = inspect.unwrap(PROCEDURES[name].flow.fn)
-    return {p.name: p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in
-            RESERVED_PARAMS}
-
-
-@functools.cache
-def _adapter(name: str, param: str) -> TypeAdapter[Any]:
-    return TypeAdapter(_signature(name)[param].annotation)
-
-
-def validate_params(procedure: str, params: dict[str, Any], label: str = "") -> dict[str, Any]:
-    """Validate parameters against the flow's own signature; BadInput names the parameter and what was wrong.
-
-    ``env`` and ``dry_run`` are never taken from here: the caller (CLI flags, alert policy) decides them.
-    """
-    if procedure not in PROCEDURES:
-        raise BadInput(f"unknown procedure {procedure!r}; known: {', '.join(PROCEDURES)}")
-    sig = _signature(procedure)
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if key in RESERVED_PARAMS:
-            raise BadInput(f"{label}{key}: set by the caller, not a parameter")
-        if key not in sig:
-            raise BadInput(f"{label}{key}: {procedure} has no such parameter (known: {', '.join(sig) or 'none'})")
-        try:
-            out[key] = _adapter(procedure, key).validate_python(value)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            raise BadInput(f"{label}{key}={value!r}: {first['msg']}") from None
-    return out
 
 
 # ------------------------------------------------------------------ the run a body works with
@@ -402,7 +388,6 @@ def _summary(report: Report) -> str:
 
 
 def _announce_finished(run: Run) -> None:
-    from runbook.notify import annotate_grafana
 
     report = run.report
     for a in report.actions:
@@ -420,7 +405,6 @@ def _announce_finished(run: Run) -> None:
 
 
 def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
-    from runbook.notify import notify_route
 
     route = run.route_config
     if route is None or not route.notify:
@@ -435,7 +419,6 @@ def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
 
 
 def _run_link(report: Report) -> str | None:
-    from prefect.settings import PREFECT_UI_URL
 
     ui = PREFECT_UI_URL.value()
     return f"{ui}/runs/flow-run/{report.flow_run_id}" if ui and report.flow_run_id else None
@@ -462,8 +445,6 @@ def _timeout(tags: list[str]) -> float:
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
 
     try:
         return get_run_logger()
@@ -479,7 +460,6 @@ def attended_run() -> Iterator[None]:
     second to every run. Heartbeats let automations spot crashed runs of unattended workers; an attended
     run reports its own crash, so it runs without them. Deployments run by workers keep them.
     """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
@@ -490,8 +470,6 @@ def flush_run_records(timeout_s: float = 5.0) -> None:
 
     Otherwise Prefect's background workers retry against a dead server when the interpreter exits.
     """
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=timeout_s)
     EventsWorker.drain_all(timeout=timeout_s)

@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 
 import httpx
 
-from runbook.intake.policy import run_parameters
-from runbook.intake.routing import RunRequest
-from runbook.intake.store import Occurrence, Store
+from runbook.app.intake.policy import run_parameters
+from runbook.app.intake.routing import RunRequest
+from runbook.app.intake.store import Occurrence, Store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (runbook.serve)
+DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (runbook.app.serve)
 CANCELLABLE = {"SCHEDULED", "PENDING", "PAUSED"}
 
 

@@ -1,7 +1,7 @@
 """The remediation contract (Ansible check mode): check, plan, apply, verify.
 
 A remediation reads state (``check``), computes the changes needed (``plan``: empty means already converged),
-mutates (``apply``) and re-reads to confirm (``verify``). Only the engine's runner (runbook.runner) may call
+mutates (``apply``) and re-reads to confirm (``verify``). Only the engine's runner (runbook.engine.runner) may call
 ``apply``: every subclass's ``apply`` is wrapped so that a call outside the runner raises, whoever makes it. Guards
 that make repeats safe (pid still running the same query, container not restarted since the alert) live in
 ``plan`` (as each change's ``key``) and are re-checked inside ``apply``.
@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, ClassVar, Generic, TypeVar
 
-from runbook.errors import RemediationFailed
-from runbook.findings import Change
+from runbook.engine.errors import RemediationFailed
+from runbook.engine.findings import Change
 
 StateT = TypeVar("StateT")
 
@@ -27,7 +27,7 @@ _APPLY_PERMIT: ContextVar[bool] = ContextVar("runbook_apply_permit", default=Fal
 
 @contextmanager
 def _permit_apply() -> Iterator[None]:
-    """Held by runbook.runner while it applies a plan; nothing else in the project uses it (import contract)."""
+    """Held by runbook.engine.runner while it applies a plan; nothing else in the project uses it (import contract)."""
     token = _APPLY_PERMIT.set(True)
     try:
         yield

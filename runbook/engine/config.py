@@ -26,10 +26,10 @@ from pydantic import (
     model_validator,
 )
 
-from runbook.errors import ConfigError, MissingSecret
-from runbook.redact import redact, register_secret
+from runbook.engine.errors import ConfigError, MissingSecret
+from runbook.engine.redact import redact, register_secret
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
 """Names of environments, services, databases, hosts: safe to log, to pass as arguments and to match alert labels."""
@@ -366,18 +366,21 @@ class Playbooks(BaseModel):
             return self.environments[name]
         except KeyError:
             known = ", ".join(sorted(self.environments)) or "none"
-            hint = " (start it with `runbook sandbox up`)" if name == "sandbox" else ""
+            hint = (' (start it with `runbook sandbox up`, then `eval "$(runbook sandbox env)"`)'
+                    if name == "sandbox" else "")
             raise ConfigError(f"unknown environment {name!r}{hint}; known: {known}") from None
 
 
 def default_playbook_dirs() -> list[Path]:
-    """The project's playbooks/ and the sandbox's generated ones, or $RUNBOOK_PLAYBOOKS (os.pathsep-separated)."""
+    """$RUNBOOK_PLAYBOOKS (os.pathsep-separated files or directories), else the project's playbooks/.
+
+    Never the sandbox's generated playbook: a production process must not read a sandbox environment left in the
+    checkout. Tests, the demo and `eval "$(runbook sandbox env)"` point RUNBOOK_PLAYBOOKS at it explicitly.
+    """
     configured = os.environ.get("RUNBOOK_PLAYBOOKS")
     if configured:
         return [Path(p) for p in configured.split(os.pathsep) if p]
-    from runbook.sandbox import state_dir  # local import: the sandbox is optional at run time
-
-    return [PROJECT_ROOT / "playbooks", state_dir() / "playbooks"]
+    return [PROJECT_ROOT / "playbooks"]
 
 
 def load_playbooks(dirs: Sequence[Path] | None = None) -> Playbooks:
@@ -472,7 +475,7 @@ def _read_env_file(path: Path) -> dict[str, str]:
 
 
 def _load_prefect_secret(block: str, where: str) -> str:
-    from prefect.blocks.system import Secret
+    from prefect.blocks.system import Secret  # lazy: only secret_block settings need Prefect's block machinery
 
     try:
         value = Secret.load(block, validate=False).get()

@@ -4,6 +4,10 @@ Exit codes (`runbook run`): 0 nothing critical found, nothing failed; 4 critical
 3 needs attention (something critical remains, a remediation failed, or changes were not applied: dry run,
 rejected, timed out); 2 bad input (unknown procedure, invalid playbook, missing secret, bad parameter, approval
 refused at the prompt or impossible without a terminal); 1 engine failure.
+
+Imports of Prefect, the catalog (every flow and task module), the executor and the sandbox sit inside the commands
+that need them: `runbook --help`, `check` and `sandbox ...` would otherwise pay seconds of imports. These are the
+only function-local imports of our own modules (tests/unit/test_import_contracts.py checks it).
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import typer
 from rich.console import Console
 
-from runbook.config import iter_secret_refs, load_playbooks, playbook_json_schema
-from runbook.errors import BadInput, ConfigError, RunbookError
-from runbook.redact import redact
+from runbook.engine.config import iter_secret_refs, load_playbooks, playbook_json_schema
+from runbook.engine.errors import BadInput, ConfigError, RunbookError
+from runbook.engine.redact import redact
 
 EXIT_OK, EXIT_ENGINE, EXIT_BAD_INPUT, EXIT_CRITICAL, EXIT_REMEDIATED = 0, 1, 2, 3, 4
 OUTCOME_EXIT = {"Completed": EXIT_OK, "Remediated": EXIT_REMEDIATED, "Needs attention": EXIT_CRITICAL,
@@ -50,7 +54,7 @@ def _fail(code: int, message: str) -> typer.Exit:
 @app.command("list")
 def list_procedures() -> None:
     """Every procedure, one line each, with its parameters."""
-    from runbook.procedure import PROCEDURES
+    from runbook.app.catalog import PROCEDURES
 
     for info in PROCEDURES.values():
         params = " ".join(_describe_param(p) for p in info.parameters())
@@ -106,7 +110,8 @@ def check(
 
 def parse_params(procedure: str, raw: list[str]) -> dict[str, Any]:
     """Turn ``k=v`` strings into typed flow parameters, validated against the flow's own signature."""
-    from runbook.procedure import RESERVED_PARAMS, validate_params
+    from runbook.app.catalog import validate_params
+    from runbook.engine.procedure import RESERVED_PARAMS
 
     params: dict[str, Any] = {}
     for item in raw:
@@ -130,9 +135,10 @@ def run(
                                                     "recorded as this OS user and host")] = False,
 ) -> None:
     """Run a procedure: a dry run unless --apply. Procedures that need approval show the plan and ask for `yes`."""
-    from runbook.approval import local_approver
-    from runbook.findings import render_terminal, report_from_json
-    from runbook.procedure import PROCEDURES, attended_run
+    from runbook.app.catalog import PROCEDURES
+    from runbook.engine.approval import local_approver
+    from runbook.engine.findings import render_terminal, report_from_json
+    from runbook.engine.procedure import attended_run
 
     if output not in {"text", "json"}:
         raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
@@ -176,7 +182,7 @@ def _interactive() -> bool:
 
 def _auto_approver(view: Any) -> Any:
     """--yes: the plan is printed for the record and approved as the OS user and host running the script."""
-    from runbook.approval import Decision, operator_identity
+    from runbook.engine.approval import Decision, operator_identity
 
     err.print(view.text(), markup=False, highlight=False)
     return Decision(approved=True, approver=operator_identity(), how="--yes (script)")
@@ -184,7 +190,7 @@ def _auto_approver(view: Any) -> Any:
 
 def _terminal_approver(view: Any) -> Any:
     """Terraform's habit: print the plan, apply only on the literal answer `yes`."""
-    from runbook.approval import Decision, operator_identity
+    from runbook.engine.approval import Decision, operator_identity
 
     if not _interactive():
         return Decision(approved=False, reason="no terminal to ask at (pass --yes from a script)")
@@ -223,6 +229,7 @@ def sandbox_up(
         raise _fail(EXIT_ENGINE, str(exc)) from None
     _print_sandbox(state)
     out.print(f"sandbox up in {time.monotonic() - started:.1f} s; environment `sandbox` in {state.playbook_dir}")
+    out.print('point this shell at it: eval "$(runbook sandbox env)"', markup=False)
 
 
 @sandbox_app.command("status")
@@ -231,6 +238,22 @@ def sandbox_status() -> None:
     from runbook import sandbox
 
     _print_sandbox(sandbox.status())
+
+
+@sandbox_app.command("env")
+def sandbox_env() -> None:
+    """Print `export` lines that point the engine at the running sandbox (use: eval "$(runbook sandbox env)")."""
+    import shlex
+
+    from runbook import sandbox
+
+    state = sandbox.status()
+    if not state.running():
+        raise _fail(EXIT_BAD_INPUT, "the sandbox is not running: start it with `runbook sandbox up`")
+    exports = {**state.engine_env(), "PREFECT_API_URL": state.prefect_api_url or ""}
+    for key, value in exports.items():
+        if value:
+            print(f"export {key}={shlex.quote(value)}")
 
 
 @sandbox_app.command("down")
@@ -275,7 +298,7 @@ def _token(token_env: str) -> str:
 @app.command()
 def deploy() -> None:
     """Register every procedure's deployment (from the catalog) and the `runbook` work pool on PREFECT_API_URL."""
-    from runbook.serve import register_deployments
+    from runbook.app.serve import register_deployments
 
     api = _api_url()
     try:
@@ -292,7 +315,7 @@ def worker(
     max_runs: Annotated[int, typer.Option(help="flow runs at once in this process")] = 16,
 ) -> None:
     """Run deployment flow runs in this warm process (scale out: start several against one server)."""
-    from runbook.executor import Executor, preload_flows
+    from runbook.app.executor import Executor, preload_flows
 
     _api_url()
     preload_flows()
@@ -315,7 +338,7 @@ def intake(
     state: Annotated[Path, typer.Option(help="directory for the intake's durable store")] = Path(".runbook"),
 ) -> None:
     """Serve the Alertmanager webhook alone (POST /alerts, GET /healthz, GET /metrics)."""
-    from runbook.serve import run_intake
+    from runbook.app.serve import run_intake
 
     try:
         run_intake(_api_url(), _token(token_env), host, port, state)
@@ -333,8 +356,8 @@ def serve(
     """Everything in one command: local Prefect server (SQLite), deployments, warm executor, alert intake."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from runbook.executor import Executor, preload_flows
-    from runbook.serve import local_prefect_server, register_deployments, run_intake
+    from runbook.app.executor import Executor, preload_flows
+    from runbook.app.serve import local_prefect_server, register_deployments, run_intake
 
     token = _token(token_env)
     api = os.environ.get("PREFECT_API_URL")
@@ -360,7 +383,7 @@ def _prefect_http() -> Any:
 
 def _waiting_plan(http: Any, run: dict[str, Any]) -> Any:
     """The plan a paused run stored for its approvers, or None when the run is not waiting for approval."""
-    from runbook.approval import PAUSE_KEY, PLAN_INPUT_KEY, parse_plan_input
+    from runbook.engine.approval import PAUSE_KEY, PLAN_INPUT_KEY, parse_plan_input
 
     state = run.get("state") or {}
     if state.get("type") != "PAUSED" or (state.get("state_details") or {}).get("pause_key") != PAUSE_KEY:
@@ -424,7 +447,7 @@ def approve(
     from prefect.exceptions import NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
 
-    from runbook.approval import operator_identity
+    from runbook.engine.approval import operator_identity
 
     try:
         uid = UUID(run_id)
@@ -475,7 +498,7 @@ def backups_list(
 
     from rich.table import Table
 
-    from runbook.errors import TargetUnreachable
+    from runbook.engine.errors import TargetUnreachable
     from tasks.backup_store import open_store
     from tasks.backups import database_name, list_backups
 
@@ -524,7 +547,7 @@ def backups_list(
 @app.command()
 def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the sandbox running")] = False) -> None:
     """Sandbox up, inject a database incident, db-slowness dry run, then --apply, then apply again (no change)."""
-    from runbook.demo import run_demo
+    from runbook.sandbox.demo import run_demo
 
     raise typer.Exit(run_demo(out, keep=keep))
 

@@ -2,28 +2,49 @@
 
 from __future__ import annotations
 
+import os
 import time
+from datetime import UTC, datetime
 from typing import Any
 
+import docker
+import httpx
+import psycopg
+import redis
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from rich.console import Console
 
+from flows.backup import backup
+from flows.backup_verification import backup_verification
+from flows.cache_api import cache_api
+from flows.data_corruption import data_corruption
+from flows.db_slowness import db_slowness
+from flows.high_cpu import high_cpu
+from flows.log_analysis import log_analysis
+from flows.memory_leak import memory_leak
+from flows.network_checks import network_checks
+from flows.service_outage import service_outage
 from runbook import sandbox
-from runbook.approval import Decision, local_approver, operator_identity
-from runbook.findings import render_terminal, report_from_json
-from runbook.procedure import attended_run, flush_run_records
-from runbook.sandbox.incidents import DbIncident
+from runbook.engine.approval import Decision, local_approver, operator_identity
+from runbook.engine.clients import docker_api_version
+from runbook.engine.config import load_playbooks
+from runbook.engine.findings import render_terminal, report_from_json
+from runbook.engine.procedure import attended_run, flush_run_records
+from runbook.sandbox.incidents import CpuBurner, DbIncident, MemoryGrower, StoppedService, remove_containers_except
+from runbook.sandbox.opensearch import EXPECTED, seed_logs
+from runbook.sandbox.podman import socket_url
+from tasks.logs import RUNBOOK_QUERIES
 
 DEMO_THRESHOLDS = {"long_query_s": 2.0, "idle_in_transaction_s": 2.0}
 
 
 def run_demo(console: Console, keep: bool = False) -> int:
     """Returns the exit code: 0 when every step did what it should."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.db_slowness import db_slowness
 
     console.rule("[bold]1. sandbox up[/] (PostgreSQL, Redis, Prefect server on loopback)")
     state = sandbox.up()
+    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     console.print(f"Prefect UI: {state.prefect_api_url.removesuffix('/api')}")
     incident = DbIncident(app_dsn=state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"])
     ok = True
@@ -75,15 +96,7 @@ def run_demo(console: Console, keep: bool = False) -> int:
 
 def demo_network_logs(console: Console, state: sandbox.SandboxState) -> bool:
     """Issue 4's part: network-checks, cache-api and log-analysis on the sandbox (all diagnose-only)."""
-    import httpx
-    import redis
 
-    from flows.cache_api import cache_api
-    from flows.log_analysis import log_analysis
-    from flows.network_checks import network_checks
-    from runbook.config import load_playbooks
-    from runbook.sandbox.opensearch import EXPECTED, seed_logs
-    from tasks.logs import RUNBOOK_QUERIES
 
     env = load_playbooks([state.playbook_dir]).environment("sandbox")
     console.rule("[bold]network-checks[/]: TCP matrix, HTTPS payment stand-in with TLS days, DNS")
@@ -132,18 +145,10 @@ def demo_network_logs(console: Console, state: sandbox.SandboxState) -> bool:
 def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
     """Issue 3's part: high-cpu, memory-leak and service-outage on the sandbox's Podman project, each dry run first,
     then applied, then applied again (no change). The project is put back as it was afterwards."""
-    from datetime import UTC, datetime
 
-    from flows.high_cpu import high_cpu
-    from flows.memory_leak import memory_leak
-    from flows.service_outage import service_outage
-    from runbook.sandbox.incidents import CpuBurner, MemoryGrower, StoppedService, remove_containers_except
-    from runbook.sandbox.podman import socket_url
 
     url = socket_url(state.services["podman"])
-    import docker
 
-    from runbook.clients import docker_api_version
 
     client = docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
     keep = {c.id for c in client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"})}
@@ -200,11 +205,7 @@ def demo_backups(console: Console, state: sandbox.SandboxState) -> bool:
     (rows deleted, a table dropped): assessed in a dry run, restored with the operator's approval (what
     `runbook run data-corruption --apply --yes` does), and a second run that changes nothing."""
 
-    import psycopg
 
-    from flows.backup import backup
-    from flows.backup_verification import backup_verification
-    from flows.data_corruption import data_corruption
 
     def show(doc: dict[str, Any]) -> Any:
         report = report_from_json(doc)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
 
-from runbook.config import Playbooks, Route
-from runbook.errors import BadInput, ConfigError
-from runbook.intake.models import Alert
+from runbook.app.catalog import PROCEDURES, validate_params
+from runbook.app.intake.models import Alert
+from runbook.engine.config import Playbooks, Route
+from runbook.engine.errors import BadInput, ConfigError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
@@ -56,8 +57,6 @@ def matching_routes(routes: list[Route], labels: dict[str, str]) -> list[Route]:
 
 def build_request(route: Route, alert: Alert, playbooks: Playbooks) -> RunRequest:
     """Map labels to parameters and validate everything; BadInput names what was wrong."""
-    from runbook.procedure import PROCEDURES, validate_params
-
     if route.procedure not in PROCEDURES:
         raise ConfigError(f"route {route.name!r}: unknown procedure {route.procedure!r}")
     try:

@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from runbook.redact import redact, redact_obj
+from runbook.engine.redact import redact, redact_obj
 
 
 class Severity(StrEnum):
@@ -284,7 +285,6 @@ def _short(value: Any, limit: int) -> str:
 
 def publish_artifacts(report: Report) -> None:
     """Publish the report to the Prefect UI: one markdown artifact plus a table of the findings."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = report.procedure.replace("_", "-")
     create_markdown_artifact(

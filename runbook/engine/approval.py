@@ -22,7 +22,14 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 
-from prefect.input import RunInput
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.exceptions import Abort
+from prefect.input import RunInput, keyset_from_paused_state
+from prefect.input.run_input import run_input_subclass_from_type
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Paused, Running
+from prefect.utilities.engine import propose_state_sync
 from pydantic import BaseModel, Field
 
 PAUSE_KEY = "approval"
@@ -99,8 +106,6 @@ def ask(view: PlanView, timeout_s: float, on_waiting: Callable[[PlanView], None]
     local = _LOCAL.get()
     if local is not None:
         return local(view)
-    from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_API_URL
 
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None or not PREFECT_API_URL.value():
@@ -115,13 +120,6 @@ def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[
     Written on Prefect's pause pieces rather than ``pause_flow_run`` because that one only notices a resume:
     a run cancelled while paused (its alert resolved) would sit out the whole timeout.
     """
-    from prefect.client.orchestration import get_client
-    from prefect.context import FlowRunContext
-    from prefect.exceptions import Abort
-    from prefect.input import keyset_from_paused_state
-    from prefect.input.run_input import run_input_subclass_from_type
-    from prefect.states import Paused, Running
-    from prefect.utilities.engine import propose_state_sync
 
     ctx = FlowRunContext.get()
     assert ctx is not None and ctx.flow_run is not None
