@@ -13,11 +13,9 @@ from typing import Annotated
 from pydantic import Field
 
 from runbook.engine.findings import ActionResult, Finding, Report, Severity
+from runbook.engine.params import DbName, EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_remediations import TakeBackup
-
-EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
-DbName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="database name from the playbook")]
 
 
 @procedure("backup", remediations=(TakeBackup,), tags=('backups',),

@@ -26,6 +26,7 @@ from pydantic import Field
 from runbook.engine.config import Environment
 from runbook.engine.errors import RemediationFailed, TargetUnreachable
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.params import BackupFile, DbName, EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_store import BackupStore, open_store
 from tasks.backups import (
@@ -43,9 +44,6 @@ from tasks.backups import (
     utc_stamp,
 )
 
-EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
-DbName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="database name from the playbook")]
-BackupFile = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,200}\.sql\.gz$", description="a backup file name")]
 _LOG_ERROR = re.compile(r"\b(error|fatal|failed|failure|panic|abort(ed)?)\b", re.IGNORECASE)
 SIZE_HISTORY = 5
 

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from runbook.engine.config import HttpCheckConfig, Thresholds
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.params import EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.cache import get_cache_stats
 from tasks.http_checks import breakdown_table, check_http_endpoints
@@ -26,7 +27,7 @@ NOTHING_TO_REMEDIATE = "cache-api diagnoses only: there is nothing to remediate 
 @procedure("cache-api", tags=('application',),
            summary="Application Optimization: Redis hit ratio/evictions, API timing breakdown, runbook PromQL")
 def cache_api(
-    env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
+    env: EnvName,
     dry_run: bool = True,
     window: Annotated[str, Field(pattern=r"^[1-9][0-9]{0,3}[smh]$", description="PromQL rate window")] = "5m",
     sample_s: Annotated[float, Field(ge=0, le=300, description="also measure the hit ratio over this window")] = 0.0,

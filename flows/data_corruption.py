@@ -19,14 +19,11 @@ from pydantic import Field
 
 from runbook.engine.config import Environment
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.params import BackupFile, DbName, EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.backup_remediations import RestoreFromBackup
 from tasks.backups import run_amcheck
 from tasks.writers import NO_DOCKER, writers_for
-
-EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
-DbName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="database name from the playbook")]
-BackupFile = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,200}\.sql\.gz$", description="a backup file name")]
 
 
 @procedure("data-corruption", remediations=(RestoreFromBackup,), approval="required", tags=('backups',),

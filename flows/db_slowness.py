@@ -15,6 +15,7 @@ from pydantic import Field
 
 from assessments.postgres import assess_long_queries
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.params import DbName, EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.postgres import (
     analyze_indexes,
@@ -26,13 +27,11 @@ from tasks.postgres import (
 )
 from tasks.postgres_remediations import CancelLongQueries, TerminateIdleBlockers
 
-DbName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="database name from the playbook")]
-
 
 @procedure("db-slowness", remediations=(CancelLongQueries, TerminateIdleBlockers), tags=("database",),
            summary="Database Performance Issues: connections, long queries, lock tree, slow statements, indexes")
 def db_slowness(
-    env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
+    env: EnvName,
     database: DbName = "main",
     dry_run: bool = True,
     long_query_s: Annotated[float | None, Field(gt=0, description="cancel active queries older (s)")] = None,

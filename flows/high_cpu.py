@@ -20,6 +20,7 @@ from assessments.hosts import host_findings
 from assessments.postgres import assess_long_queries
 from runbook.engine.config import ServiceConfig
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.params import DbName, EnvName, ServiceName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.container_remediations import ScaleService
 from tasks.containers import (
@@ -33,8 +34,6 @@ from tasks.hosts import collect_host_snapshots
 from tasks.metrics import SYSTEM_QUERIES, PromQLError, instant_query, render
 from tasks.postgres import get_activity_snapshot
 
-EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
-ServiceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="compose service from the playbook")]
 MAX_HOT = 3  # hot containers whose processes and logs are read
 _ANY = ServiceConfig()
 
@@ -47,7 +46,7 @@ def high_cpu(
     service: Annotated[ServiceName | None, Field(description="scale this service (default: the hottest one)")] = None,
     replicas: Annotated[int | None, Field(ge=1, le=100, description="scale to N (default: max_replicas)")] = None,
     sample_interval_s: Annotated[float, Field(ge=0.2, le=30, description="between the two CPU samples")] = 1.0,
-    database: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$")] = "main",
+    database: DbName = "main",
     prometheus_window: Annotated[str, Field(pattern=r"^\d{1,4}[smh]$", description="the [5m] of the CPU query")] = "5m",
 ) -> None:
     """Rank containers and host processes by CPU, correlate with long queries and ERROR logs; scale if allowed."""

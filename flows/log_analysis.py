@@ -14,6 +14,7 @@ from pydantic import Field
 
 from runbook.engine.config import Thresholds
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.params import EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.logs import analyze_logs
 
@@ -23,7 +24,7 @@ NOTHING_TO_REMEDIATE = "log-analysis diagnoses only: there is nothing to remedia
 @procedure("log-analysis", tags=('logs',),
            summary="Log Analysis: the four Kibana queries with counts, top messages and a histogram")
 def log_analysis(
-    env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
+    env: EnvName,
     dry_run: bool = True,
     service: Annotated[str | None, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$",
                                          description="only this service's logs")] = None,

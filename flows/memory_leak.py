@@ -21,6 +21,7 @@ from pydantic import Field
 from runbook.engine.config import Environment
 from runbook.engine.errors import BadInput
 from runbook.engine.findings import CodeBlock, Finding, Report, Severity, TableBlock
+from runbook.engine.params import EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.container_remediations import RestartLeakers
 from tasks.containers import (
@@ -33,7 +34,6 @@ from tasks.containers import (
 )
 from tasks.metrics import SYSTEM_QUERIES, PromQLError, range_query, render
 
-EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
 MIB = 2**20
 MIN_R2 = 0.9
 MIN_GROWTH_BYTES = MIB  # a step of a few hundred KiB in a tiny container is not a leak, whatever its rate

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from runbook.engine.config import HttpCheckConfig, NetworkConfig, Thresholds
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.params import EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.http_checks import breakdown_table
 from tasks.network import check_connectivity
@@ -25,7 +26,7 @@ NOTHING_TO_REMEDIATE = "network-checks diagnoses only: there is nothing to remed
 @procedure("network-checks", tags=('network',),
            summary="Network Issues: TCP matrix from host and containers, HTTPS endpoints with TLS days, DNS")
 def network_checks(
-    env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")],
+    env: EnvName,
     dry_run: bool = True,
     include_http: Annotated[bool, Field(description="also check the playbook's HTTP(S) endpoints")] = True,
 ) -> None:

@@ -26,6 +26,7 @@ from runbook.engine.config import Environment, HttpCheckConfig
 from runbook.engine.errors import BadInput
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
 from runbook.engine.notify import post_json
+from runbook.engine.params import EnvName, ServiceName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from runbook.engine.redact import redact
 from tasks.container_remediations import StartServiceContainers
@@ -33,9 +34,6 @@ from tasks.containers import get_container_logs, get_recent_changes, list_projec
 from tasks.hosts import collect_host_snapshots
 from tasks.http_checks import check_http
 from tasks.metrics import PromQLError, instant_query
-
-EnvName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="environment from playbooks/")]
-ServiceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$", description="compose service from the playbook")]
 
 
 @procedure("service-outage", remediations=(StartServiceContainers,), tags=('containers',),

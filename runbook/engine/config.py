@@ -27,11 +27,12 @@ from pydantic import (
 )
 
 from runbook.engine.errors import ConfigError, MissingSecret
+from runbook.engine.params import NAME_PATTERN
 from runbook.engine.redact import redact, register_secret
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """Names of environments, services, databases, hosts: safe to log, to pass as arguments and to match alert labels."""
 
 EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
