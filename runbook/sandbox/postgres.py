@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import secrets
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -71,13 +74,13 @@ class Postgres(Service):
 
     def start(self, state: Path, port: int) -> ServiceRecord:
         base = self.fresh_dir(state)
-        data, sock, log = base / "data", base / "run", base / "postgres.log"
+        cluster = self._cluster_dir(base)
+        data, sock, log = cluster / "data", cluster / "run", cluster / "postgres.log"
         if len(f"{sock}/.s.PGSQL.{port}") > MAX_SOCKET_PATH:
             raise SandboxError(f"state dir path too long for a unix socket: {sock}")
-        _check_traversable(base)
         sock.mkdir(mode=0o755)
         data.mkdir(mode=0o700)
-        _chown_tree(base)
+        _chown_tree(cluster)
         user = OS_USER if os.geteuid() == 0 else None
         process.run(
             [
@@ -114,7 +117,7 @@ class Postgres(Service):
             pid=pid,
             port=port,
             log_file=str(log),
-            paths={"base": str(base), "data_dir": str(data), "socket_dir": str(sock)},
+            paths={"base": str(base), "cluster_dir": str(cluster), "data_dir": str(data), "socket_dir": str(sock)},
             cmdline_markers=["postgres", f"-D {data}"],
             proc_start=process.start_ticks(pid),
         )
@@ -132,6 +135,26 @@ class Postgres(Service):
             raise process.failure(f"postgres on port {port} not ready after start", log)
         record.running = True
         return record
+
+    def _cluster_dir(self, base: Path) -> Path:
+        """Where the cluster lives: the service dir, unless the postgres OS user cannot reach it.
+
+        As root, initdb and the server run as `postgres`, which cannot traverse a 0700 home (a clone in /root, a
+        pytest temp root). Then the cluster goes to a directory of its own under the system temp dir, named for
+        the state dir (so `down` and the next `up` find it) and readable by `postgres` only.
+        """
+        if _blocking_dir(base) is None:
+            return base
+        cluster = _outside_cluster_dir(base)
+        shutil.rmtree(cluster, ignore_errors=True)
+        cluster.mkdir(mode=0o700)
+        _chown_tree(cluster)
+        _check_traversable(cluster)
+        return cluster
+
+    def clean(self, state: Path) -> None:
+        super().clean(state)
+        shutil.rmtree(_outside_cluster_dir(self.service_dir(state)), ignore_errors=True)
 
     def is_healthy(self, record: ServiceRecord) -> bool:
         try:
@@ -218,10 +241,26 @@ def _conf_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _outside_cluster_dir(base: Path) -> Path:
+    digest = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"runbook-sandbox-pg-{digest}"
+
+
 def _check_traversable(path: Path) -> None:
-    """Fail clearly when the postgres OS user cannot reach the state dir (e.g. under a 0700 pytest temp root)."""
+    """Fail clearly when the postgres OS user cannot reach ``path``."""
+    blocking = _blocking_dir(path)
+    if blocking is not None:
+        st = blocking.stat()
+        raise SandboxError(
+            f"the {OS_USER} OS user cannot traverse {blocking} (mode {stat.S_IMODE(st.st_mode):o}), so it cannot "
+            f"reach {path}: `chmod o+x {blocking}` or choose another state dir (RUNBOOK_SANDBOX_DIR)"
+        )
+
+
+def _blocking_dir(path: Path) -> Path | None:
+    """The first directory on the way to ``path`` that the postgres OS user cannot traverse (root only)."""
     if os.geteuid() != 0:
-        return
+        return None
     pw = pwd.getpwnam(OS_USER)
     gids = set(os.getgrouplist(OS_USER, pw.pw_gid))
     for p in [path, *path.parents]:
@@ -233,10 +272,8 @@ def _check_traversable(path: Path) -> None:
         else:
             ok = st.st_mode & stat.S_IXOTH
         if not ok:
-            raise SandboxError(
-                f"the {OS_USER} OS user cannot traverse {p} (mode {stat.S_IMODE(st.st_mode):o}), so it cannot "
-                f"reach {path}: `chmod o+x {p}` or choose another state dir (RUNBOOK_SANDBOX_DIR)"
-            )
+            return p
+    return None
 
 
 def _chown_tree(path: Path) -> None:
