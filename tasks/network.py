@@ -93,7 +93,6 @@ _EXEC_GATE = threading.BoundedSemaphore(4)
 
 
 def _exec(env: Environment, container_id: str, command: list[str]) -> tuple[int | None, str]:
-
     with _EXEC_GATE, docker_client(env) as client:
         exec_id = client.api.exec_create(container_id, command, stdout=True, stderr=True)["Id"]
         output = client.api.exec_start(exec_id, demux=False) or b""

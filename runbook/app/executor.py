@@ -84,7 +84,6 @@ class Executor:
             self._pool.submit(ctx.copy().run, self._claim_and_run, run_id)
 
     def _poll_loop(self) -> None:
-
         ctx = contextvars.copy_context()
         while not self._stop.is_set():
             try:
@@ -115,7 +114,6 @@ class Executor:
                 self._claimed.discard(run_id)  # once claimed it is no longer SCHEDULED: no second start
 
     def _run_if_ours(self, run_id: str) -> None:
-
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(run_id))
             flow = self._flow_for(client, flow_run.flow_id)
@@ -134,8 +132,6 @@ class Executor:
         try:
             state = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
         except Exception as exc:  # the engine failed before the run could record it (e.g. bad parameters)
-
-
             message = redact(f"could not start: {type(exc).__name__}: {exc}")[:500]
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(flow_run.id, Failed(message=message), force=True)

@@ -388,7 +388,6 @@ def _summary(report: Report) -> str:
 
 
 def _announce_finished(run: Run) -> None:
-
     report = run.report
     for a in report.actions:
         if a.applied:
@@ -405,7 +404,6 @@ def _announce_finished(run: Run) -> None:
 
 
 def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
-
     route = run.route_config
     if route is None or not route.notify:
         return
@@ -419,7 +417,6 @@ def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
 
 
 def _run_link(report: Report) -> str | None:
-
     ui = PREFECT_UI_URL.value()
     return f"{ui}/runs/flow-run/{report.flow_run_id}" if ui and report.flow_run_id else None
 
@@ -445,7 +442,6 @@ def _timeout(tags: list[str]) -> float:
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-
     try:
         return get_run_logger()
     except MissingContextError:

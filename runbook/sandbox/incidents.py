@@ -138,8 +138,6 @@ class ContainerIncident:
     name: str = ""
 
     def client(self):  # noqa: ANN201 - docker.DockerClient, imported lazily (the DB incidents do not need docker)
-
-
         url = self.docker_url
         return docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
 

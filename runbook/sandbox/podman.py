@@ -211,8 +211,6 @@ class Podman(Service):
 
     @contextlib.contextmanager
     def client(self, record: ServiceRecord) -> Any:
-
-
         url = socket_url(record)
         client = docker.DockerClient(base_url=url, version=docker_api_version(url, API_TIMEOUT_S),
                                      timeout=API_TIMEOUT_S)
@@ -222,7 +220,6 @@ class Podman(Service):
             client.close()
 
     def _ping(self, record: ServiceRecord) -> bool:
-
         try:
             with self.client(record) as client:
                 return bool(client.ping())
