@@ -311,7 +311,7 @@ def deploy() -> None:
 @app.command()
 def worker(
     pool: Annotated[str, typer.Option(help="work pool to serve")] = "runbook",
-    poll: Annotated[float, typer.Option(help="seconds between polls for UI/scheduled runs")] = 5.0,
+    poll: Annotated[float, typer.Option(help="seconds between safety-net polls (new runs arrive as events)")] = 15.0,
     max_runs: Annotated[int, typer.Option(help="flow runs at once in this process")] = 16,
 ) -> None:
     """Run deployment flow runs in this warm process (scale out: start several against one server)."""

@@ -3,8 +3,10 @@
 A plain Prefect process worker polls its pool, then starts a Python subprocess per run: 6-14 s from
 `run_deployment` to the first task here. This executor keeps the flows imported and runs each flow run in a
 thread of its own, so an alert's first task starts a fraction of a second after the intake hands it over
-(`submit`), with no polling on that path. It also polls its work pool, at a relaxed interval, for runs created
-elsewhere (the Prefect UI, schedules, another intake), and sends worker heartbeats so the pool shows as ready.
+(`submit`), with no polling on that path. Runs created elsewhere (the Prefect UI, `runbook run` against a server,
+another intake) reach it through Prefect's event stream (a websocket: the `prefect.flow-run.Scheduled` event of a run
+in its pool arrives milliseconds after the run is created); a relaxed poll of the work pool stays as the safety net
+for missed events and for runs scheduled ahead of time, and sends worker heartbeats so the pool shows as ready.
 
 Several executors may serve one pool (scale-out): a run is claimed by proposing PENDING, which the Prefect
 server accepts for exactly one claimer; the others leave it alone.
@@ -12,6 +14,8 @@ server accepts for exactly one claimer; the others leave it alone.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -25,6 +29,8 @@ from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.responses import SetStateStatus
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.flow_engine import run_flow
 from prefect.states import Failed, Pending
 
@@ -34,11 +40,12 @@ from runbook.engine.redact import redact
 log = logging.getLogger(__name__)
 
 WORK_POOL = "runbook"
+EVENTS_RETRY_S = 5.0
 
 
 class Executor:
-    def __init__(self, work_pool: str = WORK_POOL, max_runs: int = 16, poll_s: float = 5.0,
-                 name: str | None = None) -> None:
+    def __init__(self, work_pool: str = WORK_POOL, max_runs: int = 16, poll_s: float = 15.0,
+                 name: str | None = None, events: bool = True) -> None:
         self.work_pool = work_pool
         self.max_runs = max_runs
         self.poll_s = poll_s
@@ -51,13 +58,18 @@ class Executor:
         self._flows: dict[UUID, object] = {}
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
+        self._events = events
+        self._events_loop: asyncio.AbstractEventLoop | None = None
+        self.events_connected = threading.Event()
+        self.polls = 0  # completed polls of the work pool (observable: the event path needs none)
 
     # -------------------------------------------------------------- public
 
     def start(self) -> None:
         """Start the hand-off and poll loops in the caller's Prefect settings context."""
         ctx = contextvars.copy_context()
-        for target in (self._handoff_loop, self._poll_loop):
+        loops = [self._handoff_loop, self._poll_loop] + ([self._event_loop] if self._events else [])
+        for target in loops:
             t = threading.Thread(target=ctx.copy().run, args=(target,), daemon=True, name=target.__name__)
             t.start()
             self._threads.append(t)
@@ -69,6 +81,10 @@ class Executor:
     def stop(self, wait: bool = True) -> None:
         self._stop.set()
         self._handoff.put(None)
+        loop = self._events_loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed between the check and the call
+                loop.call_soon_threadsafe(_cancel_all, loop)
         for t in self._threads:
             t.join(timeout=10)
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
@@ -96,9 +112,42 @@ class Executor:
                     free = self.max_runs - self._running
                 for item in due[:max(0, free)]:  # claim only what this process can start now: others share
                     self._pool.submit(ctx.copy().run, self._claim_and_run, str(item.flow_run.id))
+                self.polls += 1
             except Exception as exc:  # the poll loop must outlive a Prefect outage; it retries next interval
                 log.warning("work pool %r poll failed: %s", self.work_pool, exc)
             self._stop.wait(self.poll_s)
+
+    def _event_loop(self) -> None:
+        """Claim a run as soon as the server announces it SCHEDULED in our pool; reconnect after an outage."""
+        loop = asyncio.new_event_loop()
+        self._events_loop = loop
+        try:
+            while not self._stop.is_set():
+                try:
+                    loop.run_until_complete(self._watch_events())
+                except asyncio.CancelledError:
+                    break
+                except Exception as exc:  # a Prefect outage: the poll covers the gap; try again shortly
+                    self.events_connected.clear()
+                    log.warning("event stream: %s; reconnecting in %.0f s", redact(str(exc))[:200], EVENTS_RETRY_S)
+                    self._stop.wait(EVENTS_RETRY_S)
+        finally:
+            loop.close()
+
+    async def _watch_events(self) -> None:
+        ctx = contextvars.copy_context()
+        scheduled = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled"]))  # type: ignore[call-arg]
+        async with get_events_subscriber(filter=scheduled, reconnect_on_clean_close=True) as events:
+            self.events_connected.set()
+            async for event in events:
+                pools = {r.get("prefect.resource.name") for r in event.related if r.role == "work-pool"}
+                if self.work_pool not in pools:
+                    continue
+                run_id = event.resource.id.removeprefix("prefect.flow-run.")
+                with self._lock:
+                    free = self.max_runs - self._running
+                if free > 0:  # otherwise the poll picks it up when a thread is free
+                    self._pool.submit(ctx.copy().run, self._claim_and_run, run_id)
 
     # -------------------------------------------------------------- one run
 
@@ -122,6 +171,9 @@ class Executor:
                 return
             if not (flow_run.state and flow_run.state.is_scheduled()):
                 return
+            due = flow_run.next_scheduled_start_time or flow_run.expected_start_time
+            if due is not None and due > datetime.now(UTC) + timedelta(seconds=1):
+                return  # scheduled ahead of time: the poll starts it when it is due
             result = client.set_flow_run_state(flow_run.id, Pending(message=f"claimed by {self.name}"))
             if result.status != SetStateStatus.ACCEPT:
                 return  # another executor (or a cancel) got there first
@@ -148,6 +200,11 @@ class Executor:
             info = PROCEDURES.get(name)
             self._flows[flow_id] = info.load_flow() if info else None
         return self._flows[flow_id]
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
 
 
 def preload_flows() -> None:
