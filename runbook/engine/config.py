@@ -479,7 +479,8 @@ def _load_prefect_secret(block: str, where: str) -> str:
     from prefect.blocks.system import Secret  # lazy: only secret_block settings need Prefect's block machinery
 
     try:
-        value = Secret.load(block, validate=False).get()
+        # prefect's async_dispatch types the call as "block or coroutine"; outside an event loop it is the block
+        value = Secret.load(block, validate=False).get()  # type: ignore[union-attr]
     except ValueError as exc:  # Prefect raises ValueError for a missing block
         raise MissingSecret(f"{where}: Prefect Secret block {block!r} cannot be loaded: {exc}") from None
     return str(value)

@@ -168,7 +168,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "audit": report.audit,
         "outcome": report.outcome,
     }
-    return redact_obj(json.loads(json.dumps(doc, default=str)))
+    redacted: dict[str, Any] = redact_obj(json.loads(json.dumps(doc, default=str)))
+    return redacted
 
 
 def report_from_json(doc: dict[str, Any]) -> Report:

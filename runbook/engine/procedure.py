@@ -34,13 +34,14 @@ from typing import Any, Literal
 
 from prefect import Flow, flow, task
 from prefect.cache_policies import NONE
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
-from prefect.states import Completed, State
+from prefect.states import Completed
 from pydantic import TypeAdapter, ValidationError
 
 from runbook.engine import approval
@@ -139,8 +140,10 @@ def _adapter(spec: ProcedureSpec, param: str) -> TypeAdapter[Any]:
     return TypeAdapter(_signature(spec)[param].annotation)
 
 
-def procedure(name: str, *, summary: str, remediations: tuple[type[Remediation[Any]], ...] = (),
-              approval: Approval = "optional", tags: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Flow]:
+def procedure(
+    name: str, *, summary: str, remediations: tuple[type[Remediation[Any]], ...] = (),
+    approval: Approval = "optional", tags: tuple[str, ...] = (),
+) -> Callable[[Callable[..., None]], Flow[..., Any]]:
     """Declare a procedure. The body's signature is the deployment's form (it must take ``env`` and ``dry_run``);
     the body diagnoses and offers remediations; the runner does the rest."""
 

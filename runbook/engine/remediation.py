@@ -44,7 +44,8 @@ class Remediation(ABC, Generic[StateT]):
         super().__init_subclass__(**kwargs)
         apply = cls.__dict__.get("apply")
         if apply is not None and not getattr(apply, "_guarded", False):
-            cls.apply = _guarded(apply)
+            # replacing the subclass's method is the point (mypy forbids assigning to a method: setattr says so)
+            setattr(cls, "apply", _guarded(apply))  # noqa: B010
 
     @property
     @abstractmethod
