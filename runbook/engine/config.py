@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from runbook.engine.errors import ConfigError, MissingSecret
 from runbook.engine.params import NAME_PATTERN
@@ -442,7 +443,7 @@ def _load_file(path: Path, errors: list[str]) -> PlaybookFile | None:
         return None
 
 
-def _format_error(err: Any) -> str:
+def _format_error(err: ErrorDetails) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key"

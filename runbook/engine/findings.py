@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -343,7 +343,7 @@ def render_terminal(report: Report, console: Console) -> None:
                   + (f" · outcome: [bold]{report.outcome}[/]" if report.outcome else ""))
 
 
-def _rich_block(block: Block) -> Any:
+def _rich_block(block: Block) -> RenderableType:
     if isinstance(block, TableBlock):
         t = Table(title=redact(block.title) or None, title_justify="left")
         for c in block.columns:

@@ -50,7 +50,7 @@ from runbook.engine.errors import BadInput, ConfigError, TargetUnreachable
 from runbook.engine.findings import ActionResult, Finding, Report, Severity, kv_text, publish_artifacts, report_to_json
 from runbook.engine.notify import annotate_grafana, notify_route
 from runbook.engine.redact import install_log_redaction, redact
-from runbook.engine.remediation import Remediation
+from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ class Run:
     offers: list[_Offer] = field(default_factory=list)
     finishers: list[Callable[[Report], None]] = field(default_factory=list)
 
-    def offer(self, rem: Remediation[Any], *, after: Callable[[Report, ActionResult], None] | None = None,
-              state: Any = _UNSET) -> None:
+    def offer(self, rem: Remediation[StateT], *, after: Callable[[Report, ActionResult], None] | None = None,
+              state: StateT = _UNSET) -> None:
         """Hand a remediation to the runner; ``after`` sees its result; ``state`` reuses a check already made."""
         if not isinstance(rem, self.spec.remediations or ()):
             raise TypeError(f"{self.spec.name} offers {rem.name!r}, which its @procedure does not declare")
