@@ -32,8 +32,11 @@ test: setup
 bench: setup
 	$(PY) bench/run_all.py
 
+# ruff (style), import-linter (layer contracts), mypy (types: files and strictness in pyproject.toml [tool.mypy])
 lint: setup
-	$(VENV)/bin/ruff check runbook flows tasks tests bench
+	$(VENV)/bin/ruff check runbook flows tasks assessments tests bench
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 sandbox-down:
 	-$(VENV)/bin/runbook sandbox down

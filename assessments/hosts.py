@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from runbook.engine.config import Thresholds
 from runbook.engine.findings import Finding, Severity, TableBlock
 
 
-def host_findings(hosts: list[dict[str, Any]], thresholds: Any, top: int = 5) -> list[Finding]:
+def host_findings(hosts: list[dict[str, Any]], thresholds: Thresholds, top: int = 5) -> list[Finding]:
     """Findings from host snapshots: unreachable hosts (critical), load per core, memory, disks, top processes."""
     out: list[Finding] = []
     for h in hosts:

@@ -93,7 +93,7 @@ def client_env(parts: dict[str, Any], timeout_s: float) -> tuple[str, dict[str, 
 
 @contextlib.contextmanager
 def admin_connection(env: Environment, database: str, dbname: str | None = None,
-                     statement_timeout_ms: int = 60_000) -> Iterator[psycopg.Connection]:
+                     statement_timeout_ms: int = 60_000) -> Iterator[psycopg.Connection[dict[str, Any]]]:
     """A connection with the admin DSN (to its maintenance database, or ``dbname``), autocommit, with timeouts."""
     cfg = env.database(database)
     parts = dsn_parts(env, database, admin=True)
@@ -220,7 +220,7 @@ def list_backups(store: BackupStore, dbname: str | None = None) -> tuple[list[Ba
 # ------------------------------------------------------------------ shapes
 
 
-def read_shape(conn: psycopg.Connection, key_tables: list[str]) -> dict[str, Any]:
+def read_shape(conn: psycopg.Connection[dict[str, Any]], key_tables: list[str]) -> dict[str, Any]:
     """User tables with their columns (name, type), and exact row counts of the key tables (None: missing)."""
     rows = conn.execute(
         """SELECT n.nspname || '.' || c.relname AS tbl, a.attname, format_type(a.atttypid, a.atttypmod) AS type

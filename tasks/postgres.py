@@ -134,7 +134,7 @@ def explain_statements(env: Environment, database: str, queries: list[str],
     return results
 
 
-def _explain(conn: psycopg.Connection, query: str, mode: str, timeout_ms: int) -> Any:
+def _explain(conn: psycopg.Connection[dict[str, Any]], query: str, mode: str, timeout_ms: int) -> Any:
     cur = conn.cursor()
     cur.execute("BEGIN READ ONLY")
     cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")

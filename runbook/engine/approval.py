@@ -23,10 +23,10 @@ from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.exceptions import Abort
 from prefect.input import RunInput, keyset_from_paused_state
-from prefect.input.run_input import run_input_subclass_from_type
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Paused, Running
 from prefect.utilities.engine import propose_state_sync
@@ -125,11 +125,12 @@ def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[
     assert ctx is not None and ctx.flow_run is not None
     run_id = ctx.flow_run.id
     view.run_id, view.deadline = str(run_id), datetime.now(UTC) + timedelta(seconds=timeout_s)
-    form = run_input_subclass_from_type(ApprovalInput).with_initial_data(approve=False)
+    form = ApprovalInput.with_initial_data(approve=False)
     # the server's own pause expiry comes a little after ours, so this loop always decides first
-    state = Paused(timeout_seconds=int(timeout_s) + 60, reschedule=False, pause_key=PAUSE_KEY)
+    state: State[None] = Paused(timeout_seconds=int(timeout_s) + 60, reschedule=False, pause_key=PAUSE_KEY)
     keyset = keyset_from_paused_state(state)
-    state.state_details.run_input_keyset = keyset
+    # prefect types its Keyset (Literal keys) and StateDetails.run_input_keyset (str keys) apart: the same dict
+    state.state_details.run_input_keyset = keyset  # type: ignore[assignment]
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         client.create_flow_run_input(run_id, PLAN_INPUT_KEY, view.model_dump_json())
@@ -150,11 +151,14 @@ def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[
             if current is None:
                 continue
             if current.is_running():
-                answer = ApprovalInput.model_validate(form.load(keyset).model_dump())
+                # prefect's async_dispatch types every call as "value or coroutine"; outside an event loop it is sync
+                loaded = form.load(keyset)
+                answer = ApprovalInput.model_validate(loaded.model_dump())  # type: ignore[union-attr]
                 return Decision(approved=answer.approve, approver=answer.approver, reason=answer.reason,
                                 how="in the Prefect UI or with `runbook approve`")
             if current.is_final() or current.name == "Cancelling":
-                return Decision(approved=False, reason=f"run {current.name.lower()} while waiting for approval")
+                name = current.name or current.type.value  # prefect always names a state; its type allows None
+                return Decision(approved=False, reason=f"run {name.lower()} while waiting for approval")
         # Nobody decided: take the run out of PAUSED ourselves (forced: the server would otherwise fail a paused run
         # that completes), so it finishes with a report saying nothing was applied.
         client.set_flow_run_state(run_id, Running(message="approval timed out"), force=True)

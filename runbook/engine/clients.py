@@ -28,7 +28,8 @@ import paramiko
 import psycopg
 import redis
 import requests
-from psycopg.rows import dict_row
+from elastic_transport._node import NodeApiResponse  # not re-exported by elastic_transport itself
+from psycopg.rows import DictRow, dict_row
 
 from runbook.engine.config import Environment
 from runbook.engine.errors import ConfigError, TargetUnreachable
@@ -39,7 +40,7 @@ APPLICATION_NAME = "runbook"
 
 @contextmanager
 def postgres(env: Environment, database: str = "main", *, autocommit: bool = True,
-             statement_timeout_ms: int | None = None) -> Iterator[psycopg.Connection]:
+             statement_timeout_ms: int | None = None) -> Iterator[psycopg.Connection[DictRow]]:
     """A psycopg connection with connect and statement timeouts; rows come back as dicts.
 
     ``application_name=runbook`` lets remediations recognise (and never touch) the engine's own sessions.
@@ -253,7 +254,7 @@ class PlainJsonNode(elastic_transport.Urllib3HttpNode):
     def perform_request(self, method: str, target: str, body: bytes | None = None,
                         headers: elastic_transport.HttpHeaders | None = None,
                         request_timeout: Any = elastic_transport.client_utils.DEFAULT,
-                        ) -> elastic_transport.NodeApiResponse:
+                        ) -> NodeApiResponse:
         if headers is not None:
             headers = headers.copy()
             for name in ("accept", "content-type"):

@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from runbook.engine.errors import ConfigError, MissingSecret
 from runbook.engine.params import NAME_PATTERN
@@ -442,7 +443,7 @@ def _load_file(path: Path, errors: list[str]) -> PlaybookFile | None:
         return None
 
 
-def _format_error(err: Any) -> str:
+def _format_error(err: ErrorDetails) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
@@ -479,7 +480,8 @@ def _load_prefect_secret(block: str, where: str) -> str:
     from prefect.blocks.system import Secret  # lazy: only secret_block settings need Prefect's block machinery
 
     try:
-        value = Secret.load(block, validate=False).get()
+        # prefect's async_dispatch types the call as "block or coroutine"; outside an event loop it is the block
+        value = Secret.load(block, validate=False).get()  # type: ignore[union-attr]
     except ValueError as exc:  # Prefect raises ValueError for a missing block
         raise MissingSecret(f"{where}: Prefect Secret block {block!r} cannot be loaded: {exc}") from None
     return str(value)

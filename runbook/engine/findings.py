@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -168,7 +168,8 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "audit": report.audit,
         "outcome": report.outcome,
     }
-    return redact_obj(json.loads(json.dumps(doc, default=str)))
+    redacted: dict[str, Any] = redact_obj(json.loads(json.dumps(doc, default=str)))
+    return redacted
 
 
 def report_from_json(doc: dict[str, Any]) -> Report:
@@ -342,7 +343,7 @@ def render_terminal(report: Report, console: Console) -> None:
                   + (f" · outcome: [bold]{report.outcome}[/]" if report.outcome else ""))
 
 
-def _rich_block(block: Block) -> Any:
+def _rich_block(block: Block) -> RenderableType:
     if isinstance(block, TableBlock):
         t = Table(title=redact(block.title) or None, title_justify="left")
         for c in block.columns:

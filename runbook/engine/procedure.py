@@ -34,13 +34,14 @@ from typing import Any, Literal
 
 from prefect import Flow, flow, task
 from prefect.cache_policies import NONE
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
-from prefect.states import Completed, State
+from prefect.states import Completed
 from pydantic import TypeAdapter, ValidationError
 
 from runbook.engine import approval
@@ -49,7 +50,7 @@ from runbook.engine.errors import BadInput, ConfigError, TargetUnreachable
 from runbook.engine.findings import ActionResult, Finding, Report, Severity, kv_text, publish_artifacts, report_to_json
 from runbook.engine.notify import annotate_grafana, notify_route
 from runbook.engine.redact import install_log_redaction, redact
-from runbook.engine.remediation import Remediation
+from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,10 @@ def _adapter(spec: ProcedureSpec, param: str) -> TypeAdapter[Any]:
     return TypeAdapter(_signature(spec)[param].annotation)
 
 
-def procedure(name: str, *, summary: str, remediations: tuple[type[Remediation[Any]], ...] = (),
-              approval: Approval = "optional", tags: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Flow]:
+def procedure(
+    name: str, *, summary: str, remediations: tuple[type[Remediation[Any]], ...] = (),
+    approval: Approval = "optional", tags: tuple[str, ...] = (),
+) -> Callable[[Callable[..., None]], Flow[..., Any]]:
     """Declare a procedure. The body's signature is the deployment's form (it must take ``env`` and ``dry_run``);
     the body diagnoses and offers remediations; the runner does the rest."""
 
@@ -195,8 +198,8 @@ class Run:
     offers: list[_Offer] = field(default_factory=list)
     finishers: list[Callable[[Report], None]] = field(default_factory=list)
 
-    def offer(self, rem: Remediation[Any], *, after: Callable[[Report, ActionResult], None] | None = None,
-              state: Any = _UNSET) -> None:
+    def offer(self, rem: Remediation[StateT], *, after: Callable[[Report, ActionResult], None] | None = None,
+              state: StateT = _UNSET) -> None:
         """Hand a remediation to the runner; ``after`` sees its result; ``state`` reuses a check already made."""
         if not isinstance(rem, self.spec.remediations or ()):
             raise TypeError(f"{self.spec.name} offers {rem.name!r}, which its @procedure does not declare")

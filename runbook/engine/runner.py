@@ -17,14 +17,14 @@ from typing import Any
 from runbook.engine.errors import RemediationFailed, TargetUnreachable
 from runbook.engine.findings import ActionResult, Change
 from runbook.engine.redact import redact
-from runbook.engine.remediation import Remediation, _permit_apply
+from runbook.engine.remediation import Remediation, StateT, _permit_apply
 
 log = logging.getLogger(__name__)
 
 _UNSET: Any = object()
 
 
-def plan_remediation(rem: Remediation[Any], state: Any = _UNSET) -> ActionResult:
+def plan_remediation(rem: Remediation[StateT], state: StateT = _UNSET) -> ActionResult:
     """check + plan as a dry run; an unreachable target is the result's error, not an exception."""
     result = ActionResult(name=rem.name, target=rem.target, dry_run=True)
     try:
