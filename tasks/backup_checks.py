@@ -103,13 +103,9 @@ def check_stream(fh: IO[bytes], expected_sha256: str | None = None) -> StreamChe
     sha = hashlib.sha256()
     gz = GunzipStream()
     carry = b""
+    chunks = _hashed_chunks(fh, sha, res)
     try:
-        while True:
-            chunk = fh.read(CHUNK)
-            if not chunk:
-                break
-            sha.update(chunk)
-            res.compressed_bytes += len(chunk)
+        for chunk in chunks:
             for out in gz.feed(chunk):
                 _observe(res, out, carry)
                 carry = out[-(len(_CREATE_TABLE) - 1):]
@@ -119,10 +115,10 @@ def check_stream(fh: IO[bytes], expected_sha256: str | None = None) -> StreamChe
     except zlib.error as exc:
         res.problems.append(("corrupted", f"corrupted: gzip stream broken at or before byte {gz.fed}: "
                                           f"{str(exc).split(': ', 1)[-1]}"))
-        _finish_sha(res, fh, sha)
+        _exhaust(chunks)
     except ValueError as exc:
         res.problems.append(("corrupted", f"corrupted: {exc}"))
-        _finish_sha(res, fh, sha)
+        _exhaust(chunks)
     res.sha256 = sha.hexdigest()
     if not res.problems:
         if res.compressed_bytes == 0:
@@ -157,11 +153,15 @@ def _observe(res: StreamCheck, out: bytes, carry: bytes) -> None:
     res.tables_in_dump += (carry + out).count(_CREATE_TABLE)
 
 
-def _finish_sha(res: StreamCheck, fh: IO[bytes], sha: hashlib._Hash) -> None:
-    """Keep hashing after a decode error so the checksum comparison still says whether the file changed."""
-    while True:
-        chunk = fh.read(CHUNK)
-        if not chunk:
-            return
+def _hashed_chunks(fh: IO[bytes], sha: hashlib._Hash, res: StreamCheck) -> Iterator[bytes]:
+    """The file in 1 MiB chunks, each hashed and counted as it is read."""
+    while chunk := fh.read(CHUNK):
         sha.update(chunk)
         res.compressed_bytes += len(chunk)
+        yield chunk
+
+
+def _exhaust(chunks: Iterator[bytes]) -> None:
+    """Keep hashing after a decode error so the checksum comparison still says whether the file changed."""
+    for _ in chunks:
+        pass
