@@ -1,10 +1,10 @@
 """Benchmark: backup integrity check and test restore on a generated dump of >= 500 MB of SQL.
 
 Measured in one run, on the same file, against the sandbox's real PostgreSQL:
-  integrity   tasks.backups.check_stream (gzip CRC/length, sha256, dump header/trailer, one streamed pass)
+  integrity   tasks.backup_checks.check_stream (gzip CRC/length, sha256, dump header/trailer, one streamed pass)
               vs `gunzip -t FILE`                                    goal: throughput >= 1.0x gunzip -t
   memory      peak RSS growth of a process doing the check and the restore over its baseline   goal: < 50 MB
-  restore     tasks.backups.restore_backup into a new database (streamed through psql)
+  restore     tasks.backup_restore.restore_backup into a new database (streamed through psql)
               vs `gunzip -c FILE | psql` into an empty database      goal: time <= 1.2x
 The dump is generated into a temporary directory (never in git) and removed, with both databases, at the end.
 """
@@ -71,8 +71,9 @@ import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from runbook.engine.config import load_playbooks
+from tasks.backup_checks import check_stream
+from tasks.backup_restore import restore_backup
 from tasks.backup_store import LocalStore
-from tasks.backups import check_stream, restore_backup
 env = load_playbooks().environment("sandbox")
 store = LocalStore(Path(sys.argv[2]))
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -95,8 +96,9 @@ def main() -> int:
     print("starting sandbox (postgres, backups)...", flush=True)
     was_running = set(sandbox.status().running())
     os.environ.update(sandbox.up(["postgres", "backups"]).engine_env())
+    from runbook.engine.clients import postgres_admin, postgres_program
     from runbook.engine.config import load_playbooks
-    from tasks.backups import admin_connection, client_env, drop_database, dsn_parts
+    from tasks.backup_restore import drop_database
 
     env = load_playbooks().environment("sandbox")
     ours_db, base_db = "pafar_restore_bench1", "pafar_restore_bench2"
@@ -116,11 +118,9 @@ def main() -> int:
 
         def baseline() -> float:
             """`gunzip -c FILE | psql` into an empty database (created first, dropped after)."""
-            with admin_connection(env, "main") as admin:
+            with postgres_admin(env, "main") as admin:
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(base_db)))
-            parts = dsn_parts(env, "main", admin=True)
-            parts["dbname"] = base_db
-            conninfo, penv = client_env(parts, 5)
+            conninfo, penv = postgres_program(env, "main", admin=True, dbname=base_db)
             t = time.perf_counter()
             gunzip = subprocess.Popen(["gunzip", "-c", str(path)], stdout=subprocess.PIPE)
             psql = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--dbname", conninfo],

@@ -13,39 +13,31 @@ backup (``<backup>.verify.json``, shown by `runbook backups list`).
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import psycopg
 from pydantic import Field
 
+from runbook.engine.clients import database_name
 from runbook.engine.config import Environment
-from runbook.engine.errors import RemediationFailed, TargetUnreachable
+from runbook.engine.errors import QueryFailed, RemediationFailed, TargetUnreachable
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
 from runbook.engine.params import BackupFile, DbName, EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
-from tasks.backup_store import BackupStore, open_store
-from tasks.backups import (
-    BackupEntry,
-    check_stream,
-    compare_shapes,
-    database_name,
-    derived_db_name,
-    drop_database,
-    list_backups,
-    live_shape,
-    restore_backup,
-    shape_of,
-    side_name,
-    utc_stamp,
-)
+from tasks.backup_checks import check_stream
+from tasks.backup_files import Verification, side_name, utc_stamp
+from tasks.backup_restore import derived_db_name, drop_database, restore_backup
+from tasks.backup_store import BackupEntry, BackupStore, list_backups, open_store
+from tasks.database_shape import compare_shapes, live_shape, shape_of
 
 _LOG_ERROR = re.compile(r"\b(error|fatal|failed|failure|panic|abort(ed)?)\b", re.IGNORECASE)
 SIZE_HISTORY = 5
+Fail = Callable[[str, str], None]
+"""Records one reason the backup is unusable: fail(kind, text) (a critical finding, and a reason in the verdict)."""
 
 
 @procedure("backup-verification", tags=('backups',),
@@ -73,14 +65,14 @@ def backup_verification(
                                 live_tolerance_pct, restore_timeout_s)
         if verdict and not dry_run:
             record_verification(store, verdict)
-            report.notes.append(f"result recorded in {store.describe()}/{side_name(verdict['file'], 'verify.json')}")
+            report.notes.append(f"result recorded in {store.describe()}/{side_name(verdict.file, 'verify.json')}")
         elif verdict:
             report.notes.append("dry run: result not recorded (dry_run=False stores it next to the backup)")
 
 
 def verify_latest(report: Report, env: Environment, store: BackupStore, database: str, name: str | None,
                   test_restore: bool, log_lines: int, live_tolerance_pct: float,
-                  restore_timeout_s: float) -> dict[str, Any] | None:
+                  restore_timeout_s: float) -> Verification | None:
     """All checks on one backup; every failure is a critical finding with its reason. Returns the verdict."""
     cfg = env.backups
     assert cfg is not None
@@ -122,8 +114,8 @@ def verify_latest(report: Report, env: Environment, store: BackupStore, database
     elif chosen.manifest is None:
         report.add(Finding(title="no manifest: restored data is compared with the live database instead",
                            severity=Severity.WARNING, subject=subject, aggregation_key="backup-no-manifest"))
-    elif chosen.manifest.get("database") != dbname:
-        fail("wrong-database", f"wrong database: a dump of {chosen.manifest.get('database')!r}, not {dbname!r}")
+    elif chosen.manifest.database != dbname:
+        fail("wrong-database", f"wrong database: a dump of {chosen.manifest.database!r}, not {dbname!r}")
     if chosen.checksum is None:
         report.add(Finding(title="no checksum file: integrity rests on gzip's CRC alone", severity=Severity.WARNING,
                            subject=subject, aggregation_key="backup-no-checksum"))
@@ -145,7 +137,7 @@ def verify_latest(report: Report, env: Environment, store: BackupStore, database
     restore_s: float | None = None
     if not test_restore:
         report.notes.append("test restore skipped (test_restore=False)")
-    elif not stream.ok or chosen.manifest_error or (chosen.manifest and chosen.manifest.get("database") != dbname):
+    elif not stream.ok or chosen.manifest_error or (chosen.manifest and chosen.manifest.database != dbname):
         report.notes.append("test restore skipped: the file already failed verification")
     elif env.database(database).admin_dsn is None:
         report.add(Finding(title=f"test restore not possible: databases.{database}.admin_dsn is not configured "
@@ -164,12 +156,12 @@ def verify_latest(report: Report, env: Environment, store: BackupStore, database
                  "reasons": "; ".join(reasons) or "none"},
         aggregation_key="backup-verdict",
     ))
-    return {"file": chosen.name, "verified_at": now.isoformat(), "passed": passed, "reasons": reasons,
-            "age_h": round(age_h, 2), "restore_s": round(restore_s, 2) if restore_s is not None else None,
-            "sha256": stream.sha256}
+    return Verification(file=chosen.name, verified_at=now.isoformat(), passed=passed, reasons=reasons,
+                        age_h=round(age_h, 2), restore_s=round(restore_s, 2) if restore_s is not None else None,
+                        sha256=stream.sha256)
 
 
-def check_size(chosen: BackupEntry, previous: list[BackupEntry], min_ratio: float, fail: Any,
+def check_size(chosen: BackupEntry, previous: list[BackupEntry], min_ratio: float, fail: Fail,
                report: Report) -> None:
     history = [e.file.size for e in previous[:SIZE_HISTORY] if e.file.size > 0]
     if not history:
@@ -209,7 +201,7 @@ def scan_log(report: Report, env: Environment, store: BackupStore, lines: int, r
 
 
 def scratch_restore(report: Report, env: Environment, store: BackupStore, database: str, entry: BackupEntry,
-                    live_tolerance_pct: float, timeout_s: float, fail: Any) -> float | None:
+                    live_tolerance_pct: float, timeout_s: float, fail: Fail) -> float | None:
     """Restore into a scratch database, compare, and always drop it. Returns the measured restore time."""
     dbname = database_name(env, database)
     stamp = utc_stamp()
@@ -218,27 +210,27 @@ def scratch_restore(report: Report, env: Environment, store: BackupStore, databa
     seconds: float | None = None
     created: list[str] = []
     try:
-        owner = entry.manifest.get("owner") if entry.manifest else None
+        owner = entry.manifest.owner if entry.manifest else None
         started = time.perf_counter()
         result = restore_backup(env, database, store, entry.name, scratch, owner, timeout_s=timeout_s,
                                 created=created)
         seconds = time.perf_counter() - started
         restored = shape_of(env, database, scratch)
         if entry.manifest:
-            problems = compare_shapes(entry.manifest, restored)
+            problems = compare_shapes(entry.manifest.shape, restored)
             against = "the manifest"
         else:
             problems = compare_shapes(live_shape(env, database), restored, row_tolerance_pct=live_tolerance_pct)
             against = f"the live database (±{live_tolerance_pct:g}%)"
-        if not restored["tables"]:
+        if not restored.tables:
             fail("empty", "empty: the restored database has no tables")
         for p in problems:
             fail("restore-mismatch", f"restored data differs from {against}: {p}")
         report.add(Finding(
-            title=f"test restore into {scratch}: {len(restored['tables'])} tables in {seconds:.1f} s"
+            title=f"test restore into {scratch}: {len(restored.tables)} tables in {seconds:.1f} s"
                   + ("" if problems else f", equal to {against}"),
             severity=Severity.INFO, subject=entry.name,
-            details={"key_rows": restored["key_rows"], "skipped_extensions": ", ".join(result.skipped_extensions)
+            details={"key_rows": restored.key_rows, "skipped_extensions": ", ".join(result.skipped_extensions)
                      or "none"},
             aggregation_key="backup-test-restore",
         ))
@@ -246,18 +238,18 @@ def scratch_restore(report: Report, env: Environment, store: BackupStore, databa
             report.add(Finding(title="extensions not recreated by the restore role: "
                                      + ", ".join(result.skipped_extensions),
                                severity=Severity.WARNING, subject=entry.name, aggregation_key="backup-extensions"))
-    except (RemediationFailed, psycopg.Error) as exc:
+    except (RemediationFailed, QueryFailed) as exc:
         fail("restore-failed", f"test restore failed: {str(exc).strip().splitlines()[0][:400]}")
     finally:
         try:
             if created:
                 drop_database(env, database, scratch, marker)
-        except (RemediationFailed, TargetUnreachable, psycopg.Error) as exc:
+        except (RemediationFailed, TargetUnreachable, QueryFailed) as exc:
             report.add(Finding(title=f"scratch database {scratch} could not be dropped: {exc}",
                                severity=Severity.CRITICAL, subject=scratch, aggregation_key="backup-scratch-left"))
     return seconds
 
 
-def record_verification(store: BackupStore, verdict: dict[str, Any]) -> None:
+def record_verification(store: BackupStore, verdict: Verification) -> None:
     """``<backup>.verify.json`` (not the backup log: that log is the backup job's, scanned for its errors)."""
-    store.write_text(side_name(verdict["file"], "verify.json"), json.dumps(verdict, indent=1) + "\n")
+    store.write_text(side_name(verdict.file, "verify.json"), verdict.to_json())

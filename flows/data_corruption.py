@@ -13,7 +13,7 @@ exact plan in the Prefect UI / `runbook approve`. No approval, a rejection or a 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import Field
 
@@ -21,8 +21,9 @@ from runbook.engine.config import Environment
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
 from runbook.engine.params import BackupFile, DbName, EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
-from tasks.backup_remediations import RestoreFromBackup
-from tasks.backups import run_amcheck
+from tasks.backup_files import Shape
+from tasks.backup_remediations import RestoreFromBackup, RestoreState
+from tasks.database_integrity import AmcheckResult, run_amcheck
 from tasks.writers import NO_DOCKER, writers_for
 
 
@@ -47,7 +48,7 @@ def data_corruption(
         rem = RestoreFromBackup(environment, database, backup, row_loss_tolerance_pct, writer_stop_s=writer_stop_s)
         state = rem.check()
         assess(report, rem, state)
-        if amcheck and state["exists"]:
+        if amcheck and state.exists:
             assess_amcheck(report, run_amcheck(environment, database), rem.dbname)
         run.offer(rem, state=state, after=lambda r, _result: report_progress(r, rem))
 
@@ -66,37 +67,36 @@ def _configured(report: Report, env: Environment, database: str) -> bool:
     return not missing
 
 
-def assess(report: Report, rem: RestoreFromBackup, state: dict[str, Any]) -> None:
+def assess(report: Report, rem: RestoreFromBackup, state: RestoreState) -> None:
     """Findings from the remediation's check: which backup, what is damaged, what was rejected and why."""
-    for r in state["rejected"]:
-        report.add(Finding(title=f"backup {r['file']} cannot be a restore source: {r['problems'][0]}",
-                           severity=Severity.WARNING, subject=r["file"], details={"problems": "; ".join(r["problems"])},
-                           aggregation_key=f"restore-rejected:{r['file']}"))
-    backup = state["backup"]
+    for r in state.rejected:
+        report.add(Finding(title=f"backup {r.file} cannot be a restore source: {r.problems[0]}",
+                           severity=Severity.WARNING, subject=r.file, details={"problems": "; ".join(r.problems)},
+                           aggregation_key=f"restore-rejected:{r.file}"))
+    backup = state.backup
     if backup is None:
-        report.add(Finding(title=f"no usable backup of {rem.dbname} in {state['store']}", severity=Severity.CRITICAL,
+        report.add(Finding(title=f"no usable backup of {rem.dbname} in {state.store}", severity=Severity.CRITICAL,
                            subject=rem.target, aggregation_key="restore-no-backup"))
         return
-    manifest = backup["manifest"]
-    live = state["live"] or {"tables": {}, "key_rows": {}}
-    rows = [[t, manifest["key_rows"].get(t), (live.get("key_rows") or {}).get(t)] for t in manifest["key_rows"]]
+    manifest = backup.manifest
+    live = state.live or Shape()
+    rows = [[t, manifest.key_rows.get(t), live.key_rows.get(t)] for t in manifest.key_rows]
     tables = TableBlock(title="key tables: rows in the backup vs now", columns=["table", "backup", "now"], rows=rows)
-    if state["damage"]:
+    if state.damage:
         report.add(Finding(
-            title=f"{rem.dbname} has lost data compared with backup {backup['file']}: "
-                  f"{len(state['damage'])} problem(s)",
+            title=f"{rem.dbname} has lost data compared with backup {backup.file}: {len(state.damage)} problem(s)",
             severity=Severity.CRITICAL, subject=f"database {rem.dbname}",
-            details={"backup": backup["file"], "backup_age_h": backup["age_h"]},
-            blocks=[TableBlock(title="damage", columns=["problem"], rows=[[d] for d in state["damage"]]), tables],
+            details={"backup": backup.file, "backup_age_h": backup.age_h},
+            blocks=[TableBlock(title="damage", columns=["problem"], rows=[[d] for d in state.damage]), tables],
             aggregation_key="restore-damage",
         ))
     else:
         report.add(Finding(
-            title=f"{rem.dbname} matches backup {backup['file']} (no table, column or key rows lost): nothing to "
+            title=f"{rem.dbname} matches backup {backup.file} (no table, column or key rows lost): nothing to "
                   "restore", severity=Severity.INFO, subject=f"database {rem.dbname}", blocks=[tables],
             aggregation_key="restore-damage",
         ))
-    extra = sorted(set(live.get("tables", {})) - set(manifest.get("tables", {})))
+    extra = sorted(set(live.tables) - set(manifest.tables))
     if extra:
         report.notes.append(f"tables not in the backup (created since): {', '.join(extra)}")
     if writers_for(rem.env) is None:
@@ -105,14 +105,14 @@ def assess(report: Report, rem: RestoreFromBackup, state: dict[str, Any]) -> Non
                            aggregation_key="restore-writers"))
 
 
-def assess_amcheck(report: Report, result: dict[str, Any], dbname: str) -> None:
-    if not result["ran"]:
-        report.notes.append(f"pg_amcheck not run: {result['detail']}")
+def assess_amcheck(report: Report, result: AmcheckResult, dbname: str) -> None:
+    if not result.ran:
+        report.notes.append(f"pg_amcheck not run: {result.detail}")
         return
     report.add(Finding(
-        title=f"pg_amcheck: {'no corruption found' if result['ok'] else 'CORRUPTION FOUND'}",
-        severity=Severity.INFO if result["ok"] else Severity.CRITICAL, subject=f"database {dbname}",
-        details={"output": result["detail"][:1000]}, aggregation_key="restore-amcheck",
+        title=f"pg_amcheck: {'no corruption found' if result.ok else 'CORRUPTION FOUND'}",
+        severity=Severity.INFO if result.ok else Severity.CRITICAL, subject=f"database {dbname}",
+        details={"output": result.detail[:1000]}, aggregation_key="restore-amcheck",
     ))
 
 
@@ -120,7 +120,7 @@ def report_progress(report: Report, rem: RestoreFromBackup) -> None:
     """The restore's steps as a finding once it ran: finished, or where it stopped and what is in place."""
     if not rem.progress:
         return
-    rows = [[p["step"], p["detail"], p["at"]] for p in rem.progress]
+    rows = [[p.step.value, p.detail, p.at.isoformat()] for p in rem.progress]
     if rem.stopped_at:
         report.add(Finding(
             title=f"restore stopped at step '{rem.stopped_at}': the original database {rem.dbname} is in place",

@@ -1,4 +1,5 @@
-"""Where backups live: a local directory or a directory on one of the playbook's SSH hosts (over SFTP).
+"""Where backups live (a local directory or a directory on one of the playbook's SSH hosts, over SFTP), and
+what is there: the complete backups with their sidecars, and unfinished temp files.
 
 Both stores offer the same small surface (list, stream in, stream out under a temporary name, publish without ever
 overwriting, small sidecar files, the tail of a log), so taking, verifying and restoring a backup is one code path.
@@ -9,6 +10,7 @@ every channel read and write has the host's timeout.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import stat
@@ -16,13 +18,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import paramiko
+from pydantic import ValidationError
 
 from runbook.engine.clients import ssh
 from runbook.engine.config import BackupConfig, Environment
 from runbook.engine.errors import ConfigError, TargetUnreachable
+from tasks.backup_files import BACKUP_NAME, PARTIAL_SUFFIX, SUFFIX, Manifest, side_name
 
 CHUNK = 1 << 20
 
@@ -234,10 +238,103 @@ def open_store(env: Environment) -> Iterator[BackupStore]:
             sftp = client.open_sftp()
         except (paramiko.SSHException, OSError) as exc:
             raise TargetUnreachable(f"host {cfg.ssh_host}", f"SFTP not available: {exc}") from None
-        sftp.get_channel().settimeout(host.timeout_s)  # every read/write waits at most this long
+        channel = sftp.get_channel()
+        if channel is None:
+            sftp.close()
+            raise TargetUnreachable(f"host {cfg.ssh_host}", "SFTP not available: no channel")
+        channel.settimeout(host.timeout_s)  # every read/write waits at most this long
         try:
             yield SftpStore(sftp, str(cfg.directory), cfg.ssh_host)
         except (paramiko.SSHException, TimeoutError, EOFError) as exc:
             raise TargetUnreachable(f"host {cfg.ssh_host}", f"SFTP: {type(exc).__name__}: {exc}") from None
         finally:
             sftp.close()
+
+
+# ------------------------------------------------------------------ listing
+
+
+@dataclass(frozen=True)
+class BackupEntry:
+    """One complete backup file in the store with its sidecars (manifest, checksum, last verification).
+
+    ``verification`` is the raw ``.verify.json`` (see ``backup_files.Verification``) as `runbook backups list`
+    reads it.
+    """
+
+    file: StoredFile
+    manifest: Manifest | None = None
+    manifest_error: str = ""
+    checksum: str | None = None
+    verification: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def purpose(self) -> str:
+        if self.manifest and self.manifest.purpose:
+            return self.manifest.purpose
+        m = BACKUP_NAME.match(self.name)
+        return "safety" if m and m.group("safety") else "backup"
+
+    @property
+    def database(self) -> str | None:
+        if self.manifest:
+            return self.manifest.database
+        m = BACKUP_NAME.match(self.name)
+        return m.group("db") if m else None
+
+    @property
+    def taken_at(self) -> datetime:
+        if self.manifest and self.manifest.finished_at:
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(self.manifest.finished_at)
+        return self.file.mtime
+
+    def age_hours(self, now: datetime | None = None) -> float:
+        return ((now or datetime.now(UTC)) - self.taken_at).total_seconds() / 3600
+
+
+def list_backups(store: BackupStore, dbname: str | None = None) -> tuple[list[BackupEntry], list[StoredFile]]:
+    """Complete backups (newest first; of ``dbname`` when given) and unfinished temp files left in the store."""
+    files = store.list_files()
+    names = {f.name for f in files}
+    entries: list[BackupEntry] = []
+    partials = [f for f in files if f.name.endswith(SUFFIX + PARTIAL_SUFFIX)]
+    for f in files:
+        if not f.name.endswith(SUFFIX) or f.name.startswith("."):
+            continue
+        manifest, manifest_error = None, ""
+        if side_name(f.name, "manifest.json") in names:
+            manifest, manifest_error = _read_manifest(store.read_text(side_name(f.name, "manifest.json")))
+        checksum = None
+        if side_name(f.name, "sha256") in names:
+            text = (store.read_text(side_name(f.name, "sha256")) or "").split()
+            checksum = text[0].lower() if text else ""
+        verification = None
+        if side_name(f.name, "verify.json") in names:
+            with contextlib.suppress(ValueError):
+                verification = json.loads(store.read_text(side_name(f.name, "verify.json")) or "")
+        entry = BackupEntry(file=f, manifest=manifest, manifest_error=manifest_error, checksum=checksum,
+                            verification=verification)
+        m = BACKUP_NAME.match(f.name)
+        named_for = m.group("db") if m else None
+        if dbname is None or dbname in (named_for, entry.database) or (named_for is None and entry.database is None):
+            entries.append(entry)  # a file named for this database whose manifest says otherwise is kept: flagged
+    entries.sort(key=lambda e: e.taken_at, reverse=True)
+    return entries, partials
+
+
+def _read_manifest(raw: str | None) -> tuple[Manifest | None, str]:
+    """(the manifest, "") or (None, why it cannot be read)."""
+    try:
+        data = json.loads(raw or "")
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        return Manifest.model_validate(data), ""
+    except ValidationError as exc:
+        return None, f"manifest unreadable: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+    except ValueError as exc:
+        return None, f"manifest unreadable: {exc}"

@@ -8,9 +8,11 @@ Without it there is nothing the engine can stop, and ``writers_for`` returns Non
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Protocol
 
+import docker
 import docker.errors
+from docker.models.containers import Container
 
 from runbook.engine.clients import docker_client
 from runbook.engine.config import Environment
@@ -46,8 +48,9 @@ class DockerWriters:
     def __init__(self, env: Environment, services: list[str], stop_timeout_s: int = 10) -> None:
         self.env, self.services, self.stop_timeout_s = env, services, stop_timeout_s
 
-    def _containers(self, client: Any, service: str) -> list[Any]:
-        return client.containers.list(all=True, filters=project_filters(self.env, service))
+    def _containers(self, client: docker.DockerClient, service: str) -> list[Container]:
+        found: list[Container] = client.containers.list(all=True, filters=project_filters(self.env, service))
+        return found
 
     def running(self) -> dict[str, list[str]]:
         with docker_client(self.env) as client:
@@ -67,7 +70,7 @@ class DockerWriters:
             raise RemediationFailed("; ".join(failed))
         return [c.id for c in running]
 
-    def _stop_one(self, container: Any) -> str:
+    def _stop_one(self, container: Container) -> str:
         try:
             container.stop(timeout=self.stop_timeout_s)
         except docker.errors.APIError as exc:

@@ -168,8 +168,8 @@ def _no_recent_backup(env: Environment, app_dsn: str) -> Iterator[tuple[Remediat
 @scenario("restore-from-backup")
 @contextmanager
 def _corrupted_database(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[Any], Callable[[], Any]]]:
+    from tasks.backup_dump import take_backup
     from tasks.backup_store import open_store
-    from tasks.backups import take_backup
     from tests.backup_env import corrupt, databases, row_counts
 
     with _backup_database("bkcontract") as (benv, directory, state):

@@ -498,9 +498,9 @@ def backups_list(
 
     from rich.table import Table
 
+    from runbook.engine.clients import database_name
     from runbook.engine.errors import TargetUnreachable
-    from tasks.backup_store import open_store
-    from tasks.backups import database_name, list_backups
+    from tasks.backup_store import list_backups, open_store
 
     if output not in {"text", "json"}:
         raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")

@@ -4,13 +4,15 @@ PostgreSQL (psycopg), Docker/Podman (docker SDK), SSH (paramiko), Prometheus (ht
 client) and Redis (redis-py).
 
 A target that cannot be reached raises ``TargetUnreachable`` with a short, secret-free reason; flows turn it into
-a finding ("db unreachable: connection refused after 3 s") instead of crashing.
+a finding ("db unreachable: connection refused after 3 s") instead of crashing. A statement PostgreSQL refuses
+raises ``QueryFailed`` (its first line and SQLSTATE) once it leaves a session, so no flow needs to know psycopg.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import socket
 import time
@@ -29,10 +31,12 @@ import psycopg
 import redis
 import requests
 from elastic_transport._node import NodeApiResponse  # not re-exported by elastic_transport itself
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 
 from runbook.engine.config import Environment
-from runbook.engine.errors import ConfigError, TargetUnreachable
+from runbook.engine.errors import ConfigError, QueryFailed, TargetUnreachable
 from runbook.engine.redact import redact
 
 APPLICATION_NAME = "runbook"
@@ -66,19 +70,108 @@ def postgres(env: Environment, database: str = "main", *, autocommit: bool = Tru
         elapsed = time.monotonic() - started
         raise TargetUnreachable(f"database {target}", f"{_first_line(exc)} after {elapsed:.1f} s") from None
     try:
-        yield conn
-    except psycopg.OperationalError as exc:
-        if not conn.broken:  # a statement timeout or lock timeout: the caller's business
-            raise
-        # the server went away mid-conversation: still "unreachable", never a crash
-        raise TargetUnreachable(f"database {target}", _first_line(exc)) from None
+        with _mapped_errors(conn, f"database {target}"):
+            yield conn
     finally:
         conn.close()
+
+
+@contextmanager
+def _mapped_errors(conn: psycopg.Connection[Any], target: str) -> Iterator[None]:
+    """psycopg errors leaving a session: the server gone is TargetUnreachable, a refused statement QueryFailed."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        if isinstance(exc, psycopg.OperationalError) and conn.broken:
+            # the server went away mid-conversation: still "unreachable", never a crash
+            raise TargetUnreachable(target, _first_line(exc)) from None
+        # a statement timeout, a lock timeout, a permission: the caller's business, in our words
+        raise QueryFailed(target, _first_line(exc), exc.sqlstate) from None
 
 
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return redact(lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _dsn_parts(env: Environment, database: str, admin: bool = False) -> dict[str, Any]:
+    """The conninfo of the engine (or admin) DSN as a dict; the password stays in it and must never be printed."""
+    cfg = env.database(database)
+    if admin:
+        if cfg.admin_dsn is None:
+            raise ConfigError(
+                f"{env.source}: environments.{env.name}.databases.{database}.admin_dsn: not configured (restores "
+                "need a role with CREATEDB that is a member of the database owner's role)")
+        value = env.resolve_secret(cfg.admin_dsn, f"databases.{database}.admin_dsn")
+    else:
+        value = env.resolve_secret(cfg.dsn, f"databases.{database}.dsn")
+    return conninfo_to_dict(value)
+
+
+def database_name(env: Environment, database: str) -> str:
+    """The server-side name of the playbook's database (the DSN's dbname)."""
+    name = _dsn_parts(env, database).get("dbname")
+    if not name:
+        raise ConfigError(f"{env.source}: environments.{env.name}.databases.{database}.dsn: names no database")
+    return str(name)
+
+
+@contextmanager
+def postgres_admin(env: Environment, database: str = "main", *, dbname: str | None = None,
+                   statement_timeout_ms: int = 60_000) -> Iterator[psycopg.Connection[DictRow]]:
+    """A session with the database's ``admin_dsn`` (restores), to its maintenance database or ``dbname``.
+
+    Autocommit, with connect, statement and lock timeouts; errors mapped as for ``postgres``.
+    """
+    cfg = env.database(database)
+    parts = _dsn_parts(env, database, admin=True)
+    if dbname:
+        parts["dbname"] = dbname
+    target = f"database {env.name}/{database} (admin)"
+    started = time.monotonic()
+    try:
+        conn = psycopg.connect(
+            make_conninfo(**parts), autocommit=True, row_factory=dict_row,
+            connect_timeout=max(1, math.ceil(cfg.connect_timeout_s)), application_name=APPLICATION_NAME,
+            options=f"-c statement_timeout={int(statement_timeout_ms)} -c lock_timeout=10000",
+        )
+    except psycopg.OperationalError as exc:
+        raise TargetUnreachable(target, f"{_first_line(exc)} after {time.monotonic() - started:.1f} s") from None
+    try:
+        with _mapped_errors(conn, target):
+            yield conn
+    finally:
+        conn.close()
+
+
+def try_statement(conn: psycopg.Connection[Any], query: sql.Composed) -> str | None:
+    """Run one statement whose refusal is an expected answer (e.g. a CREATE EXTENSION only a superuser may run):
+    None when it ran, else the server's reason. A broken connection still raises (mapped by the session)."""
+    try:
+        conn.execute(query)
+    except psycopg.Error as exc:
+        if conn.broken:
+            raise
+        return _first_line(exc)
+    return None
+
+
+def postgres_program(env: Environment, database: str, *, admin: bool = False,
+                     dbname: str | None = None) -> tuple[str, dict[str, str]]:
+    """(conninfo without the password, environment with PGPASSWORD) to run pg_dump/psql/pg_amcheck on a database.
+
+    The password goes to the child's environment, never on its command line (where ``ps`` would show it).
+    """
+    parts = _dsn_parts(env, database, admin=admin)
+    if dbname:
+        parts["dbname"] = dbname
+    password = parts.pop("password", None)
+    child = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    child.update({"PGCONNECT_TIMEOUT": str(max(2, math.ceil(env.database(database).connect_timeout_s))),
+                  "PGAPPNAME": APPLICATION_NAME})
+    if password:
+        child["PGPASSWORD"] = str(password)
+    return make_conninfo(**parts), child
 
 
 @contextmanager

@@ -28,6 +28,19 @@ class TargetUnreachable(RunbookError):
         self.reason = reason
 
 
+class QueryFailed(RunbookError):
+    """A database refused a statement (permission, object in use, timeout...): its first line and SQLSTATE.
+
+    The message is the server's own first line, secret-free, so a finding built from it reads as the server said.
+    """
+
+    def __init__(self, target: str, reason: str, sqlstate: str | None = None) -> None:
+        super().__init__(reason)
+        self.target = target
+        self.reason = reason
+        self.sqlstate = sqlstate
+
+
 class RemediationFailed(RunbookError):
     """A remediation's apply raised, or its verify did not confirm the change.
 

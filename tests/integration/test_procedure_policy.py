@@ -120,8 +120,8 @@ def _no_fresh_backup(w: World) -> Iterator[Incident]:
 
 @contextmanager
 def _corrupted_bk(w: World) -> Iterator[Incident]:
+    from tasks.backup_dump import take_backup
     from tasks.backup_store import open_store
-    from tasks.backups import take_backup
     from tests.backup_env import corrupt, create_db, databases, drop_all, row_counts
 
     drop_all(w.state)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from tasks.backups import GunzipStream, check_stream
+from tasks.backup_checks import GunzipStream, check_stream
 
 DUMP = (b"--\n-- PostgreSQL database dump\n--\n\nSET statement_timeout = 0;\n\n"
         + b"".join(b"\nCREATE TABLE public.t%d (id int);\n" % i for i in range(3))
