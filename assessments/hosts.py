@@ -1,44 +1,102 @@
-"""Assessment of host snapshots (tasks.hosts.snapshot_host) shared by high-cpu and service-outage."""
+"""Assessment of host snapshots (tasks.hosts.snapshot_host) shared by high-cpu and service-outage.
+
+The Protocols below say what the assessment reads; tasks.hosts' records have it (assessments never import tasks).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Protocol
 
 from runbook.engine.config import Thresholds
 from runbook.engine.findings import Finding, Severity, TableBlock
 
 
-def host_findings(hosts: list[dict[str, Any]], thresholds: Thresholds, top: int = 5) -> list[Finding]:
+class DiskView(Protocol):
+    @property
+    def mount(self) -> str: ...
+    @property
+    def avail(self) -> int: ...
+    @property
+    def percent(self) -> float: ...
+
+
+class ProcessView(Protocol):
+    @property
+    def pid(self) -> int: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def cpu_percent(self) -> float: ...
+    @property
+    def mem_percent(self) -> float: ...
+    @property
+    def rss(self) -> int: ...
+    @property
+    def command(self) -> str: ...
+
+
+class HostStatsView(Protocol):
+    @property
+    def load1(self) -> float: ...
+    @property
+    def load5(self) -> float: ...
+    @property
+    def load15(self) -> float: ...
+    @property
+    def cpus(self) -> int: ...
+    @property
+    def mem_total(self) -> int: ...
+    @property
+    def mem_available(self) -> int: ...
+    @property
+    def mem_percent(self) -> float: ...
+    @property
+    def disks(self) -> Sequence[DiskView]: ...
+    @property
+    def top(self) -> Sequence[ProcessView]: ...
+
+
+class HostSnapshotView(Protocol):
+    @property
+    def host(self) -> str: ...
+    @property
+    def stats(self) -> HostStatsView | None: ...
+    @property
+    def error(self) -> str: ...
+
+
+def host_findings(hosts: Sequence[HostSnapshotView], thresholds: Thresholds, top: int = 5) -> list[Finding]:
     """Findings from host snapshots: unreachable hosts (critical), load per core, memory, disks, top processes."""
     out: list[Finding] = []
-    for h in hosts:
-        name = h["host"]
-        if "error" in h:
-            out.append(Finding(title=f"host {name} unreachable: {h['error']}", severity=Severity.CRITICAL,
-                               subject=f"host {name}", details={"reason": h["error"]},
+    for snap in hosts:
+        name, h = snap.host, snap.stats
+        if h is None:
+            out.append(Finding(title=f"host {name} unreachable: {snap.error}", severity=Severity.CRITICAL,
+                               subject=f"host {name}", details={"reason": snap.error},
                                aggregation_key=f"unreachable:host {name}"))
             continue
-        per_core = h["load1"] / max(h["cpus"], 1)
-        full_disks = [d for d in h["disks"] if d["percent"] >= thresholds.disk_percent]
+        per_core = h.load1 / max(h.cpus, 1)
+        full_disks = [d for d in h.disks if d.percent >= thresholds.disk_percent]
         severity = Severity.INFO
-        if per_core >= 2 or h["mem_percent"] >= thresholds.memory_percent or full_disks:
+        if per_core >= 2 or h.mem_percent >= thresholds.memory_percent or full_disks:
             severity = Severity.WARNING
-        if per_core >= 4 or h["mem_percent"] >= 95 or any(d["percent"] >= 98 for d in full_disks):
+        if per_core >= 4 or h.mem_percent >= 95 or any(d.percent >= 98 for d in full_disks):
             severity = Severity.CRITICAL
         out.append(Finding(
-            title=(f"{name}: load {h['load1']:.2f} on {h['cpus']} cores ({per_core:.2f}/core), memory "
-                   f"{h['mem_percent']:.0f} %" + (f", {len(full_disks)} disk(s) over {thresholds.disk_percent:g} %"
-                                                  if full_disks else "")),
+            title=(f"{name}: load {h.load1:.2f} on {h.cpus} cores ({per_core:.2f}/core), memory "
+                   f"{h.mem_percent:.0f} %" + (f", {len(full_disks)} disk(s) over {thresholds.disk_percent:g} %"
+                                               if full_disks else "")),
             severity=severity, subject=f"host {name}",
-            details={"load 1/5/15 min": f"{h['load1']} / {h['load5']} / {h['load15']}",
-                     "memory available": f"{h['mem_available'] / 2**30:.1f} of {h['mem_total'] / 2**30:.1f} GiB"},
+            details={"load 1/5/15 min": f"{h.load1} / {h.load5} / {h.load15}",
+                     "memory available": f"{h.mem_available / 2**30:.1f} of {h.mem_total / 2**30:.1f} GiB"},
             blocks=[
                 TableBlock(title="top processes (ps %CPU: average over each process's life)",
                            columns=["pid", "user", "cpu %", "mem %", "rss MiB", "command"],
-                           rows=[[p["pid"], p["user"], p["cpu_percent"], p["mem_percent"], round(p["rss"] / 2**20, 1),
-                                  p["command"]] for p in h["top"][:top]]),
+                           rows=[[p.pid, p.user, p.cpu_percent, p.mem_percent, round(p.rss / 2**20, 1),
+                                  p.command] for p in h.top[:top]]),
                 TableBlock(title="disks", columns=["mount", "used %", "free GiB"],
-                           rows=[[d["mount"], d["percent"], round(d["avail"] / 2**30, 1)] for d in h["disks"]]),
+                           rows=[[d.mount, d.percent, round(d.avail / 2**30, 1)] for d in h.disks]),
             ],
             aggregation_key=f"host:{name}",
         ))

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Protocol
 
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
 
 
-def assess_long_queries(report: Report, sessions: list[dict[str, Any]], threshold_s: float) -> None:
-    long = [s for s in sessions if s["state"] == "active" and (s["query_age_s"] or 0) > threshold_s
-            and s["wait_event_type"] != "Lock"]
+class ActiveSession(Protocol):
+    """What the assessment reads of a session (tasks.postgres.Session has it; assessments never import tasks)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def usename(self) -> str | None: ...
+    @property
+    def state(self) -> str | None: ...
+    @property
+    def wait_event_type(self) -> str | None: ...
+    @property
+    def wait_event(self) -> str | None: ...
+    @property
+    def query_age_s(self) -> float | None: ...
+    @property
+    def query(self) -> str | None: ...
+
+
+def assess_long_queries(report: Report, sessions: Sequence[ActiveSession], threshold_s: float) -> None:
+    long = [s for s in sessions if s.state == "active" and (s.query_age_s or 0) > threshold_s
+            and s.wait_event_type != "Lock"]
     if not long:
         return
     report.add(Finding(
         title=f"{len(long)} active quer{'y' if len(long) == 1 else 'ies'} running longer than {threshold_s:g} s",
         severity=Severity.WARNING, subject="long-running queries",
         blocks=[TableBlock(columns=["pid", "user", "age s", "wait", "query"], rows=[
-            [s["pid"], s["usename"], round(s["query_age_s"], 1), s["wait_event"] or "", s["query"][:200]]
+            [s.pid, s.usename, round(s.query_age_s or 0, 1), s.wait_event or "", (s.query or "")[:200]]
             for s in long])],
         aggregation_key="db-long-queries",
     ))

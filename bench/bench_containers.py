@@ -51,7 +51,7 @@ def main() -> None:
 
     assert env.docker is not None
     url = env.docker.base_url
-    keep = {c["id"] for c in list_project_containers.fn(env)}
+    keep = {c.id for c in list_project_containers.fn(env)}
     try:
         for i in range(CONTAINERS):  # ten replicas of a "bench" service, each mildly busy
             ContainerIncident(url, service="bench", number=i + 1)._run(
@@ -74,7 +74,7 @@ def main() -> None:
 
         def fan_out(e: object, n: int, bound: int) -> None:
             results = run_on_hosts(e, list(e.ssh_hosts), COMMAND, max_parallel=bound)  # type: ignore[attr-defined]
-            assert len(results) == n and all(r.get("status") == 0 for r in results), results
+            assert len(results) == n and all(r.status == 0 for r in results), results
 
         fan_out(one_host, 1, 1)
         ssh_one = median_time(lambda: fan_out(one_host, 1, 1))

@@ -71,7 +71,7 @@ def main() -> None:
             started = time.perf_counter()
             rows = run_checks(checks, cfg.max_parallel)
             matrices.append(time.perf_counter() - started)
-            failures += sum(not r["ok"] for r in rows)
+            failures += sum(not r.ok for r in rows)
 
         search_logs(env)  # warm-up
         one, four, seq = [], [], []

@@ -12,18 +12,20 @@ changes nothing.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import Field
 
 from assessments.hosts import host_findings
 from assessments.postgres import assess_long_queries
-from runbook.engine.config import ServiceConfig
-from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from runbook.engine.config import Environment, ServiceConfig
+from runbook.engine.findings import Block, Finding, Report, Severity, TableBlock
 from runbook.engine.params import DbName, EnvName, ServiceName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.container_remediations import ScaleService
 from tasks.containers import (
+    ContainerLogs,
+    ContainerStats,
     get_container_logs,
     get_container_processes,
     human_bytes,
@@ -35,7 +37,7 @@ from tasks.metrics import SYSTEM_QUERIES, PromQLError, instant_query, render
 from tasks.postgres import get_activity_snapshot
 
 MAX_HOT = 3  # hot containers whose processes and logs are read
-_ANY = ServiceConfig()
+_ANY = ServiceConfig.model_validate({})  # every setting at its default
 
 
 @procedure("high-cpu", remediations=(ScaleService,), tags=('containers',),
@@ -58,18 +60,18 @@ def high_cpu(
     hosts_f = collect_host_snapshots.submit(environment) if environment.ssh_hosts else None
     db_f = get_activity_snapshot.submit(environment, database) if database in environment.databases else None
 
-    stats: list[dict[str, Any]] = []
+    stats: list[ContainerStats] = []
     with unreachable_as_finding(report):
         if environment.docker is None:
             report.notes.append("no docker section in the playbook: containers not checked")
         else:
             stats = sample_container_stats(environment, list_project_containers(environment), sample_interval_s)
             assess_container_cpu(report, stats, threshold)
-            hot = [s for s in stats if s["cpu_percent"] >= threshold][:MAX_HOT]
-            procs_f = [get_container_processes.submit(environment, s["id"]) for s in hot]
-            logs_f = [get_container_logs.submit(environment, s["id"]) for s in stats[:MAX_HOT]]
+            hot = [s for s in stats if s.cpu_percent >= threshold][:MAX_HOT]
+            procs_f = [get_container_processes.submit(environment, s.id) for s in hot]
+            logs_f = [get_container_logs.submit(environment, s.id) for s in stats[:MAX_HOT]]
             assess_hot_containers(report, hot, [f.result() for f in procs_f], {
-                s["id"]: {**f.result(), "name": s["name"]} for s, f in zip(stats[:MAX_HOT], logs_f, strict=True)})
+                s.name: f.result() for s, f in zip(stats[:MAX_HOT], logs_f, strict=True)})
     if hosts_f is not None:
         with unreachable_as_finding(report):
             for finding in host_findings(hosts_f.result(), environment.thresholds):
@@ -77,7 +79,7 @@ def high_cpu(
     if db_f is not None:
         with unreachable_as_finding(report):
             before = len(report.findings)
-            assess_long_queries(report, db_f.result()["sessions"], environment.thresholds.long_query_s)
+            assess_long_queries(report, db_f.result().sessions, environment.thresholds.long_query_s)
             if len(report.findings) == before:
                 report.notes.append(f"no active query in {database} older than "
                                     f"{environment.thresholds.long_query_s:g} s")
@@ -85,7 +87,7 @@ def high_cpu(
         with unreachable_as_finding(report):
             prometheus_cpu(report, environment, prometheus_window, threshold)
 
-    target = service or next((s["service"] for s in stats if s["cpu_percent"] >= threshold and s["service"]), None)
+    target = service or next((s.service for s in stats if s.cpu_percent >= threshold and s.service), None)
     if target is None:
         report.notes.append(f"no container at or above {threshold:g} % CPU: nothing to scale")
     elif target not in environment.services:
@@ -98,48 +100,49 @@ def high_cpu(
 # ------------------------------------------------------------------ assessments (pure: data in, findings out)
 
 
-def assess_container_cpu(report: Report, stats: list[dict[str, Any]], threshold: float) -> None:
+def assess_container_cpu(report: Report, stats: list[ContainerStats], threshold: float) -> None:
     """One table of every container by CPU (the `docker stats --no-stream` view), severity from the hottest."""
     if not stats:
         report.notes.append("no running container in the compose project")
         return
     worst = stats[0]
-    severity = Severity.WARNING if worst["cpu_percent"] >= threshold else Severity.INFO
+    severity = Severity.WARNING if worst.cpu_percent >= threshold else Severity.INFO
     report.add(Finding(
-        title=f"top CPU: {worst['name']} at {worst['cpu_percent']:.0f} % (threshold {threshold:g} % of one core)",
-        severity=severity, subject=f"container {worst['name']}",
+        title=f"top CPU: {worst.name} at {worst.cpu_percent:.0f} % (threshold {threshold:g} % of one core)",
+        severity=severity, subject=f"container {worst.name}",
         blocks=[TableBlock(title="containers by CPU (two samples; 100 % = one core)",
                            columns=["container", "service", "cpu %", "memory", "mem %"],
-                           rows=[[s["name"], s["service"], s["cpu_percent"], human_bytes(s["mem_usage"]),
-                                  s["mem_percent"]] for s in stats])],
+                           rows=[[s.name, s.service, s.cpu_percent, human_bytes(s.mem_usage), s.mem_percent]
+                                 for s in stats])],
         aggregation_key="containers-cpu",
     ))
 
 
-def assess_hot_containers(report: Report, hot: list[dict[str, Any]], processes: list[list[dict[str, str]]],
-                          logs: dict[str, dict[str, Any]]) -> None:
-    """Per hot container: its processes and its recent ERROR lines (the runbook's `logs backend | grep ERROR`)."""
+def assess_hot_containers(report: Report, hot: list[ContainerStats], processes: list[list[dict[str, str]]],
+                          logs: dict[str, ContainerLogs]) -> None:
+    """Per hot container: its processes and its recent ERROR lines (the runbook's `logs backend | grep ERROR`).
+
+    ``logs`` is by container name, and may hold containers that are not hot (their ERROR lines become notes)."""
     for s, procs in zip(hot, processes, strict=True):
-        log = logs.get(s["id"], {"error_count": 0, "errors": [], "lines": 0})
+        log = logs.get(s.name, ContainerLogs())
         titles = list(procs[0]) if procs else []
-        blocks: list[Any] = [TableBlock(title="processes", columns=titles, rows=[list(p.values()) for p in procs])]
-        if log["errors"]:
-            blocks.append(TableBlock(title="last ERROR lines", columns=["line"], rows=[[e] for e in log["errors"]]))
+        blocks: list[Block] = [TableBlock(title="processes", columns=titles, rows=[list(p.values()) for p in procs])]
+        if log.errors:
+            blocks.append(TableBlock(title="last ERROR lines", columns=["line"], rows=[[e] for e in log.errors]))
         report.add(Finding(
-            title=f"{s['name']} ({s['service']}) uses {s['cpu_percent']:.0f} % CPU; "
-                  f"{log['error_count']} ERROR line(s) in its last {log['lines']} log lines",
-            severity=Severity.WARNING, subject=f"container {s['name']}",
-            details={"service": s["service"], "memory": human_bytes(s["mem_usage"])},
-            blocks=blocks, aggregation_key=f"hot-container:{s['name']}",
+            title=f"{s.name} ({s.service}) uses {s.cpu_percent:.0f} % CPU; "
+                  f"{log.error_count} ERROR line(s) in its last {log.lines} log lines",
+            severity=Severity.WARNING, subject=f"container {s.name}",
+            details={"service": s.service, "memory": human_bytes(s.mem_usage)},
+            blocks=blocks, aggregation_key=f"hot-container:{s.name}",
         ))
-    names = {s["id"]: s["name"] for s in hot}
-    for cid, log in logs.items():
-        if log["error_count"] and cid not in names:
-            report.notes.append(f"container {log.get('name') or cid[:12]}: {log['error_count']} ERROR line(s) "
-                                "in its recent logs")
+    hot_names = {s.name for s in hot}
+    for name, log in logs.items():
+        if log.error_count and name not in hot_names:
+            report.notes.append(f"container {name}: {log.error_count} ERROR line(s) in its recent logs")
 
 
-def prometheus_cpu(report: Report, environment: Any, window: str, threshold: float) -> None:
+def prometheus_cpu(report: Report, environment: Environment, window: str, threshold: float) -> None:
     """The runbook's CPU Usage query (tasks.metrics), as a finding when Prometheus is configured."""
 
     promql = render(SYSTEM_QUERIES["cpu_percent"], window)
@@ -151,7 +154,7 @@ def prometheus_cpu(report: Report, environment: Any, window: str, threshold: flo
     if not rows:
         report.notes.append(f"Prometheus has no data for {promql}")
         return
-    value = rows[0]["value"]
+    value = rows[0].value
     report.add(Finding(
         title=f"Prometheus CPU usage (node_exporter, {window}): {value:.0f} %",
         severity=Severity.WARNING if value >= threshold else Severity.INFO, subject="prometheus",

@@ -13,8 +13,8 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from runbook.engine.config import Thresholds
-from runbook.engine.findings import Finding, Report, Severity, TableBlock
-from runbook.engine.params import EnvName
+from runbook.engine.findings import Block, Finding, Report, Severity, TableBlock
+from runbook.engine.params import EnvName, ServiceName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.logs import analyze_logs
 
@@ -26,8 +26,7 @@ NOTHING_TO_REMEDIATE = "log-analysis diagnoses only: there is nothing to remedia
 def log_analysis(
     env: EnvName,
     dry_run: bool = True,
-    service: Annotated[str | None, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$",
-                                         description="only this service's logs")] = None,
+    service: Annotated[ServiceName | None, Field(description="only this service's logs")] = None,
 ) -> None:
     """The runbook's four Kibana queries with counts, top messages and a histogram."""
     run = current_run()
@@ -58,10 +57,10 @@ def assess_logs(report: Report, results: dict[str, dict[str, Any]], thresholds: 
                                subject=r["source"], details={"query": r["query"]}, aggregation_key=f"logs:{name}"))
             continue
         peak = max((c for _, c in r["histogram"]), default=0)
-        blocks = [TableBlock(title="top messages", columns=["message", "count"],
-                             rows=[[m, c] for m, c in r["top_messages"]]),
-                  TableBlock(title="over time", columns=["from", "count", ""],
-                             rows=[[t, c, _bar(c, peak)] for t, c in r["histogram"]])]
+        blocks: list[Block] = [
+            TableBlock(title="top messages", columns=["message", "count"], rows=[[m, c] for m, c in r["top_messages"]]),
+            TableBlock(title="over time", columns=["from", "count", ""],
+                       rows=[[t, c, _bar(c, peak)] for t, c in r["histogram"]])]
         if r["hits"]:
             blocks.append(TableBlock(title="latest matching entries", columns=["time", "level", "service",
                                                                                 "response ms", "message"],

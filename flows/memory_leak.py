@@ -13,18 +13,21 @@ dropped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import Field
 
 from runbook.engine.config import Environment
 from runbook.engine.errors import BadInput
 from runbook.engine.findings import CodeBlock, Finding, Report, Severity, TableBlock
-from runbook.engine.params import EnvName
+from runbook.engine.params import EnvName, ServiceName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from tasks.container_remediations import RestartLeakers
 from tasks.containers import (
+    ContainerInfo,
+    MemorySeries,
     fit_growth,
     human_bytes,
     list_project_containers,
@@ -44,8 +47,7 @@ MIN_GROWTH_BYTES = MIB  # a step of a few hundred KiB in a tiny container is not
 def memory_leak(
     env: EnvName,
     dry_run: bool = True,
-    service: Annotated[str | None, Field(pattern=r"^[a-z][a-z0-9_-]{0,62}$",
-                                         description="only this compose service's containers")] = None,
+    service: Annotated[ServiceName | None, Field(description="only this compose service's containers")] = None,
     samples: Annotated[int, Field(ge=3, le=120, description="memory samples per container")] = 5,
     interval_s: Annotated[float, Field(ge=0.2, le=300, description="seconds between samples")] = 2.0,
     min_growth_mib_per_min: Annotated[float, Field(gt=0, description="slower growth is not a leak")] = 1.0,
@@ -60,7 +62,7 @@ def memory_leak(
         known = ", ".join(sorted(environment.services)) or "none"
         raise BadInput(f"service {service!r} is not in environments.{env}.services (known: {known})")
     alert_began = since or report.started
-    leakers: list[dict[str, Any]] = []
+    leakers: list[Growth] = []
     with unreachable_as_finding(report):
         if environment.docker is None:
             report.notes.append("no docker section in the playbook: containers not checked")
@@ -75,7 +77,7 @@ def memory_leak(
         with unreachable_as_finding(report):
             prometheus_memory(report, environment, samples * interval_s)
     if leakers:
-        rem = RestartLeakers(environment, [c["id"] for c in leakers], alert_began)
+        rem = RestartLeakers(environment, [r.container.id for r in leakers], alert_began)
         run.offer(rem)
     elif environment.docker is not None:
         report.notes.append("no leaking container: nothing to restart")
@@ -84,20 +86,35 @@ def memory_leak(
 # ------------------------------------------------------------------ assessments
 
 
-def fit_all(containers: list[dict[str, Any]], series: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Growth:
+    """A container's memory over the window: first and last usage (bytes), fitted rate (bytes/s), r², limit,
+    seconds until the limit at that rate (None when not growing or already there) and a sparkline."""
+
+    container: ContainerInfo
+    first: int
+    last: int
+    limit: int
+    rate_bps: float
+    r2: float
+    to_limit_s: float | None
+    trend: str
+
+
+def fit_all(containers: list[ContainerInfo], series: dict[str, MemorySeries]) -> list[Growth]:
     """Per container: first/last usage, fitted rate, r², time to limit, trend; fastest growth first."""
     rows = []
     for c in containers:
-        s = series.get(c["id"])
-        if not s or len(s["usage"]) < 2:
+        s = series.get(c.id)
+        if not s or len(s.usage) < 2:
             continue
-        fit = fit_growth(s["t"], s["usage"])
-        last, limit = s["usage"][-1], s["limit"]
+        fit = fit_growth(s.t, s.usage)
+        last, limit = s.usage[-1], s.limit
         rate = fit["rate_bps"]
-        rows.append({**c, "first": s["usage"][0], "last": last, "limit": limit, "rate_bps": rate, "r2": fit["r2"],
-                     "to_limit_s": (limit - last) / rate if rate > 0 and limit > last else None,
-                     "trend": sparkline(s["usage"])})
-    return sorted(rows, key=lambda r: -r["rate_bps"])
+        rows.append(Growth(c, first=s.usage[0], last=last, limit=limit, rate_bps=rate, r2=fit["r2"],
+                           to_limit_s=(limit - last) / rate if rate > 0 and limit > last else None,
+                           trend=sparkline(s.usage)))
+    return sorted(rows, key=lambda r: -r.rate_bps)
 
 
 def _eta(seconds: float | None) -> str:
@@ -106,13 +123,13 @@ def _eta(seconds: float | None) -> str:
     return str(timedelta(seconds=int(seconds)))
 
 
-def assess_growth(report: Report, rows: list[dict[str, Any]], min_rate_bps: float) -> list[dict[str, Any]]:
+def assess_growth(report: Report, rows: list[Growth], min_rate_bps: float) -> list[Growth]:
     """One table of memory growth for every container; a finding per leaker. Returns the leakers."""
     if not rows:
         report.notes.append("no running container to sample")
         return []
-    leakers = [r for r in rows if r["rate_bps"] >= min_rate_bps and r["r2"] >= MIN_R2
-               and r["last"] - r["first"] >= MIN_GROWTH_BYTES]
+    leakers = [r for r in rows if r.rate_bps >= min_rate_bps and r.r2 >= MIN_R2
+               and r.last - r.first >= MIN_GROWTH_BYTES]
     report.add(Finding(
         title=f"memory growth of {len(rows)} container(s): {len(leakers)} leaking",
         severity=Severity.WARNING if leakers else Severity.INFO, subject="containers",
@@ -121,38 +138,38 @@ def assess_growth(report: Report, rows: list[dict[str, Any]], min_rate_bps: floa
                   f"grown >= {human_bytes(MIN_GROWTH_BYTES)})",
             columns=["container", "service", "trend", "first", "last", "MiB/min", "r²", "limit", "time to limit",
                      "leak"],
-            rows=[[r["name"], r["service"], r["trend"], human_bytes(r["first"]), human_bytes(r["last"]),
-                   round(r["rate_bps"] * 60 / MIB, 2), round(r["r2"], 2), human_bytes(r["limit"]),
-                   _eta(r["to_limit_s"]), "yes" if r in leakers else ""] for r in rows])],
+            rows=[[r.container.name, r.container.service, r.trend, human_bytes(r.first), human_bytes(r.last),
+                   round(r.rate_bps * 60 / MIB, 2), round(r.r2, 2), human_bytes(r.limit),
+                   _eta(r.to_limit_s), "yes" if r in leakers else ""] for r in rows])],
         aggregation_key="memory-growth",
     ))
     for r in leakers:
-        eta = r["to_limit_s"]
+        c, eta = r.container, r.to_limit_s
         severity = Severity.CRITICAL if eta is not None and eta < 3600 else Severity.WARNING
         report.add(Finding(
-            title=f"{r['name']} leaks {r['rate_bps'] * 60 / MIB:.1f} MiB/min; limit reached in {_eta(eta)}",
-            severity=severity, subject=f"container {r['name']}",
-            details={"service": r["service"], "usage": human_bytes(r["last"]), "limit": human_bytes(r["limit"]),
-                     "r2": round(r["r2"], 3), "trend": r["trend"], "started_at": r["started_at"]},
-            aggregation_key=f"leak:{r['name']}",
+            title=f"{c.name} leaks {r.rate_bps * 60 / MIB:.1f} MiB/min; limit reached in {_eta(eta)}",
+            severity=severity, subject=f"container {c.name}",
+            details={"service": c.service, "usage": human_bytes(r.last), "limit": human_bytes(r.limit),
+                     "r2": round(r.r2, 3), "trend": r.trend, "started_at": c.started_at},
+            aggregation_key=f"leak:{c.name}",
         ))
     return leakers
 
 
-def attach_heap_profiles(report: Report, environment: Environment, leakers: list[dict[str, Any]]) -> None:
+def attach_heap_profiles(report: Report, environment: Environment, leakers: list[Growth]) -> None:
     """Run the service's heap_profile_command (from the playbook, an argument list) in each leaker; attach output."""
-    for r in leakers:
-        cfg = environment.services.get(r["service"])
+    for c in (r.container for r in leakers):
+        cfg = environment.services.get(c.service)
         command = cfg.heap_profile_command if cfg else None
         if not command:
-            report.notes.append(f"{r['service']}: no heap_profile_command in the playbook; no profile taken")
+            report.notes.append(f"{c.service}: no heap_profile_command in the playbook; no profile taken")
             continue
-        result = run_in_container(environment, r["id"], list(command))
+        result = run_in_container(environment, c.id, list(command))
         report.add(Finding(
-            title=f"heap profile of {r['name']} (exit {result['exit_code']})", severity=Severity.INFO,
-            subject=f"container {r['name']}", details={"command": " ".join(command)},
-            blocks=[CodeBlock(title="output (tail)", text=result["output"][-4000:])],
-            aggregation_key=f"heap-profile:{r['name']}",
+            title=f"heap profile of {c.name} (exit {result.exit_code})", severity=Severity.INFO,
+            subject=f"container {c.name}", details={"command": " ".join(command)},
+            blocks=[CodeBlock(title="output (tail)", text=result.output[-4000:])],
+            aggregation_key=f"heap-profile:{c.name}",
         ))
 
 
@@ -168,12 +185,12 @@ def prometheus_memory(report: Report, environment: Environment, window_s: float)
         report.notes.append(str(exc))
         return
     for s in series[:5]:
-        values = [v for _, v in s["values"]]
+        values = [v for _, v in s.values]
         if len(values) < 2:
             continue
-        t = [(ts - s["values"][0][0]).total_seconds() for ts, _ in s["values"]]
+        t = [(ts - s.values[0][0]).total_seconds() for ts, _ in s.values]
         fit = fit_growth(t, values)
-        instance = s["labels"].get("instance", "host")
+        instance = s.labels.get("instance", "host")
         report.add(Finding(
             title=f"Prometheus memory usage on {instance}: {values[-1]:.1f} % "
                   f"({fit['rate_bps'] * 60:+.2f} points/min) {sparkline(values)}",

@@ -30,10 +30,18 @@ from runbook.engine.params import EnvName, ServiceName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from runbook.engine.redact import redact
 from tasks.container_remediations import StartServiceContainers
-from tasks.containers import get_container_logs, get_recent_changes, list_project_containers
+from tasks.containers import (
+    ContainerInfo,
+    ContainerLogs,
+    RecentChange,
+    get_container_logs,
+    get_recent_changes,
+    list_project_containers,
+)
 from tasks.hosts import collect_host_snapshots
 from tasks.http_checks import check_http
 from tasks.metrics import PromQLError, instant_query
+from tasks.probes import HttpCheckRow
 
 
 @procedure("service-outage", remediations=(StartServiceContainers,), tags=('containers',),
@@ -61,8 +69,8 @@ def service_outage(
             report.notes.append("no docker section in the playbook: containers not checked")
         else:
             containers = list_project_containers(environment)
-            mine = [c for c in containers if c["service"] == service]
-            logs_f = {c["name"]: get_container_logs.submit(environment, c["id"]) for c in mine}
+            mine = [c for c in containers if c.service == service]
+            logs_f = {c.name: get_container_logs.submit(environment, c.id) for c in mine}
             changes_f = get_recent_changes.submit(environment, containers, deploy_hours)
             assess_containers(report, service, containers)
             assess_error_logs(report, service, {n: f.result() for n, f in logs_f.items()})
@@ -97,9 +105,10 @@ def post_incident(report: Report, environment: Environment, service: str) -> Non
 
 
 @task(cache_policy=NONE)
-def check_service_health(service: str, url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def check_service_health(service: str, url: str, timeout_s: float = 5.0) -> HttpCheckRow:
     """GET the service's health URL (tasks.http_checks: timings, no proxies, its own timeout)."""
-    return check_http(f"{service}-health", HttpCheckConfig(url=url, expect_status=200, timeout_s=timeout_s))
+    cfg = HttpCheckConfig.model_validate({"url": url, "expect_status": 200, "timeout_s": timeout_s})
+    return check_http(f"{service}-health", cfg)
 
 
 @task(cache_policy=NONE)
@@ -113,23 +122,23 @@ def notify_incident(environment: Environment, payload: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ assessments
 
 
-def assess_health(report: Report, service: str, check: dict[str, Any]) -> None:
-    ok = bool(check.get("ok"))
+def assess_health(report: Report, service: str, check: HttpCheckRow) -> None:
+    ok = check.ok
     report.add(Finding(
-        title=(f"{service} health endpoint answers HTTP {check['status']}" if ok else
-               f"{service} health endpoint fails: {check.get('error') or check.get('result')}"),
+        title=(f"{service} health endpoint answers HTTP {check.status}" if ok else
+               f"{service} health endpoint fails: {check.error or check.result}"),
         severity=Severity.INFO if ok else Severity.CRITICAL, subject=f"service {service}",
-        details={"url": check.get("url"), "status": check.get("status"), "total_ms": check.get("total_ms")},
+        details={"url": check.url, "status": check.status, "total_ms": check.total_ms},
         aggregation_key=f"health:{service}",
     ))
 
 
-def assess_containers(report: Report, service: str, containers: list[dict[str, Any]]) -> None:
+def assess_containers(report: Report, service: str, containers: list[ContainerInfo]) -> None:
     """State per container (a table a person can scan) and a critical finding when the service has none running."""
-    mine = [c for c in containers if c["service"] == service]
-    running = [c for c in mine if c["running"]]
-    down = [c for c in mine if not c["running"]]
-    restarted = [c for c in containers if c["restart_count"] or c["oom_killed"]]
+    mine = [c for c in containers if c.service == service]
+    running = [c for c in mine if c.running]
+    down = [c for c in mine if not c.running]
+    restarted = [c for c in containers if c.restart_count or c.oom_killed]
     if not mine:
         severity, title = Severity.CRITICAL, f"no container of {service} exists"
     elif not running:
@@ -140,20 +149,20 @@ def assess_containers(report: Report, service: str, containers: list[dict[str, A
         severity, title = Severity.INFO, f"{service}: all {len(mine)} container(s) running"
     report.add(Finding(
         title=title, severity=severity, subject=f"service {service}",
-        details={"restarted or OOM-killed": ", ".join(c["name"] for c in restarted) or "none"},
+        details={"restarted or OOM-killed": ", ".join(c.name for c in restarted) or "none"},
         blocks=[TableBlock(title="containers of the project",
                            columns=["container", "service", "state", "exit", "restarts", "started", "image"],
-                           rows=[[c["name"], c["service"], c["state"] + (" (OOM)" if c["oom_killed"] else ""),
-                                  c["exit_code"], c["restart_count"],
-                                  c["started_at"].strftime("%Y-%m-%d %H:%M:%S") if c["started_at"] else "-",
-                                  c["image"]] for c in containers])],
+                           rows=[[c.name, c.service, c.state + (" (OOM)" if c.oom_killed else ""),
+                                  c.exit_code, c.restart_count,
+                                  c.started_at.strftime("%Y-%m-%d %H:%M:%S") if c.started_at else "-",
+                                  c.image] for c in containers])],
         aggregation_key=f"containers:{service}",
     ))
 
 
-def assess_error_logs(report: Report, service: str, logs: dict[str, dict[str, Any]]) -> None:
-    total = sum(v["error_count"] for v in logs.values())
-    rows = [[name, v["lines"], v["error_count"], v["errors"][-1] if v["errors"] else ""] for name, v in logs.items()]
+def assess_error_logs(report: Report, service: str, logs: dict[str, ContainerLogs]) -> None:
+    total = sum(v.error_count for v in logs.values())
+    rows = [[name, v.lines, v.error_count, v.errors[-1] if v.errors else ""] for name, v in logs.items()]
     report.add(Finding(
         title=f"{service}: {total} ERROR line(s) in recent logs", subject=f"service {service}",
         severity=Severity.WARNING if total else Severity.INFO,
@@ -163,7 +172,7 @@ def assess_error_logs(report: Report, service: str, logs: dict[str, dict[str, An
     ))
 
 
-def assess_recent_changes(report: Report, changes: list[dict[str, Any]], hours: float) -> None:
+def assess_recent_changes(report: Report, changes: list[RecentChange], hours: float) -> None:
     if not changes:
         report.notes.append(f"no container created or image built in the last {hours:g} h")
         return
@@ -171,7 +180,7 @@ def assess_recent_changes(report: Report, changes: list[dict[str, Any]], hours: 
         title=f"{len(changes)} change(s) in the last {hours:g} h (recent deployments)", severity=Severity.INFO,
         subject="deployments",
         blocks=[TableBlock(title="recent deployments", columns=["when", "what", "container", "image"],
-                           rows=[[c["when"].strftime("%Y-%m-%d %H:%M:%S"), c["what"], c["name"], c["image"]]
+                           rows=[[c.when.strftime("%Y-%m-%d %H:%M:%S"), c.what, c.name, c.image]
                                  for c in changes[:20]])],
         aggregation_key="recent-deployments",
     ))
@@ -185,12 +194,12 @@ def prometheus_up(report: Report, environment: Environment) -> None:
     except PromQLError as exc:
         report.notes.append(str(exc))
         return
-    down = [r for r in rows if r["value"] == 0]
+    down = [r for r in rows if r.value == 0]
     report.add(Finding(
         title=f"Prometheus up: {len(rows) - len(down)} of {len(rows)} targets up",
         severity=Severity.CRITICAL if down else Severity.INFO, subject="prometheus",
         blocks=[TableBlock(title="up", columns=["job", "instance", "up"],
-                           rows=[[r["labels"].get("job", ""), r["labels"].get("instance", ""), int(r["value"])]
+                           rows=[[r.labels.get("job", ""), r.labels.get("instance", ""), int(r.value)]
                                  for r in rows])],
         aggregation_key="prometheus-up",
     ))

@@ -16,24 +16,42 @@ changes nothing:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import docker.errors
 import httpx
+from pydantic import BaseModel
 
 from runbook.engine.clients import docker_client
-from runbook.engine.config import Environment
+from runbook.engine.config import Environment, ServiceConfig
 from runbook.engine.errors import BadInput, RemediationFailed, TargetUnreachable
 from runbook.engine.findings import Change
 from runbook.engine.remediation import Remediation, register, wait_until
-from tasks.containers import NUMBER_LABEL, human_bytes, memory_usage, parse_time, project_filters, summarize
+from tasks.containers import NUMBER_LABEL, ContainerInfo, human_bytes, memory_usage, project_filters, summarize
 
 STOPPED_STATES = {"exited", "created", "stopped", "configured"}
 
 
+class ContainerTarget(BaseModel, frozen=True):
+    """An existing container a change acts on, with what its guard and verify compare against: the start time
+    planned against (restart) and the memory measured at plan time (verify: did it drop)."""
 
-def _service_config(env: Environment, service: str) -> Any:
+    id: str
+    name: str
+    started_at: datetime | None = None
+    mem_usage: int = 0
+
+
+class NewReplica(BaseModel, frozen=True):
+    """A replica a scale creates: its container name and compose container-number."""
+
+    name: str
+    number: int
+
+
+def _service_config(env: Environment, service: str) -> ServiceConfig:
     try:
         return env.services[service]
     except KeyError:
@@ -43,7 +61,8 @@ def _service_config(env: Environment, service: str) -> Any:
 
 def _inspect(client: Any, ref: str) -> dict[str, Any] | None:
     try:
-        return client.api.inspect_container(ref)
+        attrs: dict[str, Any] = client.api.inspect_container(ref)
+        return attrs
     except docker.errors.NotFound:
         return None
 
@@ -51,8 +70,19 @@ def _inspect(client: Any, ref: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------- scale
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """A service's containers as scale-service reads them: the running ones, all, the configuration to copy (the
+    newest running container's inspect document) and the next free container-number."""
+
+    running: list[ContainerInfo]
+    all: list[ContainerInfo]
+    template: dict[str, Any] | None
+    next_number: int
+
+
 @register
-class ScaleService(Remediation[dict[str, Any]]):
+class ScaleService(Remediation[Replicas]):
     """Create replicas of a compose service through the API until ``replicas`` run (never above max_replicas)."""
 
     name = "scale-service"
@@ -72,7 +102,7 @@ class ScaleService(Remediation[dict[str, Any]]):
     def target(self) -> str:
         return f"{self.env.name}/{self.service} (to {self.replicas} replicas, max {self.max_replicas})"
 
-    def _read(self, client: Any) -> dict[str, Any]:
+    def _read(self, client: Any) -> Replicas:
         found = client.containers.list(all=True, filters=project_filters(self.env, self.service))
         attrs = [c.attrs for c in found]
         running = [a for a in attrs if (a.get("State") or {}).get("Running")]
@@ -80,31 +110,32 @@ class ScaleService(Remediation[dict[str, Any]]):
         template = max(pool, key=lambda a: a.get("Created") or "") if pool else None
         numbers = [int(n) for a in attrs if str(n := ((a.get("Config") or {}).get("Labels") or {})
                                                 .get(NUMBER_LABEL, "")).isdigit()]
-        return {"running": [summarize(a) for a in running], "all": [summarize(a) for a in attrs],
-                "template": template, "next_number": max(numbers, default=len(attrs)) + 1}
+        return Replicas(running=[summarize(a) for a in running], all=[summarize(a) for a in attrs],
+                        template=template, next_number=max(numbers, default=len(attrs)) + 1)
 
-    def check(self) -> dict[str, Any]:
+    def check(self) -> Replicas:
         with docker_client(self.env) as client:
             return self._read(client)
 
-    def plan(self, state: dict[str, Any]) -> list[Change]:
-        have = len(state["running"])
+    def plan(self, state: Replicas) -> list[Change]:
+        have = len(state.running)
         if have >= self.replicas:
             return []
-        template = state["template"]
+        template = state.template
         if template is None:
             raise TargetUnreachable(f"service {self.service}", "no container of it exists to copy the configuration")
         project = self.env.docker.compose_project if self.env.docker else ""
         src = summarize(template)
         changes = []
         for i in range(self.replicas - have):
-            number = state["next_number"] + i
+            number = state.next_number + i
+            name = f"{project}-{self.service}-{number}"
             changes.append(Change(
-                action="create", subject=f"container {project}-{self.service}-{number}",
-                key=f"create:{project}-{self.service}-{number}:running=" + ",".join(sorted(
-                    c["id"] for c in state["running"])),
-                before={"service": self.service, "running_replicas": have, "copy_of": src["name"]},
-                after={"image": src["image"], "number": number, "state": "running", "replicas": self.replicas},
+                action="create", subject=f"container {name}",
+                key=f"create:{name}:running=" + ",".join(sorted(c.id for c in state.running)),
+                before={"service": self.service, "running_replicas": have, "copy_of": src.name},
+                after={"image": src.image, "number": number, "state": "running", "replicas": self.replicas},
+                target=Change.target_of(NewReplica(name=name, number=number)),
             ))
         return changes
 
@@ -112,36 +143,36 @@ class ScaleService(Remediation[dict[str, Any]]):
         done: list[Change] = []
         with docker_client(self.env) as client:
             state = self._read(client)
-            missing = self.replicas - len(state["running"])  # guard: count again, someone may have scaled meanwhile
-            template = state["template"]
+            missing = self.replicas - len(state.running)  # guard: count again, someone may have scaled meanwhile
+            template = state.template
             if template is None:
                 raise RemediationFailed(f"no container of {self.service} left to copy")
             for change in plan:
                 if missing <= 0:
                     break
-                name = change.subject.removeprefix("container ")
-                if _inspect(client, name) is not None:
+                new = change.target_as(NewReplica)
+                if _inspect(client, new.name) is not None:
                     continue  # a container of that name already exists: never create a second one
                 try:
-                    client.containers.run(**_replica_spec(template, name, int(change.after["number"])))
+                    client.containers.run(**_replica_spec(template, new.name, new.number))
                 except docker.errors.APIError as exc:
-                    raise RemediationFailed(f"creating {name}: {exc.explanation or exc}", done=done) from None
+                    raise RemediationFailed(f"creating {new.name}: {exc.explanation or exc}", done=done) from None
                 done.append(change)
                 missing -= 1
         return done
 
     def verify(self, applied: list[Change]) -> tuple[bool, str]:
-        names = [c.subject.removeprefix("container ") for c in applied]
-        last: dict[str, Any] = {}
+        names = [c.target_as(NewReplica).name for c in applied]
+        last: list[Replicas] = []
 
         def converged() -> bool:
             with docker_client(self.env) as client:
                 states = {n: ((_inspect(client, n) or {}).get("State") or {}) for n in names}
-                last.update(self._read(client))
-            return all(s.get("Running") for s in states.values()) and len(last["running"]) >= self.replicas
+                last[:] = [self._read(client)]
+            return all(s.get("Running") for s in states.values()) and len(last[0].running) >= self.replicas
 
         ok = wait_until(converged, self.verify_timeout_s)
-        running = len(last.get("running", []))
+        running = len(last[0].running) if last else 0
         return ok, (f"{running} replica(s) of {self.service} running; created {', '.join(names)}" if ok else
                     f"after {self.verify_timeout_s:g} s only {running} of {self.replicas} running ({', '.join(names)})")
 
@@ -180,8 +211,16 @@ def _replica_spec(template: dict[str, Any], name: str, number: int) -> dict[str,
 # ---------------------------------------------------------------------------------------------- restart leakers
 
 
+@dataclass(frozen=True)
+class Leaker:
+    """A leaking container as restart-leakers reads it: its summary and memory now (0 when not running)."""
+
+    info: ContainerInfo
+    mem_usage: int = 0
+
+
 @register
-class RestartLeakers(Remediation[list[dict[str, Any]]]):
+class RestartLeakers(Remediation[list[Leaker]]):
     """Restart the named leaking containers one at a time, each only if it has not (re)started since ``since``."""
 
     name = "restart-leakers"
@@ -196,7 +235,7 @@ class RestartLeakers(Remediation[list[dict[str, Any]]]):
     def target(self) -> str:
         return f"{self.env.name}: {len(self.containers)} leaking container(s), alert since {self.since:%H:%M:%S}Z"
 
-    def check(self) -> list[dict[str, Any]]:
+    def check(self) -> list[Leaker]:
         out = []
         with docker_client(self.env) as client:
             for ref in self.containers:
@@ -204,49 +243,52 @@ class RestartLeakers(Remediation[list[dict[str, Any]]]):
                 if attrs is None:
                     continue
                 row = summarize(attrs)
-                if row["running"]:
+                usage = 0
+                if row.running:
                     try:
-                        row["mem_usage"] = memory_usage(client.api.stats(row["id"], stream=False, one_shot=True))[0]
+                        usage = memory_usage(client.api.stats(row.id, stream=False, one_shot=True))[0]
                     except docker.errors.APIError:
-                        row["mem_usage"] = 0
-                out.append(row)
+                        usage = 0
+                out.append(Leaker(row, usage))
         return out
 
-    def plan(self, state: list[dict[str, Any]]) -> list[Change]:
+    def plan(self, state: list[Leaker]) -> list[Change]:
         return [
-            Change(action="restart", subject=f"container {c['name']}", key=f"restart:{c['id']}:{c['started_at']}",
-                   before={"id": c["id"], "service": c["service"], "started_at": c["started_at"].isoformat(),
-                           "mem_usage": c.get("mem_usage", 0), "memory": human_bytes(c.get("mem_usage", 0))},
-                   after={"state": "running", "started_after": self.since.isoformat()})
-            for c in state
-            if c["running"] and c["started_at"] is not None and c["started_at"] <= self.since
+            Change(action="restart", subject=f"container {c.name}", key=f"restart:{c.id}:{c.started_at}",
+                   before={"id": c.id, "service": c.service, "started_at": c.started_at.isoformat(),
+                           "mem_usage": leaker.mem_usage, "memory": human_bytes(leaker.mem_usage)},
+                   after={"state": "running", "started_after": self.since.isoformat()},
+                   target=Change.target_of(ContainerTarget(id=c.id, name=c.name, started_at=c.started_at,
+                                                           mem_usage=leaker.mem_usage)))
+            for leaker in state
+            if (c := leaker.info).running and c.started_at is not None and c.started_at <= self.since
         ]
 
     def apply(self, plan: list[Change]) -> list[Change]:
         done: list[Change] = []
         with docker_client(self.env) as client:
             for change in plan:
-                cid = change.before["id"]
-                attrs = _inspect(client, cid)
+                planned = change.target_as(ContainerTarget)
+                attrs = _inspect(client, planned.id)
                 if attrs is None:
                     continue
                 now = summarize(attrs)
-                planned_start = parse_time(change.before["started_at"])
-                if not now["running"] or now["started_at"] != planned_start or now["started_at"] > self.since:
+                if (not now.running or now.started_at is None or now.started_at != planned.started_at
+                        or now.started_at > self.since):
                     continue  # guard: restarted (or stopped) by someone else since the plan
                 try:
-                    client.api.restart(cid, timeout=self.stop_timeout_s)
+                    client.api.restart(planned.id, timeout=self.stop_timeout_s)
                 except docker.errors.APIError as exc:
-                    raise RemediationFailed(f"restarting {now['name']}: {exc.explanation or exc}", done=done) from None
+                    raise RemediationFailed(f"restarting {now.name}: {exc.explanation or exc}", done=done) from None
 
-                def back(cid: str = cid, before: datetime | None = planned_start) -> bool:
+                def back(cid: str = planned.id, before: datetime | None = planned.started_at) -> bool:
                     s = summarize(_inspect(client, cid) or {"Id": cid})
-                    return bool(s["running"] and s["started_at"] and before and s["started_at"] > before)
+                    return bool(s.running and s.started_at and before and s.started_at > before)
 
                 done.append(change)
                 if not wait_until(back, self.wait_timeout_s):
                     # rolling: never take down the next replica while this one is not back
-                    raise RemediationFailed(f"{now['name']} not running again within {self.wait_timeout_s:g} s; "
+                    raise RemediationFailed(f"{now.name} not running again within {self.wait_timeout_s:g} s; "
                                             f"stopped the rolling restart after {len(done)} container(s)", done=done)
         return done
 
@@ -254,17 +296,18 @@ class RestartLeakers(Remediation[list[dict[str, Any]]]):
         notes, ok = [], True
         with docker_client(self.env) as client:
             for change in applied:
-                attrs = _inspect(client, change.before["id"])
+                planned = change.target_as(ContainerTarget)
+                attrs = _inspect(client, planned.id)
                 row = summarize(attrs) if attrs else None
-                if row is None or not row["running"] or not row["started_at"] or row["started_at"] <= self.since:
+                if row is None or not row.running or not row.started_at or row.started_at <= self.since:
                     ok = False
                     notes.append(f"{change.subject}: not running since the restart")
                     continue
-                usage = memory_usage(client.api.stats(row["id"], stream=False, one_shot=True))[0]
-                before = int(change.before.get("mem_usage") or 0)
+                usage = memory_usage(client.api.stats(row.id, stream=False, one_shot=True))[0]
+                before = planned.mem_usage
                 dropped = usage < before
                 ok &= dropped
-                notes.append(f"{row['name']}: {human_bytes(before)} -> {human_bytes(usage)}"
+                notes.append(f"{row.name}: {human_bytes(before)} -> {human_bytes(usage)}"
                              + ("" if dropped else " (did NOT drop)"))
         return ok, "; ".join(notes)
 
@@ -273,7 +316,7 @@ class RestartLeakers(Remediation[list[dict[str, Any]]]):
 
 
 @register
-class StartServiceContainers(Remediation[list[dict[str, Any]]]):
+class StartServiceContainers(Remediation[list[ContainerInfo]]):
     """Start a service's stopped containers; verify they run and the service's health_url answers."""
 
     name = "start-service-containers"
@@ -286,45 +329,46 @@ class StartServiceContainers(Remediation[list[dict[str, Any]]]):
     def target(self) -> str:
         return f"{self.env.name}/{self.service}"
 
-    def check(self) -> list[dict[str, Any]]:
+    def check(self) -> list[ContainerInfo]:
         with docker_client(self.env) as client:
             found = client.containers.list(all=True, filters=project_filters(self.env, self.service))
             return [summarize(c.attrs) for c in found]
 
-    def plan(self, state: list[dict[str, Any]]) -> list[Change]:
+    def plan(self, state: list[ContainerInfo]) -> list[Change]:
         return [
-            Change(action="start", subject=f"container {c['name']}",
-                   key=f"start:{c['id']}:{c['state']}:{c['finished_at']}",
-                   before={"id": c["id"], "state": c["state"], "exit_code": c["exit_code"],
-                           "finished_at": c["finished_at"].isoformat() if c["finished_at"] else None},
-                   after={"state": "running"})
-            for c in sorted(state, key=lambda c: c["name"])
-            if not c["running"] and c["state"] in STOPPED_STATES
+            Change(action="start", subject=f"container {c.name}",
+                   key=f"start:{c.id}:{c.state}:{c.finished_at}",
+                   before={"id": c.id, "state": c.state, "exit_code": c.exit_code,
+                           "finished_at": c.finished_at.isoformat() if c.finished_at else None},
+                   after={"state": "running"},
+                   target=Change.target_of(ContainerTarget(id=c.id, name=c.name)))
+            for c in sorted(state, key=lambda c: c.name)
+            if not c.running and c.state in STOPPED_STATES
         ]
 
     def apply(self, plan: list[Change]) -> list[Change]:
         done: list[Change] = []
         with docker_client(self.env) as client:
             for change in plan:
-                attrs = _inspect(client, change.before["id"])
+                attrs = _inspect(client, change.target_as(ContainerTarget).id)
                 if attrs is None:
                     continue
                 now = summarize(attrs)
-                if now["running"] or now["state"] not in STOPPED_STATES:
+                if now.running or now.state not in STOPPED_STATES:
                     continue  # guard: started (or removed) since the plan
                 try:
-                    client.api.start(now["id"])
+                    client.api.start(now.id)
                 except docker.errors.APIError as exc:
-                    raise RemediationFailed(f"starting {now['name']}: {exc.explanation or exc}", done=done) from None
+                    raise RemediationFailed(f"starting {now.name}: {exc.explanation or exc}", done=done) from None
                 done.append(change)
         return done
 
     def verify(self, applied: list[Change]) -> tuple[bool, str]:
-        ids = [c.before["id"] for c in applied]
+        ids = [c.target_as(ContainerTarget).id for c in applied]
 
         def running() -> bool:
             with docker_client(self.env) as client:
-                return all(summarize(_inspect(client, i) or {"Id": i})["running"] for i in ids)
+                return all(summarize(_inspect(client, i) or {"Id": i}).running for i in ids)
 
         if not wait_until(running, self.verify_timeout_s):
             names = ", ".join(c.subject for c in applied)

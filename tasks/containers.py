@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -54,41 +56,62 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(m.group(1) + frac + ("+00:00" if tz == "Z" else tz)).astimezone(UTC)
 
 
-def summarize(attrs: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ContainerInfo:
+    """The fields a person scans from `docker inspect` (times in UTC, None when never set)."""
+
+    id: str
+    name: str
+    service: str = ""
+    number: str = ""
+    state: str = "unknown"
+    running: bool = False
+    exit_code: int | None = None
+    oom_killed: bool = False
+    restart_count: int = 0
+    image: str = ""
+    image_id: str = ""
+    created: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    health: str = ""
+
+
+def summarize(attrs: dict[str, Any]) -> ContainerInfo:
     """The fields a person scans from `docker inspect`: state, restarts, image, times, compose labels."""
     state = attrs.get("State") or {}
     labels = (attrs.get("Config") or {}).get("Labels") or {}
-    started = parse_time(state.get("StartedAt"))
-    return {
-        "id": attrs["Id"],
-        "name": attrs.get("Name", "").lstrip("/"),  # Docker prefixes '/', Podman does not
-        "service": labels.get(SERVICE_LABEL, ""),
-        "number": labels.get(NUMBER_LABEL, ""),
-        "state": state.get("Status", "unknown"),
-        "running": bool(state.get("Running")),
-        "exit_code": state.get("ExitCode"),
-        "oom_killed": bool(state.get("OOMKilled")),
-        "restart_count": int(attrs.get("RestartCount") or 0),
-        "image": (attrs.get("Config") or {}).get("Image", ""),
-        "image_id": attrs.get("Image", ""),
-        "created": parse_time(attrs.get("Created")),
-        "started_at": started,
-        "finished_at": parse_time(state.get("FinishedAt")),
-        "health": ((state.get("Health") or {}).get("Status")) or "",
-    }
+    return ContainerInfo(
+        id=attrs["Id"],
+        name=attrs.get("Name", "").lstrip("/"),  # Docker prefixes '/', Podman does not
+        service=labels.get(SERVICE_LABEL, ""),
+        number=labels.get(NUMBER_LABEL, ""),
+        state=state.get("Status", "unknown"),
+        running=bool(state.get("Running")),
+        exit_code=state.get("ExitCode"),
+        oom_killed=bool(state.get("OOMKilled")),
+        restart_count=int(attrs.get("RestartCount") or 0),
+        image=(attrs.get("Config") or {}).get("Image", ""),
+        image_id=attrs.get("Image", ""),
+        created=parse_time(attrs.get("Created")),
+        started_at=parse_time(state.get("StartedAt")),
+        finished_at=parse_time(state.get("FinishedAt")),
+        health=((state.get("Health") or {}).get("Status")) or "",
+    )
 
 
 @task(cache_policy=NONE)
-def list_project_containers(env: Environment, service: str | None = None) -> list[dict[str, Any]]:
+def list_project_containers(env: Environment, service: str | None = None) -> list[ContainerInfo]:
     """Every container of the compose project (running or not), summarized, ordered by service and name."""
     with docker_client(env) as client:
         found = client.containers.list(all=True, filters=project_filters(env, service))
-        return sorted((summarize(c.attrs) for c in found), key=lambda c: (c["service"], c["name"]))
+        return sorted((summarize(c.attrs) for c in found), key=lambda c: (c.service, c.name))
 
 
 def _stats_once(client: Any, container_id: str) -> dict[str, Any] | None:
     try:
-        return client.api.stats(container_id, stream=False, one_shot=True)
+        stats: dict[str, Any] = client.api.stats(container_id, stream=False, one_shot=True)
+        return stats
     except docker.errors.NotFound:
         return None  # removed between listing and sampling
     except docker.errors.APIError as exc:
@@ -119,18 +142,30 @@ def _sample_all(client: Any, ids: list[str], pool: ThreadPoolExecutor) -> dict[s
     return dict(zip(ids, pool.map(lambda cid: _stats_once(client, cid), ids), strict=True))
 
 
+@dataclass(frozen=True)
+class ContainerStats:
+    """One running container's `docker stats` row: CPU % of one core, memory as `docker stats` counts it."""
+
+    id: str
+    name: str
+    service: str
+    cpu_percent: float
+    mem_usage: int
+    mem_limit: int
+    mem_percent: float
+
+
 @task(cache_policy=NONE)
-def sample_container_stats(env: Environment, containers: list[dict[str, Any]],
-                           interval_s: float = 1.0) -> list[dict[str, Any]]:
+def sample_container_stats(env: Environment, containers: list[ContainerInfo],
+                           interval_s: float = 1.0) -> list[ContainerStats]:
     """CPU % from two samples ``interval_s`` apart (all containers sampled concurrently), memory from the second.
 
-    Returns one row per running container, highest CPU first: name, service, cpu_percent, mem_usage, mem_limit,
-    mem_percent. Containers that stopped meanwhile are left out.
+    Returns one row per running container, highest CPU first. Containers that stopped meanwhile are left out.
     """
-    running = [c for c in containers if c["running"]]
+    running = [c for c in containers if c.running]
     if not running:
         return []
-    ids = [c["id"] for c in running]
+    ids = [c.id for c in running]
     with docker_client(env, max_pool_size=min(MAX_PARALLEL, len(ids))) as client, \
             ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(ids))) as pool:
         t1 = time.monotonic()
@@ -140,28 +175,35 @@ def sample_container_stats(env: Environment, containers: list[dict[str, Any]],
         wall = time.monotonic() - t1
     rows = []
     for c in running:
-        a, b = first[c["id"]], second[c["id"]]
+        a, b = first[c.id], second[c.id]
         if not a or not b:
             continue
         usage, limit = memory_usage(b)
-        rows.append({
-            "id": c["id"], "name": c["name"], "service": c["service"],
-            "cpu_percent": round(cpu_percent(a, b, wall), 1),
-            "mem_usage": usage, "mem_limit": limit,
-            "mem_percent": round(usage / limit * 100, 1) if limit else 0.0,
-        })
-    return sorted(rows, key=lambda r: -r["cpu_percent"])
+        rows.append(ContainerStats(
+            id=c.id, name=c.name, service=c.service, cpu_percent=round(cpu_percent(a, b, wall), 1),
+            mem_usage=usage, mem_limit=limit, mem_percent=round(usage / limit * 100, 1) if limit else 0.0,
+        ))
+    return sorted(rows, key=lambda r: -r.cpu_percent)
+
+
+@dataclass
+class MemorySeries:
+    """One container's memory samples: seconds since the first sample, usage in bytes, and its limit."""
+
+    t: list[float] = field(default_factory=list)
+    usage: list[int] = field(default_factory=list)
+    limit: int = 0
 
 
 @task(cache_policy=NONE)
-def sample_memory_series(env: Environment, containers: list[dict[str, Any]], samples: int = 5,
-                         interval_s: float = 2.0) -> dict[str, dict[str, Any]]:
-    """Memory usage of every running container, ``samples`` times ``interval_s`` apart: id -> {t, usage, limit}."""
-    running = [c for c in containers if c["running"]]
-    series: dict[str, dict[str, Any]] = {c["id"]: {"t": [], "usage": [], "limit": 0} for c in running}
+def sample_memory_series(env: Environment, containers: list[ContainerInfo], samples: int = 5,
+                         interval_s: float = 2.0) -> dict[str, MemorySeries]:
+    """Memory usage of every running container, ``samples`` times ``interval_s`` apart, by container id."""
+    running = [c for c in containers if c.running]
+    series = {c.id: MemorySeries() for c in running}
     if not running:
         return series
-    ids = [c["id"] for c in running]
+    ids = [c.id for c in running]
     with docker_client(env, max_pool_size=min(MAX_PARALLEL, len(ids))) as client, \
             ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(ids))) as pool:
         start = time.monotonic()
@@ -172,13 +214,13 @@ def sample_memory_series(env: Environment, containers: list[dict[str, Any]], sam
             for cid, stats in _sample_all(client, ids, pool).items():
                 if stats:
                     usage, limit = memory_usage(stats)
-                    series[cid]["t"].append(round(now, 3))
-                    series[cid]["usage"].append(usage)
-                    series[cid]["limit"] = limit
+                    series[cid].t.append(round(now, 3))
+                    series[cid].usage.append(usage)
+                    series[cid].limit = limit
     return series
 
 
-def fit_growth(t: list[float], usage: list[int]) -> dict[str, float]:
+def fit_growth(t: Sequence[float], usage: Sequence[float]) -> dict[str, float]:
     """Least-squares growth rate (bytes/s) and how well a line explains the samples (r², 0..1)."""
     if len(t) < 3 or len(set(t)) < 2:
         return {"rate_bps": 0.0, "r2": 0.0}
@@ -192,7 +234,7 @@ def fit_growth(t: list[float], usage: list[int]) -> dict[str, float]:
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: list[float]) -> str:
+def sparkline(values: Sequence[float]) -> str:
     """A small trend chart for a table cell."""
     if not values:
         return ""
@@ -221,9 +263,18 @@ def get_container_processes(env: Environment, container_id: str) -> list[dict[st
     return rows
 
 
+@dataclass(frozen=True)
+class ContainerLogs:
+    """How many log lines were read, how many were ERROR lines, and the last few of those."""
+
+    lines: int = 0
+    error_count: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
 @task(cache_policy=NONE)
 def get_container_logs(env: Environment, container_id: str, tail: int = 200,
-                       since_minutes: float | None = 60) -> dict[str, Any]:
+                       since_minutes: float | None = 60) -> ContainerLogs:
     """The last ``tail`` log lines (within ``since_minutes``), with the ERROR lines counted and the last few kept."""
     since = datetime.now(UTC) - timedelta(minutes=since_minutes) if since_minutes else None
     with docker_client(env) as client:
@@ -231,44 +282,59 @@ def get_container_logs(env: Environment, container_id: str, tail: int = 200,
             raw = client.api.logs(container_id, stdout=True, stderr=True, tail=tail, timestamps=False,
                                   since=since)
         except docker.errors.NotFound:
-            return {"lines": 0, "error_count": 0, "errors": []}
+            return ContainerLogs()
     lines = raw.decode("utf-8", errors="replace").splitlines()
     errors = [ln for ln in lines if _ERROR_LINE.search(ln)]
-    return {"lines": len(lines), "error_count": len(errors), "errors": [e[:300] for e in errors[-5:]]}
+    return ContainerLogs(lines=len(lines), error_count=len(errors), errors=[e[:300] for e in errors[-5:]])
+
+
+@dataclass(frozen=True)
+class RecentChange:
+    """A recent deployment: a container created or an image built (``what``), and when."""
+
+    what: str
+    name: str
+    service: str
+    image: str
+    when: datetime
 
 
 @task(cache_policy=NONE)
-def get_recent_changes(env: Environment, containers: list[dict[str, Any]], hours: float = 24) -> list[dict[str, Any]]:
+def get_recent_changes(env: Environment, containers: list[ContainerInfo], hours: float = 24) -> list[RecentChange]:
     """Recent deployments: containers created, and images built, within the last ``hours``."""
     cutoff = datetime.now(UTC) - timedelta(hours=hours)
-    out: list[dict[str, Any]] = []
+    out: list[RecentChange] = []
     image_created: dict[str, datetime | None] = {}
     with docker_client(env) as client:
-        for image_id in {c["image_id"] for c in containers if c["image_id"]}:
+        for image_id in {c.image_id for c in containers if c.image_id}:
             try:
                 image_created[image_id] = parse_time(client.api.inspect_image(image_id).get("Created"))
             except docker.errors.NotFound:
                 image_created[image_id] = None
     for c in containers:
-        built = image_created.get(c["image_id"])
-        if c["created"] and c["created"] >= cutoff:
-            out.append({"what": "container created", "name": c["name"], "service": c["service"],
-                        "image": c["image"], "when": c["created"]})
+        built = image_created.get(c.image_id)
+        if c.created and c.created >= cutoff:
+            out.append(RecentChange("container created", c.name, c.service, c.image, c.created))
         if built and built >= cutoff:
-            out.append({"what": "image built", "name": c["name"], "service": c["service"],
-                        "image": c["image"], "when": built})
-    return sorted(out, key=lambda r: r["when"], reverse=True)
+            out.append(RecentChange("image built", c.name, c.service, c.image, built))
+    return sorted(out, key=lambda r: r.when, reverse=True)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int | None
+    output: str
 
 
 @task(cache_policy=NONE)
 def run_in_container(env: Environment, container_id: str, command: list[str],
-                     max_bytes: int = 20_000) -> dict[str, Any]:
+                     max_bytes: int = 20_000) -> ExecResult:
     """Run a command from the playbook (an argument list, no shell) in a container: exit code and output tail."""
     with docker_client(env) as client:
         exec_id = client.api.exec_create(container_id, command, stdout=True, stderr=True)["Id"]
         output = client.api.exec_start(exec_id, demux=False) or b""
         exit_code = client.api.exec_inspect(exec_id).get("ExitCode")
-    return {"exit_code": exit_code, "output": output.decode("utf-8", errors="replace")[-max_bytes:]}
+    return ExecResult(exit_code, output.decode("utf-8", errors="replace")[-max_bytes:])
 
 
 def human_bytes(n: float) -> str:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ssl
 import time
+from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,7 +24,7 @@ from prefect.cache_policies import NONE
 
 from runbook.engine.config import Environment, HttpCheckConfig
 from runbook.engine.findings import TableBlock
-from tasks.probes import HOST, resolve, run_checks
+from tasks.probes import HOST, Check, CheckRow, HttpCheckRow, resolve, run_checks
 
 MAX_BODY = 1 << 20
 
@@ -32,20 +35,16 @@ def _cert_days_left(ssl_object: ssl.SSLObject | None) -> tuple[float | None, str
     cert = ssl_object.getpeercert()
     if not cert or "notAfter" not in cert:
         return None, ""
-    expires = datetime.fromtimestamp(ssl.cert_time_to_seconds(cert["notAfter"]), UTC)
+    expires = datetime.fromtimestamp(ssl.cert_time_to_seconds(str(cert["notAfter"])), UTC)
     return round((expires - datetime.now(UTC)).total_seconds() / 86400, 1), expires.isoformat()
 
 
 def check_http(name: str, cfg: HttpCheckConfig, source: str = HOST, source_address: str | None = None,
-               ) -> dict[str, Any]:
+               ) -> HttpCheckRow:
     """One GET with the phase timings; never raises for a network failure (the row says what failed)."""
     url = urlsplit(cfg.url)
-    out: dict[str, Any] = {
-        "source": source, "destination": f"{name} {cfg.url}", "kind": "http", "name": name, "url": cfg.url,
-        "ok": False, "status": None, "expect_status": cfg.expect_status, "result": "", "error": "",
-        "dns_ms": None, "connect_ms": None, "tls_ms": None, "ttfb_ms": None, "total_ms": None, "latency_ms": None,
-        "cert_days_left": None, "cert_expires": "",
-    }
+    base = HttpCheckRow(source=source, destination=f"{name} {cfg.url}", kind="http", ok=False, latency_ms=None,
+                        result="", name=name, url=cfg.url, expect_status=cfg.expect_status)
     verify: ssl.SSLContext | bool = False  # plain http: no context to build
     if url.scheme == "https":
         verify = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
@@ -53,22 +52,19 @@ def check_http(name: str, cfg: HttpCheckConfig, source: str = HOST, source_addre
     client = httpx.Client(transport=httpx.HTTPTransport(verify=verify, local_address=source_address, retries=0),
                           timeout=cfg.timeout_s, trust_env=False, follow_redirects=False)
     try:
-        return _timed_get(client, name, cfg, source, out)
+        return _timed_get(client, cfg, source, base)
     finally:
         client.close()
 
 
-def _timed_get(client: httpx.Client, name: str, cfg: HttpCheckConfig, source: str,
-               out: dict[str, Any]) -> dict[str, Any]:
+def _timed_get(client: httpx.Client, cfg: HttpCheckConfig, source: str, base: HttpCheckRow) -> HttpCheckRow:
     url = urlsplit(cfg.url)
     host = url.hostname or ""
     started = time.perf_counter()
     dns = resolve(host, cfg.timeout_s, source)
-    out["dns_ms"] = dns["latency_ms"]
-    if not dns["ok"]:
-        out.update(result="unresolvable", error=f"cannot resolve {host}: {dns['error']}")
-        return out
-    address = dns["result"].split(", ")[0]
+    if not dns.ok:
+        return replace(base, dns_ms=dns.latency_ms, result="unresolvable", error=f"cannot resolve {host}: {dns.error}")
+    address = dns.result.split(", ")[0]
     netloc = f"{address}:{url.port}" if url.port else address
     target = urlunsplit((url.scheme, netloc, url.path or "/", url.query, ""))
     marks: dict[str, float] = {}
@@ -79,6 +75,9 @@ def _timed_get(client: httpx.Client, name: str, cfg: HttpCheckConfig, source: st
     def ms(event: str) -> float | None:
         return round((marks[event] - started) * 1000, 2) if event in marks else None
 
+    status: int | None = None
+    result = error = cert_expires = ""
+    cert_days_left: float | None = None
     try:
         request = client.build_request("GET", target, headers={"Host": url.netloc.rsplit("@", 1)[-1],
                                                                "User-Agent": "runbook-http-check"},
@@ -87,48 +86,54 @@ def _timed_get(client: httpx.Client, name: str, cfg: HttpCheckConfig, source: st
         try:
             stream = response.extensions.get("network_stream")
             ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-            out["cert_days_left"], out["cert_expires"] = _cert_days_left(ssl_object)
+            cert_days_left, cert_expires = _cert_days_left(ssl_object)
             size = 0
             for chunk in response.iter_raw():
                 size += len(chunk)
                 if size > MAX_BODY:
                     break
-            out["status"] = response.status_code
+            status = response.status_code
         finally:
             response.close()
     except httpx.TimeoutException as exc:
-        out.update(result="timeout", error=f"{type(exc).__name__}: no answer within {cfg.timeout_s:g} s")
+        result, error = "timeout", f"{type(exc).__name__}: no answer within {cfg.timeout_s:g} s"
     except httpx.ConnectError as exc:
         text = str(exc)
-        kind = ("tls" if "CERTIFICATE" in text.upper() or "SSL" in text.upper()
-                else "refused" if "refused" in text.lower() else "error")
-        out.update(result=kind, error=text[:300] or type(exc).__name__)
+        result = ("tls" if "CERTIFICATE" in text.upper() or "SSL" in text.upper()
+                  else "refused" if "refused" in text.lower() else "error")
+        error = text[:300] or type(exc).__name__
     except httpx.HTTPError as exc:
-        out.update(result="error", error=f"{type(exc).__name__}: {exc}"[:300])
+        result, error = "error", f"{type(exc).__name__}: {exc}"[:300]
     total = round((time.perf_counter() - started) * 1000, 2)
-    connect_end = ms("connection.connect_tcp.complete")
-    out.update(connect_ms=connect_end, tls_ms=ms("connection.start_tls.complete"),
-               ttfb_ms=ms("http11.receive_response_headers.complete") or ms("http2.receive_response_headers.complete"),
-               total_ms=total, latency_ms=total)
-    if out["status"] is not None:
-        out["ok"] = out["status"] == cfg.expect_status
-        out["result"] = f"HTTP {out['status']}"
-        if not out["ok"]:
-            out["error"] = f"expected HTTP {cfg.expect_status}, got {out['status']}"
-    return out
+    ok = False
+    if status is not None:
+        ok = status == cfg.expect_status
+        result = f"HTTP {status}"
+        if not ok:
+            error = f"expected HTTP {cfg.expect_status}, got {status}"
+    return replace(
+        base, ok=ok, status=status, result=result, error=error, dns_ms=dns.latency_ms,
+        connect_ms=ms("connection.connect_tcp.complete"), tls_ms=ms("connection.start_tls.complete"),
+        ttfb_ms=ms("http11.receive_response_headers.complete") or ms("http2.receive_response_headers.complete"),
+        total_ms=total, latency_ms=total, cert_days_left=cert_days_left, cert_expires=cert_expires)
 
 
 @task(cache_policy=NONE)
 def check_http_endpoints(env: Environment, names: list[str] | None = None,
-                         max_parallel: int = 8) -> list[dict[str, Any]]:
+                         max_parallel: int = 8) -> list[HttpCheckRow]:
     """Every configured HTTP check (or the named ones) from this host, concurrently, in playbook order."""
 
-    checks = [(HOST, f"{n} {c.url}", "http", lambda n=n, c=c: check_http(n, c))
-              for n, c in env.http_checks.items() if names is None or n in names]
-    return run_checks(checks, max_parallel)
+    checks: list[Check] = [(HOST, f"{n} {c.url}", "http", partial(check_http, n, c))
+                           for n, c in env.http_checks.items() if names is None or n in names]
+    return http_rows(run_checks(checks, max_parallel))
 
 
-def breakdown_table(rows: list[dict[str, Any]]) -> TableBlock:
+def http_rows(rows: Iterable[CheckRow]) -> list[HttpCheckRow]:
+    """The HTTP checks among check rows (a check that raised is an HttpCheckRow without timings, see probes.row)."""
+    return [r for r in rows if isinstance(r, HttpCheckRow)]
+
+
+def breakdown_table(rows: Iterable[CheckRow]) -> TableBlock:
     """The curl -w view of HTTP check rows: ms from the start of each request, like curl's time_* variables."""
 
     def ms(v: float | None) -> str:
@@ -137,6 +142,6 @@ def breakdown_table(rows: list[dict[str, Any]]) -> TableBlock:
     return TableBlock(
         title="response time breakdown (ms since start, like curl -w)",
         columns=["source", "endpoint", "status", "dns", "connect", "tls", "ttfb", "total", "cert days left"],
-        rows=[[r["source"], r["destination"], r["status"] if r["status"] is not None else r["result"],
-               ms(r["dns_ms"]), ms(r["connect_ms"]), ms(r["tls_ms"]), ms(r["ttfb_ms"]), ms(r["total_ms"]),
-               "" if r.get("cert_days_left") is None else r["cert_days_left"]] for r in rows if r["kind"] == "http"])
+        rows=[[r.source, r.destination, r.status if r.status is not None else r.result,
+               ms(r.dns_ms), ms(r.connect_ms), ms(r.tls_ms), ms(r.ttfb_ms), ms(r.total_ms),
+               "" if r.cert_days_left is None else r.cert_days_left] for r in http_rows(rows)])

@@ -7,7 +7,7 @@ explicit per-environment opt-in for OpenSearch-compatible servers (runbook.engin
 Without Elasticsearch, the same four questions are answered from the compose project's container logs (Docker
 API) when a docker endpoint is configured and from the playbook's ``log_files`` read over SSH, each line parsed as
 JSON (structured logging) or as text with a leading ISO timestamp; otherwise the result says that no log source is
-configured. Other procedures call ``get_error_evidence`` for their evidence.
+configured.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from prefect.cache_policies import NONE
 from runbook.engine.clients import docker_client, search, ssh
 from runbook.engine.config import Environment
 from runbook.engine.errors import BadInput, TargetUnreachable
+from runbook.engine.params import NAME_PATTERN
+from tasks.containers import PROJECT_LABEL, SERVICE_LABEL
 
 Record = dict[str, Any]
-SERVICE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+SERVICE_NAME = re.compile(NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -186,9 +188,9 @@ def read_container_records(env: Environment, hours: float = 24, tail: int = 5000
     records: list[Record] = []
     with docker_client(env) as client:
         containers = client.containers.list(all=True, filters={
-            "label": [f"com.docker.compose.project={env.docker.compose_project}"]})
+            "label": [f"{PROJECT_LABEL}={env.docker.compose_project}"]})
         for c in containers:
-            service = (c.labels or {}).get("com.docker.compose.service", c.name)
+            service = (c.labels or {}).get(SERVICE_LABEL, c.name)
             raw = client.api.logs(c.id, stdout=True, stderr=True, timestamps=True, tail=tail, since=since)
             for line in raw.decode("utf-8", errors="replace").splitlines():
                 stamp, _, text = line.partition(" ")
@@ -285,7 +287,3 @@ def analyze_logs(env: Environment, names: list[str] | None = None, service: str 
             "results": match_records(records, env.thresholds.slow_response_ms, datetime.now(UTC), names, service,
                                      source)}
 
-
-def get_error_evidence(env: Environment, service: str | None = None) -> dict[str, Any]:
-    """For other procedures: the runbook's "errors in the last hour" for one service, with top messages."""
-    return analyze_logs.fn(env, ["errors"], service, size=5)

@@ -9,8 +9,8 @@ with Prometheus' own message.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import task
@@ -65,14 +65,31 @@ def _value(raw: str) -> float:
 def _check(body: dict[str, Any], promql: str) -> dict[str, Any]:
     if body.get("status") != "success":
         raise PromQLError(f"prometheus rejected {promql!r}: {body.get('errorType', '')} {body.get('error', '')}")
-    return body["data"]
+    data: dict[str, Any] = body["data"]
+    return data
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One series of an instant query: its labels (none for a scalar) and its value."""
+
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series of a range query: its labels and its (time, value) points."""
+
+    labels: dict[str, str]
+    values: list[tuple[datetime, float]]
 
 
 def instant_query(env: Environment, promql: str, *, at: datetime | None = None,
-                  timeout_s: float | None = None) -> list[dict[str, Any]]:
-    """``/api/v1/query``: one row per series, ``{"labels": {...}, "value": float}`` (a scalar has no labels)."""
+                  timeout_s: float | None = None) -> list[Sample]:
+    """``/api/v1/query``: one sample per series (a scalar has no labels)."""
     timeout_s = timeout_s or env.prometheus_timeout_s
-    params: dict[str, Any] = {"query": promql, "timeout": f"{max(1, int(timeout_s * 1000))}ms"}
+    params: dict[str, str | float] = {"query": promql, "timeout": f"{max(1, int(timeout_s * 1000))}ms"}
     if at is not None:
         params["time"] = at.timestamp()
     with prometheus(env, timeout_s) as http:
@@ -81,56 +98,50 @@ def instant_query(env: Environment, promql: str, *, at: datetime | None = None,
         raise PromQLError(f"prometheus answered HTTP {res.status_code} to {promql!r}")
     data = _check(res.json(), promql)
     if data["resultType"] in ("scalar", "string"):
-        return [{"labels": {}, "value": _value(data["result"][1])}]
-    return [{"labels": r["metric"], "value": _value(r["value"][1])} for r in data["result"]]
+        return [Sample({}, _value(data["result"][1]))]
+    return [Sample(r["metric"], _value(r["value"][1])) for r in data["result"]]
 
 
 def range_query(env: Environment, promql: str, *, start: datetime, end: datetime, step_s: float,
-                timeout_s: float | None = None) -> list[dict[str, Any]]:
-    """``/api/v1/query_range``: one row per series, ``{"labels": {...}, "values": [(datetime, float), ...]}``."""
+                timeout_s: float | None = None) -> list[Series]:
+    """``/api/v1/query_range``: one series of (time, value) points per label set."""
     timeout_s = timeout_s or env.prometheus_timeout_s
-    params = {"query": promql, "start": start.timestamp(), "end": end.timestamp(), "step": step_s,
-              "timeout": f"{max(1, int(timeout_s * 1000))}ms"}
+    params: dict[str, str | float] = {"query": promql, "start": start.timestamp(), "end": end.timestamp(),
+                                      "step": step_s, "timeout": f"{max(1, int(timeout_s * 1000))}ms"}
     with prometheus(env, timeout_s) as http:
         res = http.get("/api/v1/query_range", params=params)
     data = _check(res.json(), promql)
-    return [{"labels": r["metric"],
-             "values": [(datetime.fromtimestamp(float(t), UTC), _value(v)) for t, v in r["values"]]}
+    return [Series(r["metric"], [(datetime.fromtimestamp(float(t), UTC), _value(v)) for t, v in r["values"]])
             for r in data["result"]]
 
 
-@task(cache_policy=NONE, task_run_name="promql-{promql}")
-def query_prometheus(env: Environment, promql: str, timeout_s: float | None = None) -> list[dict[str, Any]]:
-    """Instant PromQL query as a task (the UI shows which query ran)."""
-    return instant_query(env, promql, timeout_s=timeout_s)
+@dataclass(frozen=True)
+class MetricResult:
+    """One runbook query as run: its series (NaN left out), or the error Prometheus gave for it."""
 
-
-@task(cache_policy=NONE, task_run_name="promql-range-{promql}")
-def query_prometheus_range(env: Environment, promql: str, minutes: float = 15, step_s: float = 15,
-                           timeout_s: float | None = None) -> list[dict[str, Any]]:
-    """Range PromQL query over the last ``minutes`` as a task."""
-    end = datetime.now(UTC)
-    return range_query(env, promql, start=end - timedelta(minutes=minutes), end=end, step_s=step_s,
-                       timeout_s=timeout_s)
+    title: str
+    promql: str
+    unit: str
+    series: list[Sample] = field(default_factory=list)
+    error: str = ""
 
 
 @task(cache_policy=NONE)
 def get_app_metrics(env: Environment, window: str = "5m",
-                    timeout_s: float | None = None) -> dict[str, dict[str, Any]]:
-    """The runbook's four application metrics, each ``{"title", "promql", "unit", "series", "error"}``.
+                    timeout_s: float | None = None) -> dict[str, MetricResult]:
+    """The runbook's four application metrics by name.
 
     A rejected query is recorded in ``error`` and the others still run; an unreachable Prometheus raises.
     ``timeout_s`` defaults to the environment's ``prometheus_timeout_s``.
     """
     timeout_s = timeout_s or env.prometheus_timeout_s
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, MetricResult] = {}
     for name, q in APP_QUERIES.items():
         promql = render(q, window)
-        entry: dict[str, Any] = {"title": q.title, "promql": promql, "unit": q.unit, "series": [], "error": ""}
         try:
-            entry["series"] = [s for s in instant_query(env, promql, timeout_s=timeout_s)
-                               if not math.isnan(s["value"])]
+            series = [s for s in instant_query(env, promql, timeout_s=timeout_s) if not math.isnan(s.value)]
         except PromQLError as exc:
-            entry["error"] = str(exc)
-        out[name] = entry
+            out[name] = MetricResult(q.title, promql, q.unit, error=str(exc))
+            continue
+        out[name] = MetricResult(q.title, promql, q.unit, series)
     return out

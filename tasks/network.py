@@ -15,9 +15,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 import docker.errors
 from prefect import task
@@ -26,22 +25,20 @@ from prefect.cache_policies import NONE
 from runbook.engine.clients import docker_client
 from runbook.engine.config import Environment, NetworkConfig
 from runbook.engine.errors import TargetUnreachable
+from tasks.containers import PROJECT_LABEL, SERVICE_LABEL
 from tasks.http_checks import check_http
-from tasks.probes import HOST, is_reserved_invalid, resolve, row, run_checks
-
-COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
-COMPOSE_SERVICE_LABEL = "com.docker.compose.service"
+from tasks.probes import HOST, Check, CheckRow, is_reserved_invalid, resolve, row, run_checks
 
 
 def tcp_connect(host: str, port: int, timeout_s: float, source: str = HOST,
-                source_address: str | None = None) -> dict[str, Any]:
+                source_address: str | None = None) -> CheckRow:
     """TCP connect from this host (optionally bound to ``source_address``): connect latency or the reason it failed."""
     destination = f"{host}:{port}"
     dns = resolve(host, timeout_s, source)
-    if not dns["ok"]:
-        return row(source, destination, "tcp", False, dns["latency_ms"], "unresolvable",
-                   f"cannot resolve {host}: {dns['error']}")
-    address = dns["result"].split(", ")[0]
+    if not dns.ok:
+        return row(source, destination, "tcp", False, dns.latency_ms, "unresolvable",
+                   f"cannot resolve {host}: {dns.error}")
+    address = dns.result.split(", ")[0]
     started = time.perf_counter()
     try:
         with socket.create_connection((address, port), timeout=timeout_s,
@@ -77,11 +74,11 @@ def list_container_sources(env: Environment, services: list[str] | None) -> list
 
     assert env.docker is not None
     with docker_client(env) as client:
-        found = client.containers.list(filters={"label": [f"{COMPOSE_PROJECT_LABEL}={env.docker.compose_project}"],
+        found = client.containers.list(filters={"label": [f"{PROJECT_LABEL}={env.docker.compose_project}"],
                                                 "status": "running"})
         out = []
         for c in found:
-            service = (c.labels or {}).get(COMPOSE_SERVICE_LABEL, "")
+            service = (c.labels or {}).get(SERVICE_LABEL, "")
             if services is None or service in services:
                 out.append(ContainerSource(c.id, c.name.lstrip("/"), service))
     return sorted(out, key=lambda s: (s.service, s.name))
@@ -101,7 +98,7 @@ def _exec(env: Environment, container_id: str, command: list[str]) -> tuple[int 
 
 
 def container_tcp_connect(env: Environment, src: ContainerSource, host: str, port: int,
-                          timeout_s: float) -> dict[str, Any]:
+                          timeout_s: float) -> CheckRow:
     """TCP connect from inside a container with its own ``nc`` (connect timeout ``-w``, killed by ``timeout``).
 
     The latency includes the exec round trip through the Docker API (tens of ms); it is reported as such.
@@ -124,7 +121,7 @@ def container_tcp_connect(env: Environment, src: ContainerSource, host: str, por
                else f"nc exited {code}")
 
 
-def container_resolve(env: Environment, src: ContainerSource, name: str, timeout_s: float) -> dict[str, Any]:
+def container_resolve(env: Environment, src: ContainerSource, name: str, timeout_s: float) -> CheckRow:
     """Resolve a name inside a container with its own ``nslookup`` (`docker-compose exec backend nslookup db`)."""
     if is_reserved_invalid(name):
         return row(src.label, name, "dns", False, 0.0, "NXDOMAIN", "name does not exist (reserved .invalid domain)")
@@ -146,7 +143,7 @@ def container_resolve(env: Environment, src: ContainerSource, name: str, timeout
 class Plan:
     """The checks of one run, as callables, and what could not be planned (skipped sources) with the reason."""
 
-    checks: list[tuple[str, str, str, Callable[[], dict[str, Any]]]]
+    checks: list[Check]
     notes: list[str]
 
 
@@ -154,21 +151,21 @@ def plan_checks(env: Environment, cfg: NetworkConfig, http: bool = True) -> Plan
     """Every (source, destination) check the config asks for: host sources x (TCP targets + the playbook's HTTP
     checks when ``http``), DNS on the host, and containers x their targets and DNS."""
 
-    checks: list[tuple[str, str, str, Callable[[], dict[str, Any]]]] = []
+    checks: list[Check] = []
     notes: list[str] = []
-    host_sources = [(f"{HOST} ({addr})", addr) for addr in cfg.source_addresses] or [(HOST, None)]
+    host_sources: list[tuple[str, str | None]] = [(f"{HOST} ({addr})", addr) for addr in cfg.source_addresses]
+    host_sources = host_sources or [(HOST, None)]
     for label, addr in host_sources if http else []:
         for name, hc in env.http_checks.items():
-            checks.append((label, f"{name} {hc.url}", "http",
-                           lambda name=name, hc=hc, label=label, addr=addr: check_http(name, hc, label, addr)))
+            checks.append((label, f"{name} {hc.url}", "http", partial(check_http, name, hc, label, addr)))
     for name, t in cfg.targets.items():
         if not t.from_host:
             continue
         for label, addr in host_sources:
             checks.append((label, f"{name} {t.host}:{t.port}", "tcp",
-                           lambda t=t, label=label, addr=addr: tcp_connect(t.host, t.port, t.timeout_s, label, addr)))
+                           partial(tcp_connect, t.host, t.port, t.timeout_s, label, addr)))
     for dns_name in cfg.dns_names:
-        checks.append((HOST, dns_name, "dns", lambda n=dns_name: resolve(n, cfg.dns_timeout_s)))
+        checks.append((HOST, dns_name, "dns", partial(resolve, dns_name, cfg.dns_timeout_s)))
 
     wanted = {s for t in cfg.targets.values() for s in (t.from_services or [])}
     default_sources = cfg.container_sources if cfg.container_sources is not None else list(env.services)
@@ -180,8 +177,8 @@ def plan_checks(env: Environment, cfg: NetworkConfig, http: bool = True) -> Plan
         containers = list_container_sources(env, sorted(set(default_sources) | wanted))
     except TargetUnreachable as exc:
         notes.append(f"in-container checks skipped: {exc}")
-        checks.append((HOST, "docker API", "docker", lambda exc=exc: row(
-            HOST, "docker API", "docker", False, None, "unreachable", exc.reason)))
+        checks.append((HOST, "docker API", "docker",
+                       partial(row, HOST, "docker API", "docker", False, None, "unreachable", exc.reason)))
         return Plan(checks, notes)
     except docker.errors.DockerException as exc:  # the engine answered with an error
         notes.append(f"in-container checks skipped: the docker API refused to list containers: {exc}"[:300])
@@ -194,16 +191,24 @@ def plan_checks(env: Environment, cfg: NetworkConfig, http: bool = True) -> Plan
             if src.service not in services:
                 continue
             checks.append((src.label, f"{name} {t.host}:{t.port}", "tcp",
-                           lambda src=src, t=t: container_tcp_connect(env, src, t.host, t.port, t.timeout_s)))
+                           partial(container_tcp_connect, env, src, t.host, t.port, t.timeout_s)))
         if cfg.dns_in_containers and src.service in default_sources:
             for dns_name in cfg.container_dns_names if cfg.container_dns_names is not None else cfg.dns_names:
                 checks.append((src.label, dns_name, "dns",
-                               lambda src=src, n=dns_name: container_resolve(env, src, n, cfg.dns_timeout_s)))
+                               partial(container_resolve, env, src, dns_name, cfg.dns_timeout_s)))
     return Plan(checks, notes)
 
 
+@dataclass(frozen=True)
+class Connectivity:
+    """Every row of the matrix, and what could not be checked (skipped sources) with the reason."""
+
+    rows: list[CheckRow]
+    notes: list[str]
+
+
 @task(cache_policy=NONE)
-def check_connectivity(env: Environment, cfg: NetworkConfig, http: bool = True) -> dict[str, Any]:
-    """The whole matrix (TCP and HTTP from the host, TCP from containers, DNS), concurrently: ``{"rows", "notes"}``."""
+def check_connectivity(env: Environment, cfg: NetworkConfig, http: bool = True) -> Connectivity:
+    """The whole matrix (TCP and HTTP from the host, TCP from containers, DNS), concurrently."""
     plan = plan_checks(env, cfg, http)
-    return {"rows": run_checks(plan.checks, cfg.max_parallel), "notes": plan.notes}
+    return Connectivity(run_checks(plan.checks, cfg.max_parallel), plan.notes)

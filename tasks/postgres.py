@@ -9,11 +9,15 @@ transaction that is rolled back, with its own statement_timeout.
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
 
 import psycopg
 from prefect import task
 from prefect.cache_policies import NONE
+from psycopg.rows import class_row, tuple_row
 
 from runbook.engine.clients import postgres
 from runbook.engine.config import Environment
@@ -36,9 +40,65 @@ _SESSIONS = """
 """
 
 
-def blocking_tree(sessions: list[dict[str, Any]]) -> dict[int, list[int]]:
+@dataclass(frozen=True)
+class Session:
+    """One client backend of the database, as pg_stat_activity shows it (ages in seconds, None when not set)."""
+
+    pid: int
+    usename: str | None
+    application_name: str | None
+    client_addr: str | None
+    state: str | None
+    wait_event_type: str | None
+    wait_event: str | None
+    backend_start: datetime | None
+    xact_start: datetime | None
+    query_start: datetime | None
+    state_change: datetime | None
+    query_age_s: float | None
+    state_age_s: float | None
+    xact_age_s: float | None
+    blocked_by: list[int] | None
+    superuser: bool
+    query: str | None
+
+
+@dataclass(frozen=True)
+class ConnectionTotals:
+    """The database's connections against the server's limits."""
+
+    database: str
+    numbackends: int | None
+    total_clients: int
+    max_connections: int
+    reserved: int
+    server_version: str
+
+
+@dataclass(frozen=True)
+class ActivitySnapshot:
+    totals: ConnectionTotals
+    sessions: list[Session]
+
+
+@dataclass(frozen=True)
+class BlockedBy:
+    """A backend and the pids it waits on (``pg_blocking_pids``)."""
+
+    pid: int
+    blocked_by: list[int] | None
+
+
+class _Waiting(Protocol):
+    @property
+    def pid(self) -> int: ...
+    @property
+    def blocked_by(self) -> list[int] | None: ...
+
+
+def blocking_tree(sessions: Iterable[_Waiting]) -> dict[int, list[int]]:
     """Root blocker pid -> every pid waiting on it, directly or through a chain."""
-    blocked_by = {s["pid"]: list(s["blocked_by"] or []) for s in sessions}
+    blocked_by = {s.pid: list(s.blocked_by or []) for s in sessions}
     roots: dict[int, list[int]] = {}
     for pid, blockers in blocked_by.items():
         stack, seen = list(blockers), set()
@@ -56,10 +116,10 @@ def blocking_tree(sessions: list[dict[str, Any]]) -> dict[int, list[int]]:
 
 
 @task(cache_policy=NONE, retries=0)
-def get_activity_snapshot(env: Environment, database: str) -> dict[str, Any]:
+def get_activity_snapshot(env: Environment, database: str) -> ActivitySnapshot:
     """Connections against max_connections, and every client session of the database, in one consistent read."""
     with postgres(env, database) as conn:
-        totals = conn.execute(
+        totals = conn.cursor(row_factory=class_row(ConnectionTotals)).execute(
             """SELECT current_database() AS database,
                       (SELECT numbackends FROM pg_stat_database WHERE datname = current_database()) AS numbackends,
                       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') AS total_clients,
@@ -67,18 +127,33 @@ def get_activity_snapshot(env: Environment, database: str) -> dict[str, Any]:
                       current_setting('superuser_reserved_connections')::int AS reserved,
                       current_setting('server_version') AS server_version"""
         ).fetchone()
-        sessions = conn.execute(_SESSIONS + " ORDER BY a.query_start NULLS LAST").fetchall()
-    return {"totals": totals, "sessions": sessions}
+        sessions = conn.cursor(row_factory=class_row(Session)).execute(
+            _SESSIONS + " ORDER BY a.query_start NULLS LAST").fetchall()
+    assert totals is not None  # a SELECT without FROM returns its one row
+    return ActivitySnapshot(totals, sessions)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One pg_stat_statements entry (times in ms)."""
+
+    queryid: int
+    query: str
+    calls: int
+    mean_exec_time: float
+    total_exec_time: float
+    rows: int
+    username: str | None
 
 
 @task(cache_policy=NONE)
-def get_top_statements(env: Environment, database: str, limit: int = 10) -> list[dict[str, Any]]:
+def get_top_statements(env: Environment, database: str, limit: int = 10) -> list[Statement]:
     """pg_stat_statements ordered by mean time (PG 13+ column names), the engine's own statements left out."""
     with postgres(env, database) as conn:
         present = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'").fetchone()
         if not present:
             return []
-        return conn.execute(
+        return conn.cursor(row_factory=class_row(Statement)).execute(
             """SELECT s.queryid, s.query, s.calls, s.mean_exec_time, s.total_exec_time, s.rows,
                       r.rolname AS username
                  FROM pg_stat_statements s
@@ -113,29 +188,41 @@ def explain_mode(query: str) -> tuple[str, str]:
     return "plain", "writes or locks: plain EXPLAIN, not executed"
 
 
+@dataclass(frozen=True)
+class Explained:
+    """How one statement was explained (``explain_mode``) and its JSON plan, or why there is none."""
+
+    query: str
+    mode: str
+    why: str
+    plan: Any = None
+    error: str = ""
+
+
 @task(cache_policy=NONE)
 def explain_statements(env: Environment, database: str, queries: list[str],
-                       analyze_timeout_ms: int = 3000) -> list[dict[str, Any]]:
+                       analyze_timeout_ms: int = 3000) -> list[Explained]:
     """EXPLAIN each statement safely (see ``explain_mode``); a statement that cannot be explained says why."""
-    results: list[dict[str, Any]] = []
+    results: list[Explained] = []
     with postgres(env, database) as conn:
         for query in queries:
             mode, why = explain_mode(query)
-            entry: dict[str, Any] = {"query": query, "mode": mode, "why": why, "plan": None, "error": ""}
+            plan: Any = None
+            error = ""
             if mode != "skip":
                 try:
-                    entry["plan"] = _explain(conn, query.strip().rstrip(";"), mode, analyze_timeout_ms)
+                    plan = _explain(conn, query.strip().rstrip(";"), mode, analyze_timeout_ms)
                 except psycopg.Error as exc:
-                    entry["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                    error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
                 finally:
                     conn.execute("ROLLBACK")
                     conn.execute("DEALLOCATE ALL")  # PREPARE is not transactional
-            results.append(entry)
+            results.append(Explained(query, mode, why, plan, error))
     return results
 
 
-def _explain(conn: psycopg.Connection[dict[str, Any]], query: str, mode: str, timeout_ms: int) -> Any:
-    cur = conn.cursor()
+def _explain(conn: psycopg.Connection[Any], query: str, mode: str, timeout_ms: int) -> Any:
+    cur = conn.cursor(row_factory=tuple_row)
     cur.execute("BEGIN READ ONLY")
     cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
     if mode == "generic":
@@ -151,7 +238,7 @@ def _explain(conn: psycopg.Connection[dict[str, Any]], query: str, mode: str, ti
     else:
         cur.execute(b"EXPLAIN (FORMAT JSON) " + query.encode(), prepare=False)
     row = cur.fetchone()
-    return next(iter(row.values()))[0] if row else None
+    return row[0][0] if row else None
 
 
 _FILTER_COLUMN = re.compile(r"\(?\b([a-z_][a-z0-9_]*)\s*(?:=|<>|<=|>=|<|>|~~\*?|!~~)\s", re.IGNORECASE)
@@ -174,19 +261,48 @@ def seq_scan_filters(plan: Any) -> list[tuple[str, str, list[str]]]:
     return found
 
 
+@dataclass(frozen=True)
+class TableScans:
+    schemaname: str
+    relname: str
+    seq_scan: int
+    seq_tup_read: int
+    idx_scan: int
+    n_live_tup: int
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    attname: str
+    n_distinct: float
+    correlation: float | None
+
+
+@dataclass(frozen=True)
+class IndexAnalysis:
+    """A hot table: its scans, the pg_stats of its filter columns, and the indexes that would serve them."""
+
+    scans: TableScans
+    filter_columns: list[str]
+    column_stats: list[ColumnStats]
+    indexed_leading_columns: list[str]
+    missing_index_on: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+
 @task(cache_policy=NONE)
 def analyze_indexes(env: Environment, database: str, tables: list[str],
-                    filter_columns: dict[str, list[str]]) -> list[dict[str, Any]]:
+                    filter_columns: dict[str, list[str]]) -> list[IndexAnalysis]:
     """Per hot table: seq vs index scans, the runbook's pg_stats query for filter columns, and missing indexes."""
-    out: list[dict[str, Any]] = []
+    out: list[IndexAnalysis] = []
     with postgres(env, database) as conn:
-        hot = conn.execute(
+        hot = conn.cursor(row_factory=tuple_row).execute(
             """SELECT relname FROM pg_stat_user_tables
                 WHERE seq_scan > 0 ORDER BY seq_tup_read DESC LIMIT 5"""
         ).fetchall()
-        names = list(dict.fromkeys([*tables, *filter_columns, *(r["relname"] for r in hot)]))
+        names = list(dict.fromkeys([*tables, *filter_columns, *(r[0] for r in hot)]))
         for table in names:
-            stats = conn.execute(
+            stats = conn.cursor(row_factory=class_row(TableScans)).execute(
                 """SELECT schemaname, relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0) AS idx_scan,
                           n_live_tup
                      FROM pg_stat_user_tables WHERE relname = %s""",
@@ -195,31 +311,26 @@ def analyze_indexes(env: Environment, database: str, tables: list[str],
             if not stats:
                 continue
             columns = filter_columns.get(table, [])
-            col_stats = conn.execute(
+            col_stats = conn.cursor(row_factory=class_row(ColumnStats)).execute(
                 """SELECT attname, n_distinct, correlation FROM pg_stats
                     WHERE schemaname = %s AND tablename = %s AND attname = ANY(%s)""",
-                (stats["schemaname"], table, columns),
+                (stats.schemaname, table, columns),
             ).fetchall()
             leading = {
-                r["attname"]
-                for r in conn.execute(
+                r[0]
+                for r in conn.cursor(row_factory=tuple_row).execute(
                     """SELECT a.attname FROM pg_index i
                          JOIN pg_class c ON c.oid = i.indrelid
                          JOIN pg_namespace n ON n.oid = c.relnamespace
                          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
                         WHERE n.nspname = %s AND c.relname = %s AND i.indisvalid""",
-                    (stats["schemaname"], table),
+                    (stats.schemaname, table),
                 ).fetchall()
             }
             missing = [c for c in columns if c not in leading]
-            out.append({
-                **stats,
-                "filter_columns": columns,
-                "column_stats": col_stats,
-                "indexed_leading_columns": sorted(leading),
-                "missing_index_on": missing,
-                "suggestions": [
-                    f"CREATE INDEX CONCURRENTLY ON {stats['schemaname']}.{table} ({c});" for c in missing
-                ],
-            })
+            out.append(IndexAnalysis(
+                scans=stats, filter_columns=columns, column_stats=col_stats,
+                indexed_leading_columns=sorted(leading), missing_index_on=missing,
+                suggestions=[f"CREATE INDEX CONCURRENTLY ON {stats.schemaname}.{table} ({c});" for c in missing],
+            ))
     return out

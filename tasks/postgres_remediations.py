@@ -9,14 +9,18 @@ in the meantime is left alone and a second apply finds nothing to do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from psycopg.rows import class_row, tuple_row
+from pydantic import BaseModel
 
 from runbook.engine.clients import APPLICATION_NAME, postgres
 from runbook.engine.config import Environment
 from runbook.engine.findings import Change
 from runbook.engine.remediation import Remediation, register, wait_until
-from tasks.postgres import blocking_tree
+from tasks.postgres import BlockedBy, blocking_tree
 
 _ELIGIBLE = f"""
       FROM pg_stat_activity a
@@ -29,25 +33,50 @@ _ELIGIBLE = f"""
 """
 
 
-def _snapshot_change(action: str, row: dict[str, Any], **extra: Any) -> Change:
+@dataclass(frozen=True)
+class Backend:
+    """A backend a remediation may signal, as ``check`` reads it (``since``: query_start or state_change)."""
+
+    pid: int
+    usename: str | None
+    state: str
+    backend_start: datetime
+    since: datetime
+    query: str | None
+    age_s: float
+    waiters: list[int] = field(default_factory=list)
+
+
+class BackendTarget(BaseModel, frozen=True):
+    """What a planned signal acts on: a pid only while it is the same backend in the same query or state."""
+
+    pid: int
+    backend_start: datetime
+    since: datetime
+    waiters: list[int] = []
+
+
+def _snapshot_change(action: str, row: Backend, **extra: object) -> Change:
     return Change(
         action=action,
-        subject=f"pid {row['pid']}",
-        key=f"{action}:pid={row['pid']}:start={row['backend_start'].isoformat()}:since={row['since'].isoformat()}",
+        subject=f"pid {row.pid}",
+        key=f"{action}:pid={row.pid}:start={row.backend_start.isoformat()}:since={row.since.isoformat()}",
         before={
-            "user": row["usename"],
-            "state": row["state"],
-            "age_s": round(row["age_s"], 1),
-            "query": (row["query"] or "")[:500],
-            "backend_start": row["backend_start"].isoformat(),
-            "since": row["since"].isoformat(),
+            "user": row.usename,
+            "state": row.state,
+            "age_s": round(row.age_s, 1),
+            "query": (row.query or "")[:500],
+            "backend_start": row.backend_start.isoformat(),
+            "since": row.since.isoformat(),
             **extra,
         },
         after={"state": "cancelled" if action == "cancel" else "terminated"},
+        target=Change.target_of(BackendTarget(pid=row.pid, backend_start=row.backend_start, since=row.since,
+                                              waiters=row.waiters)),
     )
 
 
-class _SignalBackends(Remediation[list[dict[str, Any]]]):
+class _SignalBackends(Remediation[list[Backend]]):
     """What both share: a threshold from the playbook, and signalling a backend only while it is still the one
     planned (``signal_sql`` takes pid, backend_start and the planned query_start/state_change)."""
 
@@ -64,10 +93,10 @@ class _SignalBackends(Remediation[list[dict[str, Any]]]):
         done: list[Change] = []
         with postgres(self.env, self.database) as conn:
             for change in plan:
-                row = conn.execute(
-                    self.signal_sql, (_pid(change), _ts(change, "backend_start"), _ts(change, "since"))
-                ).fetchone()
-                if row and row["ok"]:
+                t = change.target_as(BackendTarget)
+                row = conn.cursor(row_factory=tuple_row).execute(
+                    self.signal_sql, (t.pid, t.backend_start, t.since)).fetchone()
+                if row and row[0]:
                     done.append(change)
         return done
 
@@ -85,9 +114,9 @@ class CancelLongQueries(_SignalBackends):
     def target(self) -> str:
         return f"{self.env.name}/{self.database} (active > {self.threshold_s:g} s)"
 
-    def check(self) -> list[dict[str, Any]]:
+    def check(self) -> list[Backend]:
         with postgres(self.env, self.database) as conn:
-            return conn.execute(
+            return conn.cursor(row_factory=class_row(Backend)).execute(
                 "SELECT a.pid, a.usename, a.state, a.backend_start, a.query_start AS since,"
                 " left(a.query, 500) AS query,"
                 " extract(epoch FROM now() - a.query_start)::float8 AS age_s" + _ELIGIBLE +
@@ -96,16 +125,18 @@ class CancelLongQueries(_SignalBackends):
                 (self.threshold_s,),
             ).fetchall()
 
-    def plan(self, state: list[dict[str, Any]]) -> list[Change]:
+    def plan(self, state: list[Backend]) -> list[Change]:
         return [_snapshot_change("cancel", row) for row in state]
 
     def verify(self, applied: list[Change]) -> tuple[bool, str]:
+        targets = [c.target_as(BackendTarget) for c in applied]
+
         def gone() -> bool:
             with postgres(self.env, self.database) as conn:
-                for change in applied:
+                for t in targets:
                     still = conn.execute(
                         "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND query_start = %s AND state = 'active'",
-                        (_pid(change), _ts(change, "since")),
+                        (t.pid, t.since),
                     ).fetchone()
                     if still:
                         return False
@@ -131,9 +162,9 @@ class TerminateIdleBlockers(_SignalBackends):
     def target(self) -> str:
         return f"{self.env.name}/{self.database} (idle in transaction > {self.threshold_s:g} s, blocking others)"
 
-    def check(self) -> list[dict[str, Any]]:
+    def check(self) -> list[Backend]:
         with postgres(self.env, self.database) as conn:
-            idle = conn.execute(
+            idle = conn.cursor(row_factory=class_row(Backend)).execute(
                 "SELECT a.pid, a.usename, a.state, a.backend_start, a.state_change AS since,"
                 " left(a.query, 500) AS query, extract(epoch FROM now() - a.state_change)::float8 AS age_s"
                 + _ELIGIBLE
@@ -141,19 +172,20 @@ class TerminateIdleBlockers(_SignalBackends):
                 " AND now() - a.state_change > make_interval(secs => %s) ORDER BY a.state_change",
                 (self.threshold_s,),
             ).fetchall()
-            waits = conn.execute(
+            waits = conn.cursor(row_factory=class_row(BlockedBy)).execute(
                 "SELECT pid, pg_blocking_pids(pid) AS blocked_by FROM pg_stat_activity"
                 " WHERE datname = current_database()"
             ).fetchall()
         tree = blocking_tree(waits)  # root -> every waiter, through chains
-        return [{**row, "waiters": tree[row["pid"]]} for row in idle if row["pid"] in tree]
+        return [replace(row, waiters=tree[row.pid]) for row in idle if row.pid in tree]
 
-    def plan(self, state: list[dict[str, Any]]) -> list[Change]:
-        return [_snapshot_change("terminate", row, waiters=row["waiters"]) for row in state]
+    def plan(self, state: list[Backend]) -> list[Change]:
+        return [_snapshot_change("terminate", row, waiters=row.waiters) for row in state]
 
     def verify(self, applied: list[Change]) -> tuple[bool, str]:
-        pids = [_pid(c) for c in applied]
-        waiters = sorted({w for c in applied for w in c.before.get("waiters", [])})
+        targets = [c.target_as(BackendTarget) for c in applied]
+        pids = [t.pid for t in targets]
+        waiters = sorted({w for t in targets for w in t.waiters})
 
         def settled() -> bool:
             with postgres(self.env, self.database) as conn:
@@ -169,11 +201,3 @@ class TerminateIdleBlockers(_SignalBackends):
             terminated = ", ".join(map(str, pids))
             return True, f"terminated {terminated}; waiters {waiters or 'none'} no longer blocked by them"
         return False, f"after {self.verify_timeout_s:g} s, {pids} still alive or still blocking {waiters}"
-
-
-def _pid(change: Change) -> int:
-    return int(change.subject.removeprefix("pid "))
-
-
-def _ts(change: Change, key: str) -> datetime:
-    return datetime.fromisoformat(change.before[key])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
@@ -65,18 +65,40 @@ class Finding(BaseModel):
     aggregation_key: str = ""
 
 
+TargetT = TypeVar("TargetT", bound=BaseModel)
+
+
 class Change(BaseModel):
-    """One planned change of a remediation, with the before/after a dry run shows (Ansible's diff)."""
+    """One planned change of a remediation, with the before/after a dry run shows (Ansible's diff).
+
+    ``subject``, ``before`` and ``after`` are for people; ``target`` is for the remediation itself: what ``apply``
+    and ``verify`` act on, written by ``plan`` from the remediation's own target model and read back with
+    ``target_as``, so no remediation ever parses its own display text. It is plain JSON, so the plan survives
+    being stored with a paused run and coming back for the apply.
+    """
 
     action: str = Field(description="verb: cancel, terminate, scale, restart ...")
     subject: str = Field(description="exactly what it acts on, e.g. 'pid 4242'")
     before: dict[str, Any] = Field(default_factory=dict)
     after: dict[str, Any] = Field(default_factory=dict)
-    key: str = Field("", description="machine identity of the target as planned (pid+start time, container id+"
-                                     "state, ...): the runner applies an approved change only while it still holds")
+    key: str = Field(default="", description="machine identity of the target as planned (pid+start time, container "
+                                             "id+state, ...): the runner applies an approved change only while it "
+                                             "still holds")
+    target: dict[str, Any] = Field(default_factory=dict, description="the remediation's typed target as JSON "
+                                                                      "(see target_as); not shown to approvers")
 
     def identity(self) -> str:
         return self.key or f"{self.action}:{self.subject}"
+
+    @staticmethod
+    def target_of(model: BaseModel) -> dict[str, Any]:
+        """``model`` as the JSON ``target`` field (datetimes as ISO text, read back exactly by ``target_as``)."""
+        dumped: dict[str, Any] = model.model_dump(mode="json")
+        return dumped
+
+    def target_as(self, model: type[TargetT]) -> TargetT:
+        """The typed target this change was planned with; ``model`` is the remediation's own target model."""
+        return model.model_validate(self.target)
 
 
 class ActionResult(BaseModel):

@@ -53,9 +53,9 @@ def _actions(doc: dict) -> dict[str, dict]:
 def test_cpu_burner_ranks_first(sandbox_env, project: str) -> None:  # noqa: ANN001
     burner = CpuBurner(project).start()
     stats = sample_container_stats.fn(sandbox_env, list_project_containers.fn(sandbox_env), 0.5)
-    assert stats[0]["name"] == burner.name
-    assert stats[0]["cpu_percent"] > 2 * max(s["cpu_percent"] for s in stats[1:]) + 10
-    assert all(s["mem_limit"] > 0 for s in stats)
+    assert stats[0].name == burner.name
+    assert stats[0].cpu_percent > 2 * max(s.cpu_percent for s in stats[1:]) + 10
+    assert all(s.mem_limit > 0 for s in stats)
 
 
 def test_high_cpu_dry_run_then_scale_then_nothing(

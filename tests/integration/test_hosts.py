@@ -12,7 +12,7 @@ import pytest
 from assessments.hosts import host_findings
 from flows.high_cpu import high_cpu
 from runbook.engine.config import Environment, SSHHostConfig
-from tasks.hosts import HOST_SNAPSHOT, collect_host_snapshots, run_on_hosts
+from tasks.hosts import HOST_SNAPSHOT, HostSnapshot, collect_host_snapshots, run_on_hosts
 from tests.integration.derived_env import derive
 
 pytestmark = pytest.mark.integration
@@ -24,18 +24,20 @@ def with_hosts(env: Environment, hosts: dict[str, SSHHostConfig]) -> Environment
 
 def test_snapshot_of_the_sandbox_host(sandbox_env) -> None:  # noqa: ANN001
     [snap] = collect_host_snapshots.fn(sandbox_env)
-    assert "error" not in snap, snap
-    assert snap["host"] == "app-1" and snap["cpus"] >= 1 and snap["mem_total"] > 0 and 0 <= snap["mem_percent"] <= 100
-    assert snap["disks"] and all(0 <= d["percent"] <= 100 for d in snap["disks"])
-    assert snap["top"] and all(p["pid"] > 0 for p in snap["top"])
+    assert not snap.error, snap
+    stats = snap.stats
+    assert snap.host == "app-1" and stats is not None, snap
+    assert stats.cpus >= 1 and stats.mem_total > 0 and 0 <= stats.mem_percent <= 100
+    assert stats.disks and all(0 <= d.percent <= 100 for d in stats.disks)
+    assert stats.top and all(p.pid > 0 for p in stats.top)
 
 
 def test_fan_out_to_many_hosts_is_bounded_and_complete(sandbox_env) -> None:  # noqa: ANN001
     app = sandbox_env.ssh_hosts["app-1"]
     env = with_hosts(sandbox_env, {f"app-{i}": app for i in range(1, 13)})
     results = run_on_hosts(env, list(env.ssh_hosts), "echo ok", max_parallel=4)
-    assert [r["host"] for r in results] == [f"app-{i}" for i in range(1, 13)]
-    assert all(r.get("status") == 0 and r["output"] == "ok\n" for r in results), results
+    assert [r.host for r in results] == [f"app-{i}" for i in range(1, 13)]
+    assert all(r.status == 0 and r.output == "ok\n" for r in results), results
 
 
 def _keygen(path: Path) -> str:
@@ -55,7 +57,7 @@ def test_host_key_not_in_known_hosts_is_refused(case: str, sandbox_env, tmp_path
     [snap] = collect_host_snapshots.fn(env)
     expected = ("host key not in known_hosts (refused)" if case == "unknown"
                 else "host key differs from known_hosts (refused: possible man-in-the-middle)")
-    assert snap == {"host": "app-1", "error": expected, "target": "host app-1"}
+    assert snap == HostSnapshot("app-1", error=expected, target="host app-1")
     assert known.read_text().count("\n") == 1, "the unknown key was learned"
 
 
@@ -71,10 +73,10 @@ def test_refused_and_silent_hosts_are_findings_within_their_timeout(
     started = time.monotonic()
     snaps = collect_host_snapshots.fn(env)
     elapsed = time.monotonic() - started
-    by_host = {s["host"]: s for s in snaps}
-    assert "error" not in by_host["app-1"], "one bad host hid a good one"
-    assert by_host["refused"]["error"].startswith("connection refused")
-    assert by_host["silent"]["error"] == "no answer within 2 s"
+    by_host = {s.host: s for s in snaps}
+    assert by_host["app-1"].stats is not None and not by_host["app-1"].error, "one bad host hid a good one"
+    assert by_host["refused"].error.startswith("connection refused")
+    assert by_host["silent"].error == "no answer within 2 s"
     assert elapsed < 2 + 15, "the SSH timeout did not bound the wait"
     titles = {f.subject: (f.severity.value, f.title) for f in host_findings(snaps, env.thresholds)}
     assert titles["host silent"] == ("critical", "host silent unreachable: no answer within 2 s")

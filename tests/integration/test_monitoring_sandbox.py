@@ -27,13 +27,13 @@ def test_prometheus_scrapes_backend_and_node_exporter(sandbox_env) -> None:  # n
     deadline = time.monotonic() + 10
     up: dict[str, float] = {}
     while time.monotonic() < deadline:
-        up = {s["labels"]["job"]: s["value"] for s in instant_query(sandbox_env, "up")}
+        up = {s.labels["job"]: s.value for s in instant_query(sandbox_env, "up")}
         if up.get("pafar-backend") == 1 and up.get("node") == 1:
             break
         time.sleep(0.5)
     assert up.get("pafar-backend") == 1 and up.get("node") == 1, up
     memory = instant_query(sandbox_env, render(SYSTEM_QUERIES["memory_percent"]))
-    assert len(memory) == 1 and 0 < memory[0]["value"] < 100
+    assert len(memory) == 1 and 0 < memory[0].value < 100
 
 
 def test_alertmanager_runs_with_a_configurable_webhook(sandbox_state) -> None:  # noqa: ANN001

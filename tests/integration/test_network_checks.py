@@ -135,13 +135,14 @@ def test_without_docker_the_container_part_says_it_was_skipped(sandbox_state, tm
 
 def test_check_primitives_against_real_listeners(sandbox_env) -> None:  # noqa: ANN001
     redis_port = sandbox_env.network.targets["redis"].port
-    assert tcp_connect("127.0.0.1", redis_port, 2)["ok"]
-    assert tcp_connect("localhost", closed_port(), 2)["result"] == "refused"
-    assert resolve("localhost", 2)["result"] == "127.0.0.1"
+    assert tcp_connect("127.0.0.1", redis_port, 2).ok
+    assert tcp_connect("localhost", closed_port(), 2).result == "refused"
+    assert resolve("localhost", 2).result == "127.0.0.1"
     pay = sandbox_env.http_checks["payment-provider"]
     ok = check_http("payment-provider", pay)
-    assert ok["status"] == 401 and ok["ok"] and ok["tls_ms"] is not None
-    assert ok["dns_ms"] <= ok["connect_ms"] <= ok["tls_ms"] <= ok["ttfb_ms"] <= ok["total_ms"]
+    assert ok.status == 401 and ok.ok and ok.tls_ms is not None
+    assert ok.dns_ms is not None and ok.connect_ms is not None and ok.ttfb_ms is not None and ok.total_ms is not None
+    assert ok.dns_ms <= ok.connect_ms <= ok.tls_ms <= ok.ttfb_ms <= ok.total_ms
     # the same endpoint without the stand-in's CA: verification is real, so it fails as TLS
     unverified = check_http("payment-provider", HttpCheckConfig(url=pay.url, expect_status=401, timeout_s=3))
-    assert unverified["result"] == "tls" and "certificate" in unverified["error"].lower()
+    assert unverified.result == "tls" and "certificate" in unverified.error.lower()

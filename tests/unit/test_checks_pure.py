@@ -41,7 +41,7 @@ def test_invalid_names_never_reach_a_resolver() -> None:
     assert is_reserved_invalid("db.pafar.invalid") and is_reserved_invalid("x.INVALID.")
     assert not is_reserved_invalid("invalid.example")
     r = resolve("db.pafar.invalid", 1)
-    assert (r["ok"], r["result"], r["latency_ms"]) == (False, "NXDOMAIN", 0.0)
+    assert (r.ok, r.result, r.latency_ms) == (False, "NXDOMAIN", 0.0)
 
 
 def test_log_lines_parse_as_json_or_text() -> None:

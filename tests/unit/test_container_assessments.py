@@ -11,8 +11,8 @@ from flows.memory_leak import MIB, assess_growth, fit_all
 from flows.service_outage import assess_containers, incident_summary
 from runbook.engine.config import Thresholds
 from runbook.engine.findings import Report, Severity
-from tasks.containers import cpu_percent, fit_growth, parse_time, sparkline
-from tasks.hosts import parse_snapshot
+from tasks.containers import ContainerInfo, MemorySeries, cpu_percent, fit_growth, parse_time, sparkline
+from tasks.hosts import Disk, HostSnapshot, Process, parse_snapshot
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -60,10 +60,10 @@ def test_growth_fit_and_sparkline() -> None:
     assert sparkline([1, 2, 3, 4]) == "▁▃▅█" and sparkline([3, 3]) == "▁▁"
 
 
-def _container(cid: str, name: str, service: str, running: bool = True) -> dict:
-    return {"id": cid, "name": name, "service": service, "running": running, "state": "running" if running else
-            "exited", "exit_code": 0 if running else 137, "restart_count": 0, "oom_killed": False,
-            "started_at": T0, "image": "img", "image_id": "sha"}
+def _container(cid: str, name: str, service: str, running: bool = True) -> ContainerInfo:
+    return ContainerInfo(id=cid, name=name, service=service, running=running, state="running" if running else
+                         "exited", exit_code=0 if running else 137, restart_count=0, oom_killed=False,
+                         started_at=T0, image="img", image_id="sha")
 
 
 def test_only_steady_growth_is_a_leak() -> None:
@@ -71,15 +71,15 @@ def test_only_steady_growth_is_a_leak() -> None:
                   _container("c", "step", "nginx")]
     t = [0.0, 1.0, 2.0, 3.0]
     series = {
-        "a": {"t": t, "usage": [10 * MIB, 12 * MIB, 14 * MIB, 16 * MIB], "limit": 512 * MIB},
-        "b": {"t": t, "usage": [50 * MIB, 50 * MIB + 4096, 50 * MIB - 4096, 50 * MIB], "limit": 512 * MIB},
-        "c": {"t": t, "usage": [500_000, 500_000, 700_000, 700_000], "limit": 256 * MIB},  # fast, but tiny
+        "a": MemorySeries(t, [10 * MIB, 12 * MIB, 14 * MIB, 16 * MIB], 512 * MIB),
+        "b": MemorySeries(t, [50 * MIB, 50 * MIB + 4096, 50 * MIB - 4096, 50 * MIB], 512 * MIB),
+        "c": MemorySeries(t, [500_000, 500_000, 700_000, 700_000], 256 * MIB),  # fast, but tiny
     }
     report = Report(procedure="memory-leak", env="t", dry_run=True)
     leakers = assess_growth(report, fit_all(containers, series), 1.0 * MIB / 60)
-    assert [r["name"] for r in leakers] == ["grower"]
-    assert leakers[0]["rate_bps"] == pytest.approx(2 * MIB)
-    assert leakers[0]["to_limit_s"] == pytest.approx((512 - 16) / 2)
+    assert [r.container.name for r in leakers] == ["grower"]
+    assert leakers[0].rate_bps == pytest.approx(2 * MIB)
+    assert leakers[0].to_limit_s == pytest.approx((512 - 16) / 2)
     assert any(f.subject == "container grower" and f.severity is Severity.CRITICAL for f in report.findings)
 
 
@@ -102,12 +102,11 @@ Filesystem     1024-blocks     Used Available Capacity Mounted on
 
 def test_parse_snapshot_and_host_findings() -> None:
     snap = parse_snapshot(SNAPSHOT)
-    assert snap["load1"] == 0.5 and snap["cpus"] == 2 and snap["mem_percent"] == 75.0
-    assert snap["disks"] == [{"mount": "/", "size": 1000000 * 1024, "used": 950000 * 1024, "avail": 50000 * 1024,
-                              "percent": 95.0}]
-    assert snap["top"][0] == {"pid": 42, "user": "root", "cpu_percent": 99.5, "mem_percent": 0.1, "rss": 1024 * 1024,
-                              "command": "yes"}
-    found = host_findings([{"host": "app-1", **snap}, {"host": "app-2", "error": "connection refused after 0.0 s"}],
+    assert snap.load1 == 0.5 and snap.cpus == 2 and snap.mem_percent == 75.0
+    assert snap.disks == [Disk(mount="/", size=1000000 * 1024, used=950000 * 1024, avail=50000 * 1024, percent=95.0)]
+    assert snap.top[0] == Process(pid=42, user="root", cpu_percent=99.5, mem_percent=0.1, rss=1024 * 1024,
+                                  command="yes")
+    found = host_findings([HostSnapshot("app-1", snap), HostSnapshot("app-2", error="connection refused after 0.0 s")],
                           Thresholds())
     assert found[0].severity is Severity.WARNING and "1 disk(s) over 90 %" in found[0].title
     assert found[1].severity is Severity.CRITICAL and found[1].title == "host app-2 unreachable: connection " \

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.postgres import blocking_tree, explain_mode, seq_scan_filters
+from tasks.postgres import BlockedBy, blocking_tree, explain_mode, seq_scan_filters
 
 
 def test_blocking_tree_finds_root_through_chains() -> None:
-    sessions = [
-        {"pid": 1, "blocked_by": []},
-        {"pid": 2, "blocked_by": [1]},
-        {"pid": 3, "blocked_by": [2]},
-        {"pid": 4, "blocked_by": [1]},
-        {"pid": 5, "blocked_by": []},
-    ]
+    sessions = [BlockedBy(1, []), BlockedBy(2, [1]), BlockedBy(3, [2]), BlockedBy(4, [1]), BlockedBy(5, [])]
     assert blocking_tree(sessions) == {1: [2, 3, 4]}
 
 
 def test_blocking_tree_survives_cycles() -> None:
-    sessions = [{"pid": 1, "blocked_by": [2]}, {"pid": 2, "blocked_by": [1]}]
+    sessions = [BlockedBy(1, [2]), BlockedBy(2, [1])]
     assert blocking_tree(sessions) == {}
 
 
