@@ -1,72 +1,15 @@
-"""Assessment of host snapshots (tasks.hosts.snapshot_host) shared by high-cpu and service-outage.
-
-The Protocols below say what the assessment reads; tasks.hosts' records have it (assessments never import tasks).
-"""
+"""Assessment of host snapshots (tasks.hosts.snapshot_host) shared by high-cpu and service-outage."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from runbook.engine.config import Thresholds
 from runbook.engine.findings import Finding, Severity, TableBlock
+from tasks.hosts import HostSnapshot
 
 
-class DiskView(Protocol):
-    @property
-    def mount(self) -> str: ...
-    @property
-    def avail(self) -> int: ...
-    @property
-    def percent(self) -> float: ...
-
-
-class ProcessView(Protocol):
-    @property
-    def pid(self) -> int: ...
-    @property
-    def user(self) -> str: ...
-    @property
-    def cpu_percent(self) -> float: ...
-    @property
-    def mem_percent(self) -> float: ...
-    @property
-    def rss(self) -> int: ...
-    @property
-    def command(self) -> str: ...
-
-
-class HostStatsView(Protocol):
-    @property
-    def load1(self) -> float: ...
-    @property
-    def load5(self) -> float: ...
-    @property
-    def load15(self) -> float: ...
-    @property
-    def cpus(self) -> int: ...
-    @property
-    def mem_total(self) -> int: ...
-    @property
-    def mem_available(self) -> int: ...
-    @property
-    def mem_percent(self) -> float: ...
-    @property
-    def disks(self) -> Sequence[DiskView]: ...
-    @property
-    def top(self) -> Sequence[ProcessView]: ...
-
-
-class HostSnapshotView(Protocol):
-    @property
-    def host(self) -> str: ...
-    @property
-    def stats(self) -> HostStatsView | None: ...
-    @property
-    def error(self) -> str: ...
-
-
-def host_findings(hosts: Sequence[HostSnapshotView], thresholds: Thresholds, top: int = 5) -> list[Finding]:
+def host_findings(hosts: Sequence[HostSnapshot], thresholds: Thresholds, top: int = 5) -> list[Finding]:
     """Findings from host snapshots: unreachable hosts (critical), load per core, memory, disks, top processes."""
     out: list[Finding] = []
     for snap in hosts:

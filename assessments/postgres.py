@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
+from tasks.postgres import Session
 
 
-class ActiveSession(Protocol):
-    """What the assessment reads of a session (tasks.postgres.Session has it; assessments never import tasks)."""
-
-    @property
-    def pid(self) -> int: ...
-    @property
-    def usename(self) -> str | None: ...
-    @property
-    def state(self) -> str | None: ...
-    @property
-    def wait_event_type(self) -> str | None: ...
-    @property
-    def wait_event(self) -> str | None: ...
-    @property
-    def query_age_s(self) -> float | None: ...
-    @property
-    def query(self) -> str | None: ...
-
-
-def assess_long_queries(report: Report, sessions: Sequence[ActiveSession], threshold_s: float) -> None:
+def assess_long_queries(report: Report, sessions: Sequence[Session], threshold_s: float) -> None:
     long = [s for s in sessions if s.state == "active" and (s.query_age_s or 0) > threshold_s
             and s.wait_event_type != "Lock"]
     if not long:

@@ -18,6 +18,7 @@ from enum import StrEnum
 
 import httpx
 from psycopg import sql
+from pydantic import BaseModel
 
 from runbook.engine.clients import database_name, postgres_admin
 from runbook.engine.config import Environment
@@ -200,7 +201,7 @@ def damage(manifest: Manifest, live: Shape | None, row_loss_tolerance_pct: float
 class RestoreFromBackup(Remediation[RestoreState]):
     """Restore the database from its newest good backup into a new database and swap it in by renaming.
 
-    The plan's restore change carries its source file as data (``before["file"]``): apply restores exactly the
+    The plan's restore change carries its source file as its target (``RestoreSource``): apply restores exactly the
     file that was shown and approved, and stops before any change when the backup to use is no longer that one.
     """
 
@@ -272,7 +273,8 @@ class RestoreFromBackup(Remediation[RestoreState]):
             _change(RestoreStep.RESTORE, f"{backup.file} -> database {self.new_db}",
                     before={"file": backup.file, "backup_age_h": backup.age_h,
                             "taken_at": backup.taken_at.isoformat()},
-                    after={"database": self.new_db, "owner": state.owner or manifest.owner}),
+                    after={"database": self.new_db, "owner": state.owner or manifest.owner},
+                    target=RestoreSource(file=backup.file)),
             _change(RestoreStep.VERIFY_RESTORED, f"database {self.new_db}",
                     after={"key_rows": manifest.key_rows, "tables": len(manifest.tables)}),
             _change(RestoreStep.SWAP, f"database {self.dbname}", before={"damage": "; ".join(state.damage)[:500]},
@@ -287,7 +289,7 @@ class RestoreFromBackup(Remediation[RestoreState]):
 
     def apply(self, plan: list[Change]) -> list[Change]:
         restore = next(c for c in plan if c.action == RestoreStep.RESTORE)
-        backup_file = str(restore.before["file"])
+        backup_file = restore.target_as(RestoreSource).file
         state = self.check()  # guards: the same backup is still the one to use, the damage is still there
         if not state.damage:
             return []
@@ -442,6 +444,13 @@ def _short(exc: BaseException) -> str:
 
 
 def _change(step: RestoreStep, subject: str, *, before: dict[str, object] | None = None,
-            after: dict[str, object] | None = None) -> Change:
+            after: dict[str, object] | None = None, target: BaseModel | None = None) -> Change:
     """One planned step; its identity is the step and its subject, as for any change without a key."""
-    return Change(action=step.value, subject=subject, key="", before=before or {}, after=after or {})
+    return Change(action=step.value, subject=subject, key="", before=before or {}, after=after or {},
+                  target=Change.target_of(target) if target is not None else {})
+
+
+class RestoreSource(BaseModel, frozen=True):
+    """The restore change's machine target: the backup file that was shown and approved."""
+
+    file: str
