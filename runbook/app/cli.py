@@ -357,7 +357,8 @@ def serve(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from runbook.app.executor import Executor, preload_flows
-    from runbook.app.serve import local_prefect_server, register_deployments, run_intake
+    from runbook.app.serve import register_deployments, run_intake
+    from runbook.engine.prefect_env import local_prefect_server
 
     token = _token(token_env)
     api = os.environ.get("PREFECT_API_URL")

@@ -14,9 +14,11 @@ from typing import Any
 import httpx
 import yaml
 
+from runbook.engine.daemon import http_ok
+
 from . import net
 from .base import Requirement, Service, ServiceRecord
-from .daemon import http_ok, start_daemon
+from .daemon import start_daemon
 
 BINARY = "/usr/bin/prometheus-alertmanager"
 ENV_WEBHOOK_URL = "RUNBOOK_SANDBOX_ALERT_WEBHOOK_URL"

@@ -13,9 +13,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from runbook.engine.daemon import http_ok
+
 from . import net, process
 from .base import Service, ServiceRecord
-from .daemon import http_ok
 from .yaml_style import Flow
 
 START_TIMEOUT_S = 15.0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runbook.engine.daemon import http_ok
+
 from . import net
 from .base import Requirement, Service, ServiceRecord
-from .daemon import http_ok, start_daemon
+from .daemon import start_daemon
 
 BINARY = "/usr/bin/prometheus-node-exporter"
 # The collectors behind the runbook's system metrics (CPU, memory, disk, network I/O, load); the rest stay off

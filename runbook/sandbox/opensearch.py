@@ -21,9 +21,11 @@ from typing import Any
 
 import httpx
 
+from runbook.engine.daemon import http_ok
+
 from . import net
 from .base import Requirement, Service, ServiceRecord
-from .daemon import http_ok, start_daemon
+from .daemon import start_daemon
 from .errors import SandboxError
 
 INDEX_PREFIX = "logstash-pafar-"

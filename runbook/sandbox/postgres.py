@@ -13,6 +13,8 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from runbook.engine.remediation import wait_until
+
 from . import net, pafar_seed, process
 from .base import Requirement, Service, ServiceRecord
 from .errors import MissingSystemPackage, SandboxError
@@ -167,7 +169,7 @@ class Postgres(Service):
             )
         except SandboxError:
             pass
-        if not process.wait_until(lambda: process.is_gone(record.pid), 2.0):
+        if not wait_until(lambda: process.is_gone(record.pid), 2.0):
             process.terminate(record.pid, record.cmdline_markers, record.proc_start, self.stop_timeout_s)
         self.wait_port_closed(record)
 
