@@ -7,7 +7,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import docker
 import httpx
 import psycopg
 import redis
@@ -26,13 +25,19 @@ from flows.network_checks import network_checks
 from flows.service_outage import service_outage
 from runbook import sandbox
 from runbook.engine.approval import Decision, local_approver, operator_identity
-from runbook.engine.clients import docker_api_version
 from runbook.engine.config import load_playbooks
 from runbook.engine.findings import render_terminal, report_from_json
 from runbook.engine.procedure import attended_run, flush_run_records
-from runbook.sandbox.incidents import CpuBurner, DbIncident, MemoryGrower, StoppedService, remove_containers_except
+from runbook.sandbox.incidents import (
+    CpuBurner,
+    DbIncident,
+    MemoryGrower,
+    StoppedService,
+    docker_client,
+    remove_containers_except,
+)
 from runbook.sandbox.opensearch import EXPECTED, seed_logs
-from runbook.sandbox.podman import socket_url
+from runbook.sandbox.podman import project_filter, socket_url
 from tasks.logs import RUNBOOK_QUERIES
 
 DEMO_THRESHOLDS = {"long_query_s": 2.0, "idle_in_transaction_s": 2.0}
@@ -145,13 +150,9 @@ def demo_network_logs(console: Console, state: sandbox.SandboxState) -> bool:
 def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
     """Issue 3's part: high-cpu, memory-leak and service-outage on the sandbox's Podman project, each dry run first,
     then applied, then applied again (no change). The project is put back as it was afterwards."""
-
-
     url = socket_url(state.services["podman"])
-
-
-    client = docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
-    keep = {c.id for c in client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"})}
+    client = docker_client(url)
+    keep = {c.id for c in client.containers.list(all=True, filters=project_filter())}
     results: dict[str, bool] = {}
 
     def three_runs(title: str, run: object, **params: object) -> tuple[Any, Any, Any]:
@@ -192,7 +193,7 @@ def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
         results["service-outage"] = converged(*runs)
     finally:
         remove_containers_except(url, keep)
-        for c in client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"}):
+        for c in client.containers.list(all=True, filters=project_filter()):
             if c.status != "running":
                 c.start()
         client.close()

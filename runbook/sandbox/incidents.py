@@ -16,6 +16,8 @@ import psycopg
 
 from runbook.engine.clients import docker_api_version
 
+from .podman import IMAGE, NETWORK, PROJECT, compose_labels, project_filter
+
 SLOW_QUERY = "SELECT * FROM bookings WHERE user_id = %s"
 LONG_QUERY = "SELECT pg_sleep(600) /* runaway report */"
 WAITER_UPDATE = "UPDATE payments SET status = %s WHERE id = %s"
@@ -109,8 +111,6 @@ class DbIncident:
 
 # ------------------------------------------------------------------ container incidents (issue 3: Podman's Docker API)
 
-BUSYBOX_IMAGE = "localhost/busybox:latest"
-COMPOSE_PROJECT = "pafar"
 # Fixed commands of the injected containers (sandbox code, never input). The burner also logs ERROR lines, as a
 # struggling backend does, so high-cpu can correlate the two.
 BURNER_CMD = ["sh", "-c", 'while true; do echo "ERROR upstream timed out after 30s"; sleep 1; done & '
@@ -122,9 +122,9 @@ GROWER_CMD = ["sh", "-c", 'trap "exit 0" TERM; i=0; while true; do '
               'i=$((i+1)); [ $((i % 8)) -eq 0 ] && echo "INFO cached batch $i"; sleep 0.125; done']
 
 
-def _compose_labels(service: str, number: int) -> dict[str, str]:
-    return {"com.docker.compose.project": COMPOSE_PROJECT, "com.docker.compose.service": service,
-            "com.docker.compose.container-number": str(number), "com.docker.compose.oneoff": "False"}
+def docker_client(url: str) -> docker.DockerClient:
+    """A client of the sandbox's Podman API (the caller closes it)."""
+    return docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
 
 
 @dataclass
@@ -137,19 +137,16 @@ class ContainerIncident:
     container_id: str = ""
     name: str = ""
 
-    def client(self):  # noqa: ANN201 - docker.DockerClient, imported lazily (the DB incidents do not need docker)
-
-
-        url = self.docker_url
-        return docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
+    def client(self) -> docker.DockerClient:
+        return docker_client(self.docker_url)
 
     def _run(self, command: list[str], **extra: object) -> ContainerIncident:
         client = self.client()
         try:
-            self.name = f"{COMPOSE_PROJECT}-{self.service}-{self.number}"
+            self.name = f"{PROJECT}-{self.service}-{self.number}"
             container = client.containers.run(
-                BUSYBOX_IMAGE, command, name=self.name, detach=True, labels=_compose_labels(self.service, self.number),
-                network="pafar_default", environment={"PAFAR_SERVICE": self.service}, **extra)
+                IMAGE, command, name=self.name, detach=True, labels=compose_labels(self.service, self.number),
+                network=NETWORK, environment={"PAFAR_SERVICE": self.service}, **extra)
             self.container_id = container.id
         finally:
             client.close()
@@ -158,7 +155,6 @@ class ContainerIncident:
     def stop(self) -> None:
         if not self.container_id:
             return
-
         client = self.client()
         try:
             client.api.remove_container(self.container_id, force=True)
@@ -200,7 +196,7 @@ class StoppedService(ContainerIncident):
     def start(self) -> StoppedService:
         client = self.client()
         try:
-            self.name = f"{COMPOSE_PROJECT}-{self.service}-{self.number}"
+            self.name = f"{PROJECT}-{self.service}-{self.number}"
             container = client.containers.get(self.name)
             container.stop(timeout=3)  # the sandbox's containers trap SIGTERM and exit within ~1 s
             self.container_id = container.id
@@ -223,12 +219,10 @@ class StoppedService(ContainerIncident):
 
 def remove_containers_except(docker_url: str, keep_ids: set[str]) -> list[str]:
     """Remove every compose-project container not in ``keep_ids`` (replicas a test scaled up); their names."""
-
-
-    client = docker.DockerClient(base_url=docker_url, version=docker_api_version(docker_url, 30), timeout=30)
+    client = docker_client(docker_url)
     removed = []
     try:
-        for c in client.containers.list(all=True, filters={"label": f"com.docker.compose.project={COMPOSE_PROJECT}"}):
+        for c in client.containers.list(all=True, filters=project_filter()):
             if c.id not in keep_ids:
                 c.remove(force=True)
                 removed.append(c.name)
