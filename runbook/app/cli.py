@@ -92,7 +92,8 @@ def check(
     try:
         loaded = load_playbooks(playbooks)
         if not loaded.files:
-            raise ConfigError(f"no playbook files found in {', '.join(map(str, playbooks or ['the defaults']))}")
+            where = ", ".join(map(str, playbooks)) if playbooks else "the defaults"
+            raise ConfigError(f"no playbook files found in {where}")
         targets = [loaded.environment(env)] if env else []
         for e in targets:
             for where, ref in iter_secret_refs(e):
@@ -516,7 +517,7 @@ def backups_list(
     except TargetUnreachable as exc:
         raise _fail(EXIT_CRITICAL, str(exc)) from None
     now = datetime.now(UTC)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in entries:
         v = e.verification or {}
         result = ("never verified" if not v else ("passed" if v.get("passed") else "FAILED: " + "; ".join(

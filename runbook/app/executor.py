@@ -21,9 +21,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas import OrchestrationResult, State
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.flow_engine import run_flow
 from prefect.states import Failed, Pending
@@ -115,7 +117,6 @@ class Executor:
                 self._claimed.discard(run_id)  # once claimed it is no longer SCHEDULED: no second start
 
     def _run_if_ours(self, run_id: str) -> None:
-
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(run_id))
             flow = self._flow_for(client, flow_run.flow_id)
@@ -124,7 +125,8 @@ class Executor:
                 return
             if not (flow_run.state and flow_run.state.is_scheduled()):
                 return
-            result = client.set_flow_run_state(flow_run.id, Pending(message=f"claimed by {self.name}"))
+            claim: State[Any] = Pending(message=f"claimed by {self.name}")
+            result: OrchestrationResult[Any] = client.set_flow_run_state(flow_run.id, claim)
             if result.status != SetStateStatus.ACCEPT:
                 return  # another executor (or a cancel) got there first
             flow_run = client.read_flow_run(flow_run.id)
@@ -132,10 +134,8 @@ class Executor:
         with self._lock:
             self._running += 1
         try:
-            state = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+            state: object = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
         except Exception as exc:  # the engine failed before the run could record it (e.g. bad parameters)
-
-
             message = redact(f"could not start: {type(exc).__name__}: {exc}")[:500]
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(flow_run.id, Failed(message=message), force=True)

@@ -53,7 +53,7 @@ class Alertmanager(Service):
     name = "alertmanager"
     requirements = (Requirement(BINARY, "prometheus-alertmanager"),)
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         d = self.fresh_dir(state)
         (d / "data").mkdir()
         config = write_config(d, os.environ.get(ENV_WEBHOOK_URL) or None)

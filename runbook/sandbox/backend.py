@@ -57,7 +57,7 @@ class Backend(Service):
     name = "backend"
     requirements = ()  # the running interpreter and prometheus_client (a Prefect dependency)
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         d = self.fresh_dir(state)
         log = d / "backend.log"
         cert, key = d / "payments-cert.pem", d / "payments-key.pem"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import docker
 import docker.errors
@@ -21,6 +22,14 @@ from .podman import IMAGE, NETWORK, PROJECT, compose_labels, project_filter
 SLOW_QUERY = "SELECT * FROM bookings WHERE user_id = %s"
 LONG_QUERY = "SELECT pg_sleep(600) /* runaway report */"
 WAITER_UPDATE = "UPDATE payments SET status = %s WHERE id = %s"
+
+
+def scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Any:
+    """The first column of the first row a query returns (it must return one)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {query!r}")
+    return row[0]
 
 
 @dataclass
@@ -46,7 +55,7 @@ class DbIncident:
     def start(self) -> DbIncident:
         slow = self._connect("pafar-backend")
         for _ in range(self.slow_runs):
-            user_id = slow.execute("SELECT id FROM users ORDER BY random() LIMIT 1").fetchone()[0]
+            user_id = scalar(slow, "SELECT id FROM users ORDER BY random() LIMIT 1")
             slow.execute(SLOW_QUERY, (user_id,)).fetchall()
         blocker = self._connect("pafar-backend", autocommit=False)
         blocker.execute("UPDATE payments SET status = status WHERE id = 1")  # now idle in transaction, row locked

@@ -20,7 +20,7 @@ class NodeExporter(Service):
     name = "node_exporter"
     requirements = (Requirement(BINARY, "prometheus-node-exporter"),)
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         d = self.fresh_dir(state)
         listen = f"{net.LOOPBACK}:{port}"
         cmd = [BINARY, f"--web.listen-address={listen}", "--collector.disable-defaults",

@@ -141,7 +141,7 @@ class Podman(Service):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         base = self.fresh_dir(state)
         short = Path(SHORT_DIR_TEMPLATE.format(port=port))
         shutil.rmtree(short, ignore_errors=True)  # a leftover of a crashed sandbox that had this (now free) port

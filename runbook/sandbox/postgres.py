@@ -71,7 +71,7 @@ class Postgres(Service):
                     f"OS user '{OS_USER}'", "postgresql-15", "apt-get install -y postgresql-15"
                 ) from None
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         base = self.fresh_dir(state)
         data, sock, log = base / "data", base / "run", base / "postgres.log"
         if len(f"{sock}/.s.PGSQL.{port}") > MAX_SOCKET_PATH:

@@ -73,7 +73,7 @@ class Sshd(Service):
         Requirement("useradd", "passwd"),
     )
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         base = self.fresh_dir(state)
         ensure_user()
         host_key, client_key = base / "ssh_host_ed25519_key", base / "id_ed25519"
