@@ -76,12 +76,9 @@ def _idle_blocker(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[
 def project_containers(docker_url: str) -> Callable[[], set[tuple[Any, ...]]]:
     """Every compose-project container: id, name, state, start time. What a dry run must leave exactly as it was."""
     def snapshot() -> set[tuple[Any, ...]]:
-        client = docker_client(docker_url)
-        try:
+        with docker_client(docker_url) as client:
             found = client.containers.list(all=True, filters=project_filter())
             return {(c.id, c.name, c.attrs["State"]["Status"], c.attrs["State"]["StartedAt"]) for c in found}
-        finally:
-            client.close()
 
     return snapshot
 

@@ -159,8 +159,8 @@ def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
     """Issue 3's part: high-cpu, memory-leak and service-outage on the sandbox's Podman project, each dry run first,
     then applied, then applied again (no change). The project is put back as it was afterwards."""
     url = socket_url(state.services["podman"])
-    client = docker_client(url)
-    keep = {c.id for c in client.containers.list(all=True, filters=project_filter())}
+    with docker_client(url) as client:
+        keep = {c.id for c in client.containers.list(all=True, filters=project_filter())}
     results: dict[str, bool] = {}
 
     def three_runs(title: str, run: Callable[..., Any], **params: Any) -> tuple[Report, Report, Report]:
@@ -201,10 +201,10 @@ def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
         results["service-outage"] = converged(*runs)
     finally:
         remove_containers_except(url, keep)
-        for c in client.containers.list(all=True, filters=project_filter()):
-            if c.status != "running":
-                c.start()
-        client.close()
+        with docker_client(url) as client:
+            for c in client.containers.list(all=True, filters=project_filter()):
+                if c.status != "running":
+                    c.start()
     console.print("containers: " + ", ".join(f"{k} {'OK' if v else 'NOT as expected'}" for k, v in results.items()))
     return all(results.values()) and len(results) == 3
 

@@ -6,8 +6,10 @@ them all, so an incident never outlives the test or demo that made it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,9 +133,14 @@ GROWER_CMD = ["sh", "-c", 'trap "exit 0" TERM; i=0; while true; do '
               'i=$((i+1)); [ $((i % 8)) -eq 0 ] && echo "INFO cached batch $i"; sleep 0.125; done']
 
 
-def docker_client(url: str) -> docker.DockerClient:
-    """A client of the sandbox's Podman API (the caller closes it)."""
-    return docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
+@contextlib.contextmanager
+def docker_client(url: str) -> Iterator[docker.DockerClient]:
+    """A client of the sandbox's Podman API, closed when the block ends."""
+    client = docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @dataclass
@@ -146,31 +153,23 @@ class ContainerIncident:
     container_id: str = ""
     name: str = ""
 
-    def client(self) -> docker.DockerClient:
+    def client(self) -> contextlib.AbstractContextManager[docker.DockerClient]:
         return docker_client(self.docker_url)
 
     def _run(self, command: list[str], **extra: object) -> ContainerIncident:
-        client = self.client()
-        try:
+        with self.client() as client:
             self.name = f"{PROJECT}-{self.service}-{self.number}"
             container = client.containers.run(
                 IMAGE, command, name=self.name, detach=True, labels=compose_labels(self.service, self.number),
                 network=NETWORK, environment={"PAFAR_SERVICE": self.service}, **extra)
             self.container_id = container.id
-        finally:
-            client.close()
         return self
 
     def stop(self) -> None:
         if not self.container_id:
             return
-        client = self.client()
-        try:
+        with self.client() as client, contextlib.suppress(docker.errors.NotFound):
             client.api.remove_container(self.container_id, force=True)
-        except docker.errors.NotFound:
-            pass
-        finally:
-            client.close()
         self.container_id = ""
 
 
@@ -203,38 +202,29 @@ class StoppedService(ContainerIncident):
     number: int = 1
 
     def start(self) -> StoppedService:
-        client = self.client()
-        try:
+        with self.client() as client:
             self.name = f"{PROJECT}-{self.service}-{self.number}"
             container = client.containers.get(self.name)
             container.stop(timeout=3)  # the sandbox's containers trap SIGTERM and exit within ~1 s
             self.container_id = container.id
-        finally:
-            client.close()
         return self
 
     def stop(self) -> None:
         if not self.container_id:
             return
-        client = self.client()
-        try:
+        with self.client() as client:
             container = client.containers.get(self.container_id)
             if container.status != "running":
                 container.start()
-        finally:
-            client.close()
         self.container_id = ""
 
 
 def remove_containers_except(docker_url: str, keep_ids: set[str]) -> list[str]:
     """Remove every compose-project container not in ``keep_ids`` (replicas a test scaled up); their names."""
-    client = docker_client(docker_url)
     removed = []
-    try:
+    with docker_client(docker_url) as client:
         for c in client.containers.list(all=True, filters=project_filter()):
             if c.id not in keep_ids:
                 c.remove(force=True)
                 removed.append(c.name)
-    finally:
-        client.close()
     return removed
