@@ -15,7 +15,8 @@ import psycopg
 
 from runbook.engine.config import Environment
 from runbook.engine.remediation import Remediation
-from runbook.sandbox.incidents import DbIncident
+from runbook.sandbox.incidents import DbIncident, docker_client
+from runbook.sandbox.podman import project_filter
 from tasks.backup_remediations import RestoreFromBackup, TakeBackup
 from tasks.container_remediations import RestartLeakers, ScaleService, StartServiceContainers
 from tasks.postgres_remediations import CancelLongQueries, TerminateIdleBlockers
@@ -74,17 +75,10 @@ def _idle_blocker(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[
 
 def project_containers(docker_url: str) -> Callable[[], set[tuple[Any, ...]]]:
     """Every compose-project container: id, name, state, start time. What a dry run must leave exactly as it was."""
-    import docker
-
-    from runbook.engine.clients import docker_api_version
-
     def snapshot() -> set[tuple[Any, ...]]:
-        client = docker.DockerClient(base_url=docker_url, version=docker_api_version(docker_url, 30), timeout=30)
-        try:
-            found = client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"})
+        with docker_client(docker_url) as client:
+            found = client.containers.list(all=True, filters=project_filter())
             return {(c.id, c.name, c.attrs["State"]["Status"], c.attrs["State"]["StartedAt"]) for c in found}
-        finally:
-            client.close()
 
     return snapshot
 

@@ -92,7 +92,8 @@ def check(
     try:
         loaded = load_playbooks(playbooks)
         if not loaded.files:
-            raise ConfigError(f"no playbook files found in {', '.join(map(str, playbooks or ['the defaults']))}")
+            where = ", ".join(map(str, playbooks)) if playbooks else "the defaults"
+            raise ConfigError(f"no playbook files found in {where}")
         targets = [loaded.environment(env)] if env else []
         for e in targets:
             for where, ref in iter_secret_refs(e):
@@ -357,7 +358,8 @@ def serve(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from runbook.app.executor import Executor, preload_flows
-    from runbook.app.serve import local_prefect_server, register_deployments, run_intake
+    from runbook.app.serve import register_deployments, run_intake
+    from runbook.engine.prefect_env import local_prefect_server
 
     token = _token(token_env)
     api = os.environ.get("PREFECT_API_URL")
@@ -515,7 +517,7 @@ def backups_list(
     except TargetUnreachable as exc:
         raise _fail(EXIT_CRITICAL, str(exc)) from None
     now = datetime.now(UTC)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in entries:
         v = e.verification or {}
         result = ("never verified" if not v else ("passed" if v.get("passed") else "FAILED: " + "; ".join(

@@ -25,9 +25,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas import OrchestrationResult, State
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
@@ -136,7 +138,7 @@ class Executor:
 
     async def _watch_events(self) -> None:
         ctx = contextvars.copy_context()
-        scheduled = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled"]))  # type: ignore[call-arg]
+        scheduled = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled"]))
         async with get_events_subscriber(filter=scheduled, reconnect_on_clean_close=True) as events:
             self.events_connected.set()
             async for event in events:
@@ -174,7 +176,8 @@ class Executor:
             due = flow_run.next_scheduled_start_time or flow_run.expected_start_time
             if due is not None and due > datetime.now(UTC) + timedelta(seconds=1):
                 return  # scheduled ahead of time: the poll starts it when it is due
-            result = client.set_flow_run_state(flow_run.id, Pending(message=f"claimed by {self.name}"))
+            claim: State[Any] = Pending(message=f"claimed by {self.name}")
+            result: OrchestrationResult[Any] = client.set_flow_run_state(flow_run.id, claim)
             if result.status != SetStateStatus.ACCEPT:
                 return  # another executor (or a cancel) got there first
             flow_run = client.read_flow_run(flow_run.id)
@@ -182,7 +185,7 @@ class Executor:
         with self._lock:
             self._running += 1
         try:
-            state = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+            state: object = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
         except Exception as exc:  # the engine failed before the run could record it (e.g. bad parameters)
             message = redact(f"could not start: {type(exc).__name__}: {exc}")[:500]
             with get_client(sync_client=True) as client:

@@ -1,6 +1,7 @@
 """`runbook serve` and its pieces: a Prefect server, the deployments, the warm executor and the alert intake.
 
-Embedded (the default): one command starts (or reuses) a local Prefect server on SQLite, registers the
+Embedded (the default): one command starts (or reuses) a local Prefect server on SQLite
+(runbook.engine.prefect_env.local_prefect_server), registers the
 deployments from the procedure catalog, runs the executor and the intake in this process, and stops all of it on Ctrl-C.
 Scale-out: the same pieces as separate processes (`runbook intake`, `runbook worker`) against one Prefect
 server on PostgreSQL; see the README.
@@ -8,10 +9,7 @@ server on PostgreSQL; see the README.
 
 from __future__ import annotations
 
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,6 @@ import uvicorn
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.app import IntakeSettings, create_app
 from runbook.engine.config import PROJECT_ROOT, load_playbooks
-from runbook.engine.errors import RunbookError
-from runbook.engine.prefect_env import prefect_server_command, prefect_server_env
 
 DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook
 
@@ -98,50 +94,9 @@ def apply_verification_schedules(api_url: str) -> None:
                 for slug, (cron, env) in wanted.items()]).raise_for_status()
 
 
-def wait_healthy(api_url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{api_url}/health", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RunbookError(f"Prefect API at {api_url} not healthy within {timeout_s:g} s")
-
-
-@contextmanager
-def local_prefect_server(home: Path, port: int) -> Iterator[str]:
-    """A Prefect server on SQLite for `runbook serve`; reused when one already answers on that port."""
-    api_url = f"http://127.0.0.1:{port}/api"
-    try:
-        if httpx.get(f"{api_url}/health", timeout=1, trust_env=False).status_code == 200:
-            yield api_url
-            return
-    except httpx.HTTPError:
-        pass
-    home.mkdir(parents=True, exist_ok=True)
-    env = prefect_server_env(home, port, f"sqlite+aiosqlite:///{home / 'prefect.db'}")
-    log = open(home / "server.log", "ab")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(prefect_server_command(port), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_healthy(api_url, 90)
-        yield api_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
 def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, executor: Any = None,
                playbook_dirs: list[Path] | None = None) -> None:
     """Serve the intake with uvicorn until interrupted; created runs go straight to ``executor`` when given."""
-
-
     app = create_app(IntakeSettings(
         token=token, prefect_api_url=api_url, state_dir=state_dir, playbook_dirs=playbook_dirs,
         on_created=executor.submit if executor else None,

@@ -272,7 +272,7 @@ class Environment(Strict):
         if ref.env:
             value = os.environ.get(ref.env)
             if value is None and self.env_file is not None:
-                value = _read_env_file(self._source.parent / self.env_file).get(ref.env)
+                value = read_env_file(self._source.parent / self.env_file).get(ref.env)
             if not value:
                 raise MissingSecret(
                     f"{self._source}: environments.{self._name}.{where}: environment variable {ref.env} is not set"
@@ -457,8 +457,11 @@ def _format_error(err: ErrorDetails) -> str:
 _ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
-    """Parse a docker-compose style env file. Hand-written: ten lines, and python-dotenv is not in our stack."""
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a docker-compose style env file (``export``, quotes, comments); {} when it cannot be read.
+
+    The one parser: the engine reads playbooks' env_file with it and the sandbox its own secrets.env. Hand-written:
+    ten lines, and python-dotenv is not in our stack."""
     values: dict[str, str] = {}
     try:
         text = path.read_text(encoding="utf-8")

@@ -13,11 +13,8 @@ from .errors import MissingSystemPackage, SandboxError
 from .lifecycle import ALL_SERVICES, SERVICES, down, project_root, state_dir, status, up
 from .state import SandboxState
 
-DEFAULT_STATE_DIR = state_dir()
-
 __all__ = [
     "ALL_SERVICES",
-    "DEFAULT_STATE_DIR",
     "SERVICES",
     "MissingSystemPackage",
     "Requirement",

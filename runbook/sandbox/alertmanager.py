@@ -14,9 +14,11 @@ from typing import Any
 import httpx
 import yaml
 
+from runbook.engine.daemon import http_ok
+
 from . import net
 from .base import Requirement, Service, ServiceRecord
-from .daemon import http_ok, start_daemon
+from .daemon import start_daemon
 
 BINARY = "/usr/bin/prometheus-alertmanager"
 ENV_WEBHOOK_URL = "RUNBOOK_SANDBOX_ALERT_WEBHOOK_URL"
@@ -51,7 +53,7 @@ class Alertmanager(Service):
     name = "alertmanager"
     requirements = (Requirement(BINARY, "prometheus-alertmanager"),)
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         d = self.fresh_dir(state)
         (d / "data").mkdir()
         config = write_config(d, os.environ.get(ENV_WEBHOOK_URL) or None)

@@ -13,9 +13,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from runbook.engine.daemon import http_ok
+
 from . import net, process
 from .base import Service, ServiceRecord
-from .daemon import http_ok
 from .yaml_style import Flow
 
 START_TIMEOUT_S = 15.0
@@ -56,7 +57,7 @@ class Backend(Service):
     name = "backend"
     requirements = ()  # the running interpreter and prometheus_client (a Prefect dependency)
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         d = self.fresh_dir(state)
         log = d / "backend.log"
         cert, key = d / "payments-cert.pem", d / "payments-key.pem"

@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
+from runbook.engine.remediation import wait_until
+
 from . import net, process
 from .errors import MissingSystemPackage, SandboxError
 
@@ -95,7 +97,7 @@ class Service:
 
     def wait_port_closed(self, record: ServiceRecord, timeout: float = 5.0) -> None:
         """Raise SandboxError if the port still accepts connections after the process stopped."""
-        if not process.wait_until(lambda: not net.port_accepts(record.port, 0.2), timeout):
+        if not wait_until(lambda: not net.port_accepts(record.port, 0.2), timeout):
             raise SandboxError(f"{self.name}: port {record.port} still accepts connections after stop")
 
     def clean(self, state: Path) -> None:

@@ -9,18 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
+from runbook.engine.daemon import http_ok
 
 from . import process
 from .base import ServiceRecord
-
-
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    """True when GET url answers 200 (no proxy from the environment: loopback only)."""
-    try:
-        return httpx.get(url, timeout=timeout, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def start_daemon(name: str, cmd: Sequence[str], *, port: int, log: Path, cwd: Path, health_url: str,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import docker
 import httpx
 import psycopg
 import redis
@@ -26,30 +26,43 @@ from flows.network_checks import network_checks
 from flows.service_outage import service_outage
 from runbook import sandbox
 from runbook.engine.approval import Decision, local_approver, operator_identity
-from runbook.engine.clients import docker_api_version
 from runbook.engine.config import load_playbooks
-from runbook.engine.findings import render_terminal, report_from_json
+from runbook.engine.findings import Report, render_terminal, report_from_json
 from runbook.engine.procedure import attended_run, flush_run_records
-from runbook.sandbox.incidents import CpuBurner, DbIncident, MemoryGrower, StoppedService, remove_containers_except
+from runbook.sandbox.incidents import (
+    CpuBurner,
+    DbIncident,
+    MemoryGrower,
+    StoppedService,
+    docker_client,
+    remove_containers_except,
+    scalar,
+)
 from runbook.sandbox.opensearch import EXPECTED, seed_logs
-from runbook.sandbox.podman import socket_url
+from runbook.sandbox.podman import project_filter, socket_url
 from tasks.logs import RUNBOOK_QUERIES
 
 DEMO_THRESHOLDS = {"long_query_s": 2.0, "idle_in_transaction_s": 2.0}
 
 
+def run_report(procedure: Callable[..., Any], **params: Any) -> Report:
+    """Run a procedure (a Prefect flow run) and read the JSON document it returns back as a Report."""
+    return report_from_json(procedure(**params))
+
+
 def run_demo(console: Console, keep: bool = False) -> int:
     """Returns the exit code: 0 when every step did what it should."""
-
-
     console.rule("[bold]1. sandbox up[/] (PostgreSQL, Redis, Prefect server on loopback)")
     state = sandbox.up()
     os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
-    console.print(f"Prefect UI: {state.prefect_api_url.removesuffix('/api')}")
+    api_url = state.prefect_api_url
+    if api_url is None:  # up() starts every service; a Prefect server that is not there is a sandbox failure
+        raise sandbox.SandboxError("the sandbox has no Prefect server")
+    console.print(f"Prefect UI: {api_url.removesuffix('/api')}")
     incident = DbIncident(app_dsn=state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"])
     ok = True
     try:
-        with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}), attended_run():
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), attended_run():
             console.rule("[bold]2. incident[/]: an idle transaction blocks two writers, a runaway report, "
                          "a slow filter")
             incident.start()
@@ -58,18 +71,18 @@ def run_demo(console: Console, keep: bool = False) -> int:
             time.sleep(DEMO_THRESHOLDS["long_query_s"] + 0.5)
 
             console.rule("[bold]3. db-slowness, dry run[/] (the default: nothing is changed)")
-            dry = report_from_json(db_slowness(env="sandbox", dry_run=True, **DEMO_THRESHOLDS))
+            dry = run_report(db_slowness, env="sandbox", dry_run=True, **DEMO_THRESHOLDS)
             render_terminal(dry, console)
             planned = {c.subject for a in dry.actions for c in a.planned}
 
             console.rule("[bold]4. db-slowness --apply[/]")
-            applied = report_from_json(db_slowness(env="sandbox", dry_run=False, **DEMO_THRESHOLDS))
+            applied = run_report(db_slowness, env="sandbox", dry_run=False, **DEMO_THRESHOLDS)
             render_terminal(applied, console)
             done = {c.subject for a in applied.actions if a.changed for c in a.planned}
             verified = all(a.verified for a in applied.actions if a.changed)
 
             console.rule("[bold]5. db-slowness --apply again[/] (idempotent: nothing left to change)")
-            again = report_from_json(db_slowness(env="sandbox", dry_run=False, **DEMO_THRESHOLDS))
+            again = run_report(db_slowness, env="sandbox", dry_run=False, **DEMO_THRESHOLDS)
             render_terminal(again, console)
             repeat_changed = any(a.changed for a in again.actions)
             network_logs_ok = demo_network_logs(console, state)
@@ -100,7 +113,7 @@ def demo_network_logs(console: Console, state: sandbox.SandboxState) -> bool:
 
     env = load_playbooks([state.playbook_dir]).environment("sandbox")
     console.rule("[bold]network-checks[/]: TCP matrix, HTTPS payment stand-in with TLS days, DNS")
-    net = report_from_json(network_checks(env="sandbox"))
+    net = run_report(network_checks, env="sandbox")
     render_terminal(net, console)
     slow_found = any(f.title.startswith("slow endpoint") and "api-slow" in f.title for f in net.findings)
     failed = [f.title for f in net.findings if f.severity.value == "critical"]
@@ -120,7 +133,7 @@ def demo_network_logs(console: Console, state: sandbox.SandboxState) -> bool:
         for _ in range(12):  # 12 in the 1 min window: 0.2/s, over the runbook's 0.1/s HighErrorRate
             http.get("/api/error")
     time.sleep(2.5)  # two Prometheus scrapes (1 s interval)
-    api = report_from_json(cache_api(env="sandbox", window="1m"))
+    api = run_report(cache_api, env="sandbox", window="1m")
     render_terminal(api, console)
     ratio = next((f.details.get("hit_ratio") for f in api.findings if "hit ratio" in f.title), None)
     high_errors = any(f.title.startswith("HighErrorRate") for f in api.findings)
@@ -128,7 +141,7 @@ def demo_network_logs(console: Console, state: sandbox.SandboxState) -> bool:
     console.rule("[bold]log-analysis[/]: the runbook's four Kibana queries on freshly seeded Pafar logs")
     if env.elasticsearch:
         seed_logs(env.elasticsearch.url)
-    logs = report_from_json(log_analysis(env="sandbox"))
+    logs = run_report(log_analysis, env="sandbox")
     render_terminal(logs, console)
     titles = {q.title: name for name, q in RUNBOOK_QUERIES.items()}
     counts = {titles[f.title.split(":")[0]]: f.details.get("count") for f in logs.findings
@@ -145,23 +158,19 @@ def demo_network_logs(console: Console, state: sandbox.SandboxState) -> bool:
 def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
     """Issue 3's part: high-cpu, memory-leak and service-outage on the sandbox's Podman project, each dry run first,
     then applied, then applied again (no change). The project is put back as it was afterwards."""
-
-
     url = socket_url(state.services["podman"])
-
-
-    client = docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
-    keep = {c.id for c in client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"})}
+    with docker_client(url) as client:
+        keep = {c.id for c in client.containers.list(all=True, filters=project_filter())}
     results: dict[str, bool] = {}
 
-    def three_runs(title: str, run: object, **params: object) -> tuple[Any, Any, Any]:
+    def three_runs(title: str, run: Callable[..., Any], **params: Any) -> tuple[Report, Report, Report]:
         console.rule(f"[bold]{title}, dry run[/]")
-        dry = report_from_json(run(env="sandbox", dry_run=True, **params))  # type: ignore[operator]
+        dry = run_report(run, env="sandbox", dry_run=True, **params)
         render_terminal(dry, console)
         console.rule(f"[bold]{title} --apply[/]")
-        real = report_from_json(run(env="sandbox", dry_run=False, **params))  # type: ignore[operator]
+        real = run_report(run, env="sandbox", dry_run=False, **params)
         render_terminal(real, console)
-        again = report_from_json(run(env="sandbox", dry_run=False, **params))  # type: ignore[operator]
+        again = run_report(run, env="sandbox", dry_run=False, **params)
         console.print(f"{title} --apply again: changed anything: {any(a.changed for a in again.actions)}")
         return dry, real, again
 
@@ -192,10 +201,10 @@ def demo_containers(console: Console, state: sandbox.SandboxState) -> bool:
         results["service-outage"] = converged(*runs)
     finally:
         remove_containers_except(url, keep)
-        for c in client.containers.list(all=True, filters={"label": "com.docker.compose.project=pafar"}):
-            if c.status != "running":
-                c.start()
-        client.close()
+        with docker_client(url) as client:
+            for c in client.containers.list(all=True, filters=project_filter()):
+                if c.status != "running":
+                    c.start()
     console.print("containers: " + ", ".join(f"{k} {'OK' if v else 'NOT as expected'}" for k, v in results.items()))
     return all(results.values()) and len(results) == 3
 
@@ -204,35 +213,32 @@ def demo_backups(console: Console, state: sandbox.SandboxState) -> bool:
     """Issue 5's part: a backup, its verification (test restore, RTO/RPO), then a data-corruption incident on pafar
     (rows deleted, a table dropped): assessed in a dry run, restored with the operator's approval (what
     `runbook run data-corruption --apply --yes` does), and a second run that changes nothing."""
-
-
-
-    def show(doc: dict[str, Any]) -> Any:
-        report = report_from_json(doc)
+    def show(procedure: Callable[..., Any], **params: Any) -> Report:
+        report = run_report(procedure, **params)
         render_terminal(report, console)
         return report
 
     console.rule("[bold]backup --apply[/]: pg_dump | gzip, streamed, checksum + manifest, renamed when complete")
-    taken = show(backup(env="sandbox", dry_run=False, fresh_within_s=0))
+    taken = show(backup, env="sandbox", dry_run=False, fresh_within_s=0)
     console.rule("[bold]backup-verification --apply[/]: age vs RPO, gzip, checksum, log, test restore (RTO)")
-    verified = show(backup_verification(env="sandbox", dry_run=False))
+    verified = show(backup_verification, env="sandbox", dry_run=False)
     passed = any("passed verification" in f.title for f in verified.findings)
 
     console.rule("[bold]incident[/]: a tenth of the bookings deleted and the payments table dropped")
     with psycopg.connect(state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"], autocommit=True, connect_timeout=5) as conn:
-        before = conn.execute("SELECT count(*) FROM bookings").fetchone()[0]
+        before = scalar(conn, "SELECT count(*) FROM bookings")
         conn.execute("DELETE FROM bookings WHERE id % 10 = 0")
         conn.execute("DROP TABLE payments")
     console.rule("[bold]data-corruption, dry run[/]: assess against the newest good backup, plan")
-    dry = show(data_corruption(env="sandbox", dry_run=True))
+    dry = show(data_corruption, env="sandbox", dry_run=True)
     console.rule(f"[bold]data-corruption --apply --yes[/] (the plan approved as {operator_identity()})")
     with local_approver(lambda view: Decision(approved=True, approver=operator_identity(), how="demo (--yes)")):
-        applied = show(data_corruption(env="sandbox", dry_run=False, writer_stop_s=2))
+        applied = show(data_corruption, env="sandbox", dry_run=False, writer_stop_s=2)
         console.rule("[bold]data-corruption --apply --yes again[/] (nothing left to restore)")
-        again = show(data_corruption(env="sandbox", dry_run=False, writer_stop_s=2))
+        again = show(data_corruption, env="sandbox", dry_run=False, writer_stop_s=2)
     with psycopg.connect(state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"], autocommit=True, connect_timeout=5) as conn:
-        after = conn.execute("SELECT count(*) FROM bookings").fetchone()[0]
-        payments = conn.execute("SELECT to_regclass('public.payments') IS NOT NULL").fetchone()[0]
+        after = scalar(conn, "SELECT count(*) FROM bookings")
+        payments = scalar(conn, "SELECT to_regclass('public.payments') IS NOT NULL")
     restored = any(a.changed and a.verified for a in applied.actions)
     ok = (any(a.changed for a in taken.actions) and passed and any(a.planned for a in dry.actions)
           and restored and not any(a.changed for a in again.actions) and after == before and payments)

@@ -19,7 +19,7 @@ SERVICES = {
     "redis": Flow(min_replicas=1, max_replicas=1),
     "nginx": Flow(min_replicas=1, max_replicas=2),
 }
-THRESHOLDS = {"db_connections": 80, "long_query_s": 5, "idle_in_transaction_s": 2}
+THRESHOLDS: dict[str, float] = {"db_connections": 80, "long_query_s": 5, "idle_in_transaction_s": 2}
 # issue 4: a 2 s p95 like the runbook, an API budget tests can exceed with the backend's slow endpoint
 THRESHOLDS.update({"p95_latency_s": 2, "http_slow_s": 1, "tcp_slow_ms": 500, "cert_days_warning": 14,
                    "cache_hit_ratio": 0.8})

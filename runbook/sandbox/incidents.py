@@ -6,9 +6,12 @@ them all, so an incident never outlives the test or demo that made it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import docker
 import docker.errors
@@ -16,9 +19,19 @@ import psycopg
 
 from runbook.engine.clients import docker_api_version
 
+from .podman import IMAGE, NETWORK, PROJECT, compose_labels, project_filter
+
 SLOW_QUERY = "SELECT * FROM bookings WHERE user_id = %s"
 LONG_QUERY = "SELECT pg_sleep(600) /* runaway report */"
 WAITER_UPDATE = "UPDATE payments SET status = %s WHERE id = %s"
+
+
+def scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Any:
+    """The first column of the first row a query returns (it must return one)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError(f"no row from {query!r}")
+    return row[0]
 
 
 @dataclass
@@ -44,7 +57,7 @@ class DbIncident:
     def start(self) -> DbIncident:
         slow = self._connect("pafar-backend")
         for _ in range(self.slow_runs):
-            user_id = slow.execute("SELECT id FROM users ORDER BY random() LIMIT 1").fetchone()[0]
+            user_id = scalar(slow, "SELECT id FROM users ORDER BY random() LIMIT 1")
             slow.execute(SLOW_QUERY, (user_id,)).fetchall()
         blocker = self._connect("pafar-backend", autocommit=False)
         blocker.execute("UPDATE payments SET status = status WHERE id = 1")  # now idle in transaction, row locked
@@ -109,8 +122,6 @@ class DbIncident:
 
 # ------------------------------------------------------------------ container incidents (issue 3: Podman's Docker API)
 
-BUSYBOX_IMAGE = "localhost/busybox:latest"
-COMPOSE_PROJECT = "pafar"
 # Fixed commands of the injected containers (sandbox code, never input). The burner also logs ERROR lines, as a
 # struggling backend does, so high-cpu can correlate the two.
 BURNER_CMD = ["sh", "-c", 'while true; do echo "ERROR upstream timed out after 30s"; sleep 1; done & '
@@ -122,9 +133,14 @@ GROWER_CMD = ["sh", "-c", 'trap "exit 0" TERM; i=0; while true; do '
               'i=$((i+1)); [ $((i % 8)) -eq 0 ] && echo "INFO cached batch $i"; sleep 0.125; done']
 
 
-def _compose_labels(service: str, number: int) -> dict[str, str]:
-    return {"com.docker.compose.project": COMPOSE_PROJECT, "com.docker.compose.service": service,
-            "com.docker.compose.container-number": str(number), "com.docker.compose.oneoff": "False"}
+@contextlib.contextmanager
+def docker_client(url: str) -> Iterator[docker.DockerClient]:
+    """A client of the sandbox's Podman API, closed when the block ends."""
+    client = docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @dataclass
@@ -137,33 +153,23 @@ class ContainerIncident:
     container_id: str = ""
     name: str = ""
 
-    def client(self):  # noqa: ANN201 - docker.DockerClient, imported lazily (the DB incidents do not need docker)
-        url = self.docker_url
-        return docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
+    def client(self) -> contextlib.AbstractContextManager[docker.DockerClient]:
+        return docker_client(self.docker_url)
 
     def _run(self, command: list[str], **extra: object) -> ContainerIncident:
-        client = self.client()
-        try:
-            self.name = f"{COMPOSE_PROJECT}-{self.service}-{self.number}"
+        with self.client() as client:
+            self.name = f"{PROJECT}-{self.service}-{self.number}"
             container = client.containers.run(
-                BUSYBOX_IMAGE, command, name=self.name, detach=True, labels=_compose_labels(self.service, self.number),
-                network="pafar_default", environment={"PAFAR_SERVICE": self.service}, **extra)
+                IMAGE, command, name=self.name, detach=True, labels=compose_labels(self.service, self.number),
+                network=NETWORK, environment={"PAFAR_SERVICE": self.service}, **extra)
             self.container_id = container.id
-        finally:
-            client.close()
         return self
 
     def stop(self) -> None:
         if not self.container_id:
             return
-
-        client = self.client()
-        try:
+        with self.client() as client, contextlib.suppress(docker.errors.NotFound):
             client.api.remove_container(self.container_id, force=True)
-        except docker.errors.NotFound:
-            pass
-        finally:
-            client.close()
         self.container_id = ""
 
 
@@ -196,40 +202,29 @@ class StoppedService(ContainerIncident):
     number: int = 1
 
     def start(self) -> StoppedService:
-        client = self.client()
-        try:
-            self.name = f"{COMPOSE_PROJECT}-{self.service}-{self.number}"
+        with self.client() as client:
+            self.name = f"{PROJECT}-{self.service}-{self.number}"
             container = client.containers.get(self.name)
             container.stop(timeout=3)  # the sandbox's containers trap SIGTERM and exit within ~1 s
             self.container_id = container.id
-        finally:
-            client.close()
         return self
 
     def stop(self) -> None:
         if not self.container_id:
             return
-        client = self.client()
-        try:
+        with self.client() as client:
             container = client.containers.get(self.container_id)
             if container.status != "running":
                 container.start()
-        finally:
-            client.close()
         self.container_id = ""
 
 
 def remove_containers_except(docker_url: str, keep_ids: set[str]) -> list[str]:
     """Remove every compose-project container not in ``keep_ids`` (replicas a test scaled up); their names."""
-
-
-    client = docker.DockerClient(base_url=docker_url, version=docker_api_version(docker_url, 30), timeout=30)
     removed = []
-    try:
-        for c in client.containers.list(all=True, filters={"label": f"com.docker.compose.project={COMPOSE_PROJECT}"}):
+    with docker_client(docker_url) as client:
+        for c in client.containers.list(all=True, filters=project_filter()):
             if c.id not in keep_ids:
                 c.remove(force=True)
                 removed.append(c.name)
-    finally:
-        client.close()
     return removed

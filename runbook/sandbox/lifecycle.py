@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from runbook.engine.config import read_env_file
+
 from . import generated, net
 from .alertmanager import SERVICE as ALERTMANAGER
 from .backend import SERVICE as BACKEND
@@ -25,7 +27,7 @@ from .prefect_server import SERVICE as PREFECT
 from .prometheus import SERVICE as PROMETHEUS
 from .redis import SERVICE as REDIS
 from .sshd import SERVICE as SSHD
-from .state import STATE_FILE, SandboxState, load, read_env_file, save
+from .state import STATE_FILE, SandboxState, load, save
 
 # Order matters: it is the order of ALL_SERVICES, of blocks in sandbox.yaml and of state.json.
 SERVICES: dict[str, Service] = {svc.name: svc for svc in (

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from runbook.engine.daemon import http_ok
+
 from . import net
 from .base import Requirement, Service, ServiceRecord
-from .daemon import http_ok, start_daemon
+from .daemon import start_daemon
 
 BINARY = "/usr/bin/prometheus-node-exporter"
 # The collectors behind the runbook's system metrics (CPU, memory, disk, network I/O, load); the rest stay off
@@ -18,7 +20,7 @@ class NodeExporter(Service):
     name = "node_exporter"
     requirements = (Requirement(BINARY, "prometheus-node-exporter"),)
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         d = self.fresh_dir(state)
         listen = f"{net.LOOPBACK}:{port}"
         cmd = [BINARY, f"--web.listen-address={listen}", "--collector.disable-defaults",

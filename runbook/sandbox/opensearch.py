@@ -21,9 +21,11 @@ from typing import Any
 
 import httpx
 
+from runbook.engine.daemon import http_ok
+
 from . import net
 from .base import Requirement, Service, ServiceRecord
-from .daemon import http_ok, start_daemon
+from .daemon import start_daemon
 from .errors import SandboxError
 
 INDEX_PREFIX = "logstash-pafar-"
@@ -45,9 +47,10 @@ def osmem_binary() -> str:
     except ImportError:
         return ""
     try:
-        return resolve_binary()
+        binary: str = resolve_binary()
     except OsmemError:
         return ""
+    return binary
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class OpenSearch(Service):
     requirements = (Requirement(osmem_binary() or "osmem-server", "osmem-server",
                                 f"{sys.executable} -m pip install -e '.[sandbox]'", kind="Python"),)
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         d = self.fresh_dir(state)
         listen = f"{net.LOOPBACK}:{port}"
         binary = osmem_binary()

@@ -24,6 +24,7 @@ import docker.errors
 import requests
 
 from runbook.engine.clients import docker_api_version
+from tasks.containers import NUMBER_LABEL, PROJECT_LABEL, SERVICE_LABEL
 
 from . import net, process
 from .base import Requirement, Service, ServiceRecord
@@ -73,12 +74,13 @@ MEM_LIMIT = "256m"
 
 def compose_labels(service: str, number: int) -> dict[str, str]:
     """The labels docker-compose puts on a service container (what the engine filters on)."""
-    return {
-        "com.docker.compose.project": PROJECT,
-        "com.docker.compose.service": service,
-        "com.docker.compose.container-number": str(number),
-        "com.docker.compose.oneoff": "False",
-    }
+    return {PROJECT_LABEL: PROJECT, SERVICE_LABEL: service, NUMBER_LABEL: str(number),
+            "com.docker.compose.oneoff": "False"}
+
+
+def project_filter() -> dict[str, str]:
+    """The Docker API filter for every container of the sandbox's compose project."""
+    return {"label": f"{PROJECT_LABEL}={PROJECT}"}
 
 
 def subnet_for(port: int) -> str:
@@ -139,7 +141,7 @@ class Podman(Service):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         base = self.fresh_dir(state)
         short = Path(SHORT_DIR_TEMPLATE.format(port=port))
         shutil.rmtree(short, ignore_errors=True)  # a leftover of a crashed sandbox that had this (now free) port
@@ -161,13 +163,13 @@ class Podman(Service):
             name=self.name, pid=proc.pid, port=port, log_file=str(log), paths=paths,
             cmdline_markers=["podman", "system service", paths["socket"]],
         )
-        ok = process.wait_until(lambda: self._ping(record) or process.child_exited(proc.pid) is not None,
-                                START_TIMEOUT_S, 0.1)
+        try:
+            process.await_healthy(proc, lambda: self._ping(record), START_TIMEOUT_S,
+                                  f"podman API on {paths['socket']}", log, interval=0.1)
+        except SandboxError:
+            self.stop(record)  # the network created above goes too
+            raise
         record.proc_start = process.start_ticks(proc.pid)
-        if not ok or not self._ping(record):
-            self.stop(record)
-            raise process.failure(f"podman API did not answer on {paths['socket']} within {START_TIMEOUT_S:.0f}s",
-                                  log)
         try:
             self._create_project(record)
         except Exception as exc:
@@ -228,11 +230,9 @@ class Podman(Service):
 
     def is_healthy(self, record: ServiceRecord) -> bool:
         """The API answers and the project exists (the backend's health port is open unless an incident stopped it)."""
-
         try:
             with self.client(record) as client:
-                project = client.containers.list(all=True, filters={"label": f"com.docker.compose.project={PROJECT}"})
-                return bool(project)
+                return bool(client.containers.list(all=True, filters=project_filter()))
         except (docker.errors.DockerException, requests.RequestException, OSError):
             return False
 
@@ -271,7 +271,6 @@ class Podman(Service):
 
 def _dynamically_linked(path: str) -> bool:
     """Whether an ELF binary names a program interpreter (PT_INTERP), i.e. needs the dynamic loader and libc."""
-
     try:
         with open(path, "rb") as fh:
             head = fh.read(64)

@@ -16,6 +16,8 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from runbook.engine.remediation import wait_until
+
 from . import net, pafar_seed, process
 from .base import Requirement, Service, ServiceRecord
 from .errors import MissingSystemPackage, SandboxError
@@ -72,7 +74,7 @@ class Postgres(Service):
                     f"OS user '{OS_USER}'", "postgresql-15", "apt-get install -y postgresql-15"
                 ) from None
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         base = self.fresh_dir(state)
         cluster = self._cluster_dir(base)
         data, sock, log = cluster / "data", cluster / "run", cluster / "postgres.log"
@@ -190,7 +192,7 @@ class Postgres(Service):
             )
         except SandboxError:
             pass
-        if not process.wait_until(lambda: process.is_gone(record.pid), 2.0):
+        if not wait_until(lambda: process.is_gone(record.pid), 2.0):
             process.terminate(record.pid, record.cmdline_markers, record.proc_start, self.stop_timeout_s)
         self.wait_port_closed(record)
 

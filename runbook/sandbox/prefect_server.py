@@ -18,27 +18,23 @@ from pathlib import Path
 
 import psycopg
 
-from runbook.engine.prefect_env import prefect_executable, prefect_server_command, prefect_server_env
+from runbook.engine.daemon import DaemonFailed
+from runbook.engine.prefect_env import (
+    DB_FILE,
+    LOG_FILE,
+    is_healthy,
+    prefect_executable,
+    prefect_server_command,
+    start_prefect_server,
+)
 
-from . import net, process
+from . import process
 from .base import Requirement, Service, ServiceRecord
-from .daemon import http_ok
 from .errors import SandboxError
 from .postgres import admin_conninfo
 
 START_TIMEOUT_S = 60.0
-DB_FILE = "prefect.db"
 PG_DATABASE = "prefect"
-
-
-def api_url(port: int) -> str:
-    """Prefect API URL of a server on 127.0.0.1:port."""
-    return f"http://{net.LOOPBACK}:{port}/api"
-
-
-def server_env(home: Path, port: int, database_url: str | None = None) -> dict[str, str]:
-    """Environment for the server: isolated PREFECT_HOME, its database (SQLite unless given), telemetry off."""
-    return prefect_server_env(home, port, database_url or f"sqlite+aiosqlite:///{home / DB_FILE}")
 
 
 def postgres_database_url(pg: ServiceRecord) -> str:
@@ -47,8 +43,6 @@ def postgres_database_url(pg: ServiceRecord) -> str:
     SQLite answers 503 'database is locked' under the concurrent writes of even one flow run (a 2 s client
     retry); PostgreSQL does not, and it is what a scaled-out deployment uses anyway.
     """
-
-
     with psycopg.connect(admin_conninfo(pg, "postgres"), autocommit=True, connect_timeout=5) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)).fetchone():
             conn.execute(f"CREATE DATABASE {PG_DATABASE}")
@@ -114,34 +108,20 @@ class PrefectServer(Service):
         return record
 
     def _start(self, home: Path, port: int, database_url: str | None = None) -> ServiceRecord:
-        log = home / "server.log"
-        cmd = prefect_server_command(port, net.LOOPBACK)
-        exe = cmd[0]
-        proc = process.spawn(cmd, log, env=server_env(home, port, database_url), cwd=home)
-        record = ServiceRecord(
-            name=self.name,
-            pid=proc.pid,
-            port=port,
-            log_file=str(log),
+        log = home / LOG_FILE
+        try:
+            proc = process.adopt(start_prefect_server(home, port, database_url, START_TIMEOUT_S))
+        except DaemonFailed as exc:
+            raise process.failure(str(exc), log) from None
+        return ServiceRecord(
+            name=self.name, pid=proc.pid, port=port, log_file=str(log),
             paths={"home": str(home), "database": database_url or str(home / DB_FILE)},
-            cmdline_markers=[exe, "server start", f"--port {port}"],
+            cmdline_markers=[prefect_server_command(port)[0], "server start", f"--port {port}"],
+            proc_start=process.start_ticks(proc.pid), running=True,
         )
-        ok = process.wait_until(
-            lambda: process.child_exited(proc.pid) is not None or self.is_healthy(record), START_TIMEOUT_S, 0.25
-        )
-        if not ok or not self.is_healthy(record):
-            exited = process.child_exited(proc.pid)
-            record.proc_start = process.start_ticks(proc.pid)
-            if exited is None:
-                self.stop(record)
-            reason = f"exited with {exited}" if exited is not None else f"not healthy within {START_TIMEOUT_S:.0f}s"
-            raise process.failure(f"prefect server on 127.0.0.1:{port} {reason}", log)
-        record.proc_start = process.start_ticks(proc.pid)
-        record.running = True
-        return record
 
     def is_healthy(self, record: ServiceRecord) -> bool:
-        return http_ok(f"{api_url(record.port)}/health")
+        return is_healthy(record.port)
 
 
 SERVICE = PrefectServer()

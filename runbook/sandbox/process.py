@@ -10,9 +10,11 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from runbook.engine import daemon
+from runbook.engine.remediation import wait_until
 
 from .errors import SandboxError
 
@@ -25,16 +27,11 @@ def spawn(
     cmd: Sequence[str], log_file: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.Popen[bytes]:
     """Start a long-running service in its own session (Ctrl-C of the caller must not kill it)."""
-    with open(log_file, "ab") as log:
-        proc = subprocess.Popen(
-            list(cmd),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-        )
+    return adopt(daemon.spawn(cmd, log_file, env=env, cwd=cwd))
+
+
+def adopt(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Remember a child this process spawned so it is reaped (no zombies, no ResourceWarning)."""
     with _CHILDREN_LOCK:
         _CHILDREN[proc.pid] = proc
     return proc
@@ -112,17 +109,6 @@ def is_gone(pid: int) -> bool:
     return start_ticks(pid) is None
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    """Poll pred until true or timeout; every wait in the sandbox is bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 def terminate(pid: int, markers: Sequence[str], ticks: int | None, timeout: float = 10.0) -> bool:
     """SIGTERM, wait up to timeout, then SIGKILL; only if PID is still ours. Returns True if it was ours.
 
@@ -148,13 +134,6 @@ def _signal(pid: int, sig: signal.Signals) -> None:
             os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def child_exited(pid: int) -> int | None:
-    """Exit code of a child we spawned if it has exited, else None (used to fail fast during start)."""
-    with _CHILDREN_LOCK:
-        proc = _CHILDREN.get(pid)
-    return None if proc is None else proc.poll()
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
@@ -187,12 +166,7 @@ def await_healthy(proc: subprocess.Popen[bytes], healthy: Callable[[], bool], ti
 
     The one start-up wait of every spawned sandbox service: fail fast when the process dies, never wait forever.
     """
-    ok = wait_until(lambda: child_exited(proc.pid) is not None or healthy(), timeout, interval)
-    if ok and healthy():
-        return
-    exited = child_exited(proc.pid)
-    if exited is None:
-        proc.kill()
-        proc.wait(5)
-    reason = f"exited with {exited}" if exited is not None else f"not healthy within {timeout:.0f} s"
-    raise failure(f"{what} {reason}", log_file)
+    try:
+        daemon.await_healthy(proc, healthy, timeout, what, interval)
+    except daemon.DaemonFailed as exc:
+        raise failure(str(exc), log_file) from None

@@ -12,9 +12,11 @@ from typing import Any
 
 import yaml
 
+from runbook.engine.daemon import http_ok
+
 from . import net
 from .base import Requirement, Service, ServiceRecord
-from .daemon import http_ok, start_daemon
+from .daemon import start_daemon
 
 BINARY = "/usr/bin/prometheus"
 CONFIG_FILE = "prometheus.yml"

@@ -17,7 +17,7 @@ class Redis(Service):
     name = "redis"
     requirements = (Requirement(REDIS_SERVER, "redis-server"),)
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         d = self.fresh_dir(state)
         log = d / "redis.log"
         cmd = [

@@ -73,7 +73,7 @@ class Sshd(Service):
         Requirement("useradd", "passwd"),
     )
 
-    def start(self, state: Path, port: int) -> ServiceRecord:
+    def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         base = self.fresh_dir(state)
         ensure_user()
         host_key, client_key = base / "ssh_host_ed25519_key", base / "id_ed25519"
@@ -98,13 +98,9 @@ class Sshd(Service):
                    "known_hosts": str(known_hosts), "user": USER},
             cmdline_markers=["sshd", str(config)],
         )
-        ok = process.wait_until(lambda: self.is_healthy(record) or process.child_exited(proc.pid) is not None,
-                                START_TIMEOUT_S, 0.05)
+        process.await_healthy(proc, lambda: self.is_healthy(record), START_TIMEOUT_S,
+                              f"sshd greeting on 127.0.0.1:{port}", log)
         record.proc_start = process.start_ticks(proc.pid)
-        if not ok or not self.is_healthy(record):
-            if process.child_exited(proc.pid) is None:
-                self.stop(record)
-            raise process.failure(f"sshd did not greet on 127.0.0.1:{port} within {START_TIMEOUT_S:.0f}s", log)
         record.running = True
         return record
 

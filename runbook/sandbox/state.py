@@ -9,11 +9,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from runbook.engine.config import PROJECT_ROOT
+from runbook.engine.config import PROJECT_ROOT, read_env_file
+from runbook.engine.prefect_env import api_url
 
 from .base import ServiceRecord
 from .postgres import admin_conninfo
-from .prefect_server import api_url
 from .redis import redis_url
 
 STATE_FILE = "state.json"
@@ -85,21 +85,6 @@ class SandboxState(BaseModel):
     def env_vars(self) -> dict[str, str]:
         """The KEY=VALUE pairs of secrets.env (empty when it does not exist)."""
         return read_env_file(self.secrets_env_path)
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """Parse a KEY=VALUE file, ignoring blank lines and comments."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    env = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            env[key.strip()] = value.strip()
-    return env
 
 
 def load(state_dir: Path) -> SandboxState:

@@ -18,6 +18,7 @@ import pytest
 from flows.backup import backup
 from flows.backup_verification import backup_verification
 from tests.backup_env import ROWS, backup_env, create_db, databases, drop_all
+from tests.require import require_service, unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -222,13 +223,12 @@ def test_each_broken_kind_fails_with_its_reason(kind: str, good: dict[str, Any],
 
 
 def test_backup_and_verification_over_ssh(good: dict[str, Any], sandbox_state) -> None:  # noqa: ANN001
-    if "sshd" not in sandbox_state.running():
-        pytest.skip("the sandbox sshd is not running")
+    require_service(sandbox_state, "sshd", "the backups are written over SFTP")
     with backup_env(sandbox_state, ssh=True, name="bkssh") as (env, remote):
         doc = backup(env="bkssh", dry_run=False)
         action = doc["actions"][0]
         if "SFTP not available" in action["error"]:
-            pytest.skip("the sandbox sshd serves no SFTP subsystem (needs `Subsystem sftp internal-sftp`)")
+            unavailable("the sandbox sshd serves no SFTP subsystem (needs `Subsystem sftp internal-sftp`)")
         assert action["changed"] and action["verified"], action
         name = taken(doc)
         owner = (remote / name).stat().st_uid

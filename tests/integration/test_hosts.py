@@ -6,7 +6,9 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import paramiko
 import pytest
 
 from assessments.hosts import host_findings
@@ -102,12 +104,21 @@ def _sandbox_host(state) -> dict:  # noqa: ANN001
     return yaml.safe_load(state.playbook_path.read_text())["environments"]["sandbox"]["ssh_hosts"]["app-1"]
 
 
-def test_the_snapshot_command_is_a_constant() -> None:
-    # nothing from outside reaches the remote shell: the only command strings are constants in tasks/hosts.py
-    import inspect
+def test_only_the_constant_snapshot_reaches_the_remote_shell(
+    sandbox_state, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    # nothing from outside (alert labels, parameters, the CLI) reaches the remote shell: every command a procedure
+    # sends over SSH, recorded at paramiko's exec_command, is the fixed HOST_SNAPSHOT of tasks/hosts.py
+    sent: list[str] = []
+    real = paramiko.SSHClient.exec_command
 
-    import tasks.hosts as hosts
+    def recording(self: paramiko.SSHClient, command: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append(command)
+        return real(self, command, *args, **kwargs)
 
-    source = inspect.getsource(hosts)
-    assert source.count("exec_command(") == 1 and "exec_command(command, timeout=timeout_s)" in source
+    monkeypatch.setattr(paramiko.SSHClient, "exec_command", recording)
+    name = derive(sandbox_state, tmp_path, monkeypatch, "constcmd", {}, drop=("docker", "databases"))
+    doc = high_cpu(env=name, dry_run=True, sample_interval_s=0.2)
+    assert sent and set(sent) == {HOST_SNAPSHOT}, sent
+    assert not any(f["subject"] == "host app-1" and "unreachable" in f["title"] for f in doc["findings"])
     assert "{" not in HOST_SNAPSHOT and "%" not in HOST_SNAPSHOT.replace("pcpu", "")

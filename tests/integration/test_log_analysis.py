@@ -18,6 +18,7 @@ from flows.log_analysis import log_analysis
 from runbook.sandbox.opensearch import EXPECTED, LOG_DOCS, seed_logs
 from tasks.logs import RUNBOOK_QUERIES, analyze_logs, match_records, search_logs
 from tests.integration.derived_env import derive
+from tests.require import require_service
 
 pytestmark = pytest.mark.integration
 
@@ -136,8 +137,7 @@ def app_log() -> Iterator[Path]:
 def test_without_elasticsearch_log_files_over_ssh_answer_the_same(
     sandbox_state, sandbox_env, app_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
 ) -> None:
-    if not sandbox_env.ssh_hosts:
-        pytest.skip("the sandbox has no sshd")
+    require_service(sandbox_state, "sshd", "log files are read over SSH")
     host = next(iter(sandbox_env.ssh_hosts))
     # text lines carry no service: the file's configured one; only JSON lines can say "payment"
     name = derive(sandbox_state, tmp_path, monkeypatch, "sshlogs",
@@ -166,8 +166,7 @@ def _doc_id(message: str, hit: dict) -> str:
 
 def test_an_unreachable_log_host_is_noted(sandbox_state, sandbox_env, tmp_path: Path,  # noqa: ANN001
                                           monkeypatch: pytest.MonkeyPatch, dead_port: int) -> None:  # noqa: F811
-    if not sandbox_env.ssh_hosts:
-        pytest.skip("the sandbox has no sshd")
+    require_service(sandbox_state, "sshd", "the unreachable host is the sandbox's SSH host on a dead port")
     host, cfg = next(iter(sandbox_env.ssh_hosts.items()))
     name = derive(sandbox_state, tmp_path, monkeypatch, "sshdead", {
         "ssh_hosts": {host: {**cfg.model_dump(mode="json"), "port": dead_port, "timeout_s": 2}},
@@ -182,8 +181,7 @@ def test_an_unreachable_log_host_is_noted(sandbox_state, sandbox_env, tmp_path: 
 
 def test_without_elasticsearch_container_logs_answer(sandbox_state, sandbox_env, tmp_path: Path,  # noqa: ANN001
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    if sandbox_env.docker is None:
-        pytest.skip("the sandbox has no docker endpoint (podman not running)")
+    require_service(sandbox_state, "podman", "container logs come from Podman's Docker API")
     name = derive(sandbox_state, tmp_path, monkeypatch, "dockerlogs", {}, drop=("elasticsearch",))
     from runbook.engine.config import load_playbooks
 

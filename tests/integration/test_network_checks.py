@@ -17,6 +17,7 @@ from tasks.http_checks import check_http
 from tasks.network import tcp_connect
 from tasks.probes import resolve
 from tests.integration.derived_env import derive
+from tests.require import require_service
 
 pytestmark = pytest.mark.integration
 
@@ -105,8 +106,7 @@ def test_tls_days_left_and_healthy_targets(broken_doc: dict, sandbox_env) -> Non
 
 def test_from_inside_a_container(sandbox_env, sandbox_state, tmp_path: Path,  # noqa: ANN001
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    if sandbox_env.docker is None:
-        pytest.skip("the sandbox has no docker endpoint (podman not running)")
+    require_service(sandbox_state, "podman", "the checks run inside a container of Podman's Docker API")
     name = derive(sandbox_state, tmp_path, monkeypatch, "netcontainer", {"network": {"targets": {
         "backend-http": {"host": "127.0.0.1", "port": 8000, "timeout_s": 2, "from_host": False,
                          "from_services": ["backend"]},
