@@ -15,7 +15,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,6 +42,9 @@ sandbox_app = typer.Typer(no_args_is_help=True, help="Real local services for te
 app.add_typer(sandbox_app, name="sandbox")
 backups_app = typer.Typer(no_args_is_help=True, help="Backups in an environment's backup location.")
 app.add_typer(backups_app, name="backups")
+local_app = typer.Typer(no_args_is_help=True, help="The background Prefect server and executor `runbook run` starts "
+                                                    "when PREFECT_API_URL is not set.")
+app.add_typer(local_app, name="local")
 
 out = Console()
 err = Console(stderr=True)
@@ -109,20 +115,17 @@ def check(
 # ------------------------------------------------------------------ run
 
 
-def parse_params(procedure: str, raw: list[str]) -> dict[str, Any]:
-    """Turn ``k=v`` strings into typed flow parameters, validated against the flow's own signature."""
-    from runbook.app.catalog import validate_params
-    from runbook.engine.procedure import RESERVED_PARAMS
-
-    params: dict[str, Any] = {}
+def _raw_params(raw: list[str]) -> dict[str, str]:
+    """``k=v`` strings as a dict; ``env`` and ``dry_run`` are flags (--env, --apply), never parameters."""
+    params: dict[str, str] = {}
     for item in raw:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise BadInput(f"--param {item!r}: expected key=value")
-        if key in RESERVED_PARAMS:
+        if key in ("env", "dry_run"):
             raise BadInput(f"--param {key}: use {'--env' if key == 'env' else '--apply'} instead")
         params[key] = value
-    return validate_params(procedure, params, label="--param ")
+    return params
 
 
 @app.command()
@@ -134,22 +137,147 @@ def run(
     output: Annotated[str, typer.Option("--output", help="text or json")] = "text",
     yes: Annotated[bool, typer.Option("--yes", help="with --apply: approve the plan without the prompt (scripts); "
                                                     "recorded as this OS user and host")] = False,
+    in_process: Annotated[bool, typer.Option("--in-process", help="run the flow in this process instead of "
+                                             "handing it to a warm executor")] = False,
 ) -> None:
-    """Run a procedure: a dry run unless --apply. Procedures that need approval show the plan and ask for `yes`."""
+    """Run a procedure: a dry run unless --apply. Procedures that need approval show the plan and ask for `yes`.
+
+    With a warm executor reachable (`runbook serve` or `runbook worker` on PREFECT_API_URL, or the background one
+    this command starts at a terminal when PREFECT_API_URL is not set; RUNBOOK_LOCAL_SERVER=1 asks for it from a
+    script) the run goes there, like an alert's run, and its progress and report come back here; otherwise the
+    flow runs in this process.
+    """
+    if output not in {"text", "json"}:
+        raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
+    try:
+        if yes and not apply:
+            raise BadInput("--yes needs --apply (a dry run has nothing to approve)")
+        raw = _raw_params(param or [])
+    except BadInput as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    if not in_process:
+        api = _warm_api()
+        if api:
+            _run_warm(api, procedure, env, raw, apply, yes, output)
+    _run_in_process(procedure, env, raw, apply, yes, output)
+
+
+def _warm_api() -> str | None:
+    """The API of a Prefect server with a live warm executor: PREFECT_API_URL's, or the background one (started
+    now when nothing is configured). None when there is none to use (the run then happens in this process)."""
+    import httpx
+
+    from runbook.app import local_server, remote_run
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        # a person at a terminal gets the background server; scripts and CI keep the embedded API unless asked
+        if not (sys.stderr.isatty() or os.environ.get("RUNBOOK_LOCAL_SERVER") == "1"):
+            return None
+        try:
+            return local_server.ensure(say=lambda line: err.print(line, style="dim", highlight=False, markup=False))
+        except RunbookError as exc:
+            err.print(f"no background server ({redact(str(exc))[:300]}); running in this process", style="yellow",
+                      markup=False, highlight=False)
+            return None
+    with httpx.Client(base_url=api, timeout=2, trust_env=False) as http:
+        return api if remote_run.warm_executor_ready(http) else None
+
+
+def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
+              output: str) -> None:
+    """Create the run on the server, follow its log, answer an approval here, print its report; always exits."""
+    import httpx
+
+    from runbook.app import remote_run
+    from runbook.engine.decisions import operator_identity, parse_plan_input
+    from runbook.engine.findings import render_terminal, report_from_json
+
+    started = time.monotonic()
+    with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+        try:
+            dep = remote_run.deployment(http, procedure)
+            params = remote_run.coerce_params(dep.get("parameter_openapi_schema") or {}, raw)
+            environment = load_playbooks().environment(env)
+            required = remote_run.APPROVAL_TAG in (dep.get("tags") or []) or \
+                environment.approvals.get(procedure) == "required"
+            if apply and required and not yes and not _interactive():
+                raise BadInput(f"{procedure} needs approval to apply and there is no terminal to ask at: run it at "
+                               "a terminal (it shows the plan and asks for `yes`) or pass --yes from a script")
+            created = remote_run.create_run(http, dep, {"env": environment.name, "dry_run": not apply, **params})
+        except (ConfigError, BadInput) as exc:
+            raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+        except RunbookError as exc:
+            raise _fail(EXIT_ENGINE, str(exc)) from None
+        run_id = created["id"]
+        err.print(f"run {created['name']} ({run_id}) on the warm executor at {api.removesuffix('/api')}",
+                  style="dim", highlight=False, markup=False)
+
+        def on_log(line: dict[str, Any]) -> None:
+            err.print(f"{time.monotonic() - started:5.1f}s {redact(str(line.get('message', '')))[:300]}",
+                      style="dim", highlight=False, markup=False)
+
+        def on_step(task_run: dict[str, Any]) -> None:
+            state = (task_run.get("state") or {}).get("name", "?")
+            took = task_run.get("total_run_time") or 0.0
+            name = re.sub(r"-[0-9a-f]{3}$", "", str(task_run.get("name", "?")))  # Prefect's suffix: get_x-901
+            err.print(f"{time.monotonic() - started:5.1f}s {'ok ' if state == 'Completed' else state + ' '}"
+                      f"{name} ({took:.2f} s)", style="dim", highlight=False, markup=False)
+
+        def on_paused(run_doc: dict[str, Any]) -> None:
+            view = parse_plan_input(remote_run.waiting_plan(http, run_id) or "")
+            if view is None:
+                return  # not our approval form: leave it to the UI
+            who = operator_identity()
+            if yes:
+                err.print(view.text(), markup=False, highlight=False)
+                remote_run.resume(http, run_id, True, who, "--yes (script)")
+                return
+            if not _interactive():
+                remote_run.resume(http, run_id, False, who, "no terminal to ask at (pass --yes from a script)")
+                return
+            err.print(view.text(), markup=False, highlight=False)
+            err.print("Only 'yes' will be accepted to approve.", highlight=False)
+            try:
+                answer = input("Apply this plan? ").strip()
+            except EOFError:
+                answer = ""
+            remote_run.resume(http, run_id, answer == "yes", who,
+                              "at the terminal" if answer == "yes" else f"answered {answer[:20]!r} at the terminal")
+
+        try:
+            final = remote_run.follow(http, run_id, on_log, on_paused, on_step)
+            doc = remote_run.read_report(http, run_id)
+        except RunbookError as exc:
+            raise _fail(EXIT_ENGINE, f"{procedure}: {exc}") from None
+    if doc is None:
+        state = final.get("state") or {}
+        raise _fail(EXIT_BAD_INPUT if "ConfigError" in str(state.get("message")) else EXIT_ENGINE,
+                    f"{procedure} ended {state.get('name')} without a report: {redact(str(state.get('message')))}")
+    _print_report(doc, output, render_terminal, report_from_json)
+
+
+def _print_report(doc: dict[str, Any], output: str, render: Any, parse: Any) -> None:
+    report = parse(doc)
+    if output == "json":
+        print(json.dumps(doc, indent=2))
+    else:
+        render(report, out)
+    raise typer.Exit(OUTCOME_EXIT.get(report.outcome, EXIT_CRITICAL if report.has_critical else EXIT_OK))
+
+
+def _run_in_process(procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
+                    output: str) -> None:
     from runbook.app.catalog import PROCEDURES
-    from runbook.engine.approval import local_approver
+    from runbook.engine.decisions import local_approver
     from runbook.engine.findings import render_terminal, report_from_json
     from runbook.engine.procedure import attended_run
 
-    if output not in {"text", "json"}:
-        raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
     if procedure not in PROCEDURES:
         raise _fail(EXIT_BAD_INPUT, f"unknown procedure {procedure!r}; known: {', '.join(PROCEDURES)}")
     spec = PROCEDURES[procedure]
     try:
-        if yes and not apply:
-            raise BadInput("--yes needs --apply (a dry run has nothing to approve)")
-        params = parse_params(procedure, param or [])
+        params = spec.validate_params(dict(raw), label="--param ")
         environment = load_playbooks().environment(env)
         for where, ref in iter_secret_refs(environment):  # fail fast, before a flow run exists
             environment.resolve_secret(ref, where)
@@ -162,19 +290,14 @@ def run(
     flow_fn = spec.load_flow()
     try:
         with attended_run(), local_approver(_auto_approver if yes else _terminal_approver):
-            doc = flow_fn(env=env, dry_run=not apply, **params)
+            doc = flow_fn(env=environment.name, dry_run=not apply, **params)
     except (ConfigError, BadInput) as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     except RunbookError as exc:
         raise _fail(EXIT_ENGINE, f"{procedure} failed: {exc}") from None
     except Exception as exc:  # the engine's last line: a bug or unexpected library error; redacted, no traceback
         raise _fail(EXIT_ENGINE, f"{procedure} failed unexpectedly: {type(exc).__name__}: {exc}") from None
-    report = report_from_json(doc)
-    if output == "json":
-        print(json.dumps(doc, indent=2))
-    else:
-        render_terminal(report, out)
-    raise typer.Exit(OUTCOME_EXIT.get(report.outcome, EXIT_CRITICAL if report.has_critical else EXIT_OK))
+    _print_report(doc, output, render_terminal, report_from_json)
 
 
 def _interactive() -> bool:
@@ -183,7 +306,7 @@ def _interactive() -> bool:
 
 def _auto_approver(view: Any) -> Any:
     """--yes: the plan is printed for the record and approved as the OS user and host running the script."""
-    from runbook.engine.approval import Decision, operator_identity
+    from runbook.engine.decisions import Decision, operator_identity
 
     err.print(view.text(), markup=False, highlight=False)
     return Decision(approved=True, approver=operator_identity(), how="--yes (script)")
@@ -191,7 +314,7 @@ def _auto_approver(view: Any) -> Any:
 
 def _terminal_approver(view: Any) -> Any:
     """Terraform's habit: print the plan, apply only on the literal answer `yes`."""
-    from runbook.engine.approval import Decision, operator_identity
+    from runbook.engine.decisions import Decision, operator_identity
 
     if not _interactive():
         return Decision(approved=False, reason="no terminal to ask at (pass --yes from a script)")
@@ -206,6 +329,30 @@ def _terminal_approver(view: Any) -> Any:
         return Decision(approved=False, approver=who, reason=f"answered {answer[:20]!r} at the terminal",
                         how="at the terminal")
     return Decision(approved=True, approver=who, how="at the terminal")
+
+
+# ------------------------------------------------------------------ the background server of `runbook run`
+
+
+@local_app.command("status")
+def local_status() -> None:
+    """Whether the background server runs, where, and its state directory."""
+    from runbook.app import local_server
+
+    api = local_server.running()
+    where = local_server.state_dir()
+    if api:
+        out.print(f"running: {api.removesuffix('/api')} (state {where}, log {where / 'serve.log'})", highlight=False)
+    else:
+        out.print(f"not running (state {where})", highlight=False)
+
+
+@local_app.command("stop")
+def local_stop() -> None:
+    """Stop the background server (the next `runbook run` starts it again)."""
+    from runbook.app import local_server
+
+    out.print("stopped" if local_server.stop() else "was not running")
 
 
 # ------------------------------------------------------------------ sandbox
@@ -230,7 +377,9 @@ def sandbox_up(
         raise _fail(EXIT_ENGINE, str(exc)) from None
     _print_sandbox(state)
     out.print(f"sandbox up in {time.monotonic() - started:.1f} s; environment `sandbox` in {state.playbook_dir}")
-    out.print('point this shell at it: eval "$(runbook sandbox env)"', markup=False)
+    out.print('point a shell at it (or: eval "$(runbook sandbox env)"):', markup=False)
+    for line in _sandbox_exports(state):
+        out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 @sandbox_app.command("status")
@@ -238,23 +387,30 @@ def sandbox_status() -> None:
     """Show each sandbox service: running or not, pid, port."""
     from runbook import sandbox
 
-    _print_sandbox(sandbox.status())
+    state = sandbox.status()
+    _print_sandbox(state)
+    if state.running():
+        for line in _sandbox_exports(state):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _sandbox_exports(state: Any) -> list[str]:
+    import shlex
+
+    exports = {**state.engine_env(), "PREFECT_API_URL": state.prefect_api_url or ""}
+    return [f"export {key}={shlex.quote(value)}" for key, value in exports.items() if value]
 
 
 @sandbox_app.command("env")
 def sandbox_env() -> None:
     """Print `export` lines that point the engine at the running sandbox (use: eval "$(runbook sandbox env)")."""
-    import shlex
-
     from runbook import sandbox
 
     state = sandbox.status()
     if not state.running():
         raise _fail(EXIT_BAD_INPUT, "the sandbox is not running: start it with `runbook sandbox up`")
-    exports = {**state.engine_env(), "PREFECT_API_URL": state.prefect_api_url or ""}
-    for key, value in exports.items():
-        if value:
-            print(f"export {key}={shlex.quote(value)}")
+    for line in _sandbox_exports(state):
+        print(line)
 
 
 @sandbox_app.command("down")
@@ -280,9 +436,14 @@ def _print_sandbox(state: Any) -> None:
 
 
 def _api_url() -> str:
-    from prefect.settings import PREFECT_API_URL
+    """PREFECT_API_URL (the environment, else the background server `runbook run` started, else Prefect's profile)."""
+    from runbook.app import local_server
 
-    url = PREFECT_API_URL.value()
+    url = os.environ.get("PREFECT_API_URL") or local_server.running()
+    if not url:
+        from prefect.settings import PREFECT_API_URL  # the active Prefect profile may name a server
+
+        url = PREFECT_API_URL.value()
     if not url:
         raise _fail(EXIT_BAD_INPUT, "PREFECT_API_URL is not set: point it at the Prefect server's /api")
     return str(url)
@@ -353,6 +514,8 @@ def serve(
     prefect_port: Annotated[int, typer.Option(help="port of the local Prefect server")] = 4200,
     token_env: Annotated[str, typer.Option(help="env var holding the bearer token")] = "RUNBOOK_INTAKE_TOKEN",
     state: Annotated[Path, typer.Option(help="state directory (Prefect home, intake store)")] = Path(".runbook"),
+    no_intake: Annotated[bool, typer.Option("--no-intake", help="no alert intake: server, deployments and "
+                                            "executor only (what `runbook run` starts in the background)")] = False,
 ) -> None:
     """Everything in one command: local Prefect server (SQLite), deployments, warm executor, alert intake."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -361,20 +524,40 @@ def serve(
     from runbook.app.serve import register_deployments, run_intake
     from runbook.engine.prefect_env import local_prefect_server
 
-    token = _token(token_env)
+    token = "" if no_intake else _token(token_env)
     api = os.environ.get("PREFECT_API_URL")
+    started = time.monotonic()
+
+    def step(what: str) -> None:
+        out.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {what}", highlight=False)
+        sys.stdout.flush()
+
+    step("starting the Prefect server" if not api else f"using the Prefect server at {api}")
     with local_prefect_server(state / "prefect", prefect_port) if not api else nullcontext(api) as api_url:
+        step(f"Prefect server up: UI {api_url.removesuffix('/api')}")
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             register_deployments(api_url)
+            step("deployments registered")
             preload_flows()
             ex = Executor()
             ex.start()
-            out.print(f"Prefect UI {api_url.removesuffix('/api')} · intake http://127.0.0.1:{port}/alerts · "
-                      "Ctrl-C stops everything")
+            step(f"executor {ex.name} serving work pool {ex.work_pool!r}")
             try:
-                run_intake(api_url, token, "127.0.0.1", port, state, executor=ex)
+                if no_intake:
+                    step("ready (no intake); Ctrl-C stops everything")
+                    _wait_forever()
+                else:
+                    step(f"intake on http://127.0.0.1:{port}/alerts; Ctrl-C stops everything")
+                    run_intake(api_url, token, "127.0.0.1", port, state, executor=ex)
             finally:
                 ex.stop(wait=False)
+
+
+def _wait_forever() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
 
 
 def _prefect_http() -> Any:
@@ -385,7 +568,7 @@ def _prefect_http() -> Any:
 
 def _waiting_plan(http: Any, run: dict[str, Any]) -> Any:
     """The plan a paused run stored for its approvers, or None when the run is not waiting for approval."""
-    from runbook.engine.approval import PAUSE_KEY, PLAN_INPUT_KEY, parse_plan_input
+    from runbook.engine.decisions import PAUSE_KEY, PLAN_INPUT_KEY, parse_plan_input
 
     state = run.get("state") or {}
     if state.get("type") != "PAUSED" or (state.get("state_details") or {}).get("pause_key") != PAUSE_KEY:
@@ -446,10 +629,9 @@ def approve(
     from uuid import UUID
 
     import httpx
-    from prefect.exceptions import NotPausedError, ObjectNotFound
-    from prefect.flow_runs import resume_flow_run
 
-    from runbook.engine.approval import operator_identity
+    from runbook.app import remote_run
+    from runbook.engine.decisions import operator_identity
 
     try:
         uid = UUID(run_id)
@@ -462,26 +644,21 @@ def approve(
                 raise _fail(EXIT_BAD_INPUT, f"no flow run {uid}")
             run = resp.raise_for_status().json()
             view = _waiting_plan(http, run)
-    except httpx.HTTPError as exc:
-        raise _fail(EXIT_ENGINE, f"cannot read run {uid} from the Prefect API: {type(exc).__name__}: {exc}") from None
-    if view is None:
-        state = (run.get("state") or {}).get("name", "unknown")
-        raise _fail(EXIT_BAD_INPUT, f"run {uid} is not waiting for approval (state: {state})")
-    out.print(view.text(), markup=False, highlight=False)
-    if not reject and not yes:
-        if not _interactive():
-            raise _fail(EXIT_BAD_INPUT, "no terminal to ask at: pass --yes to approve from a script")
-        if input("Approve and apply this plan? Only 'yes' approves: ").strip() != "yes":
-            out.print("not approved: the run keeps waiting (approve again, or --reject)")
-            raise typer.Exit(EXIT_BAD_INPUT)
-    who = operator_identity()
-    try:
-        resume_flow_run(uid, run_input={"approve": not reject, "approver": who, "reason": reason[:500]})
-    except ObjectNotFound:
-        raise _fail(EXIT_BAD_INPUT, f"no flow run {uid}") from None
-    except (NotPausedError, RuntimeError, ValueError) as exc:  # decided (or timed out) meanwhile
-        raise _fail(EXIT_BAD_INPUT, f"run {uid} is no longer waiting for approval: {exc}") from None
-    except httpx.HTTPError as exc:
+            if view is None:
+                state = (run.get("state") or {}).get("name", "unknown")
+                raise _fail(EXIT_BAD_INPUT, f"run {uid} is not waiting for approval (state: {state})")
+            out.print(view.text(), markup=False, highlight=False)
+            if not reject and not yes:
+                if not _interactive():
+                    raise _fail(EXIT_BAD_INPUT, "no terminal to ask at: pass --yes to approve from a script")
+                if input("Approve and apply this plan? Only 'yes' approves: ").strip() != "yes":
+                    out.print("not approved: the run keeps waiting (approve again, or --reject)")
+                    raise typer.Exit(EXIT_BAD_INPUT)
+            who = operator_identity()
+            remote_run.resume(http, str(uid), not reject, who, reason)
+    except BadInput as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except (httpx.HTTPError, RunbookError) as exc:
         raise _fail(EXIT_ENGINE, f"cannot reach the Prefect API: {type(exc).__name__}: {exc}") from None
     out.print(f"{'rejected' if reject else 'approved'} {uid} as {who}", highlight=False)
 

@@ -37,11 +37,12 @@ from prefect.flow_engine import run_flow
 from prefect.states import Failed, Pending
 
 from runbook.app.catalog import PROCEDURES
+from runbook.app.remote_run import WORK_POOL
 from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
 
-WORK_POOL = "runbook"
+
 EVENTS_RETRY_S = 5.0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,15 +20,15 @@ from typing import Any
 
 import httpx
 
+from runbook.engine.decisions import PAUSE_KEY, PLAN_INPUT_KEY, REPORT_INPUT_KEY
 from runbook.engine.errors import BadInput, RunbookError
 
 WORK_POOL = "runbook"
-DEPLOYMENT = "runbook"  # every procedure's deployment: <procedure>/runbook (runbook.app.serve)
-REPORT_INPUT_KEY = "runbook-report"
-PAUSE_KEY = "approval"
-PLAN_INPUT_KEY = "runbook-plan"
+DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (runbook.app.serve registers them)
+APPROVAL_TAG = "approval:required"  # on the deployment of a procedure that needs approval to apply
 WORKER_FRESH_S = 90.0  # an executor heartbeats every 15-30 s: one that missed three is gone
-FOLLOW_POLL_S = 0.05
+FOLLOW_POLL_S = 0.1
+QUIET_LOGS = ("Finished in state", "Beginning flow run", "Created task run", "Executing ")  # said by task lines
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -37,10 +38,11 @@ class RemoteRunError(RunbookError):
 
 @dataclass
 class Progress:
-    """What the run has said so far; the CLI prints each new log line as it arrives."""
+    """What the run has said so far (log lines, finished steps); the CLI prints each new one as it arrives."""
 
     seen: set[str] = field(default_factory=set)
     since: str | None = None
+    steps_done: set[str] = field(default_factory=set)
 
 
 def warm_executor_ready(http: httpx.Client, work_pool: str = WORK_POOL) -> bool:
@@ -60,9 +62,13 @@ def warm_executor_ready(http: httpx.Client, work_pool: str = WORK_POOL) -> bool:
 
 
 def deployment(http: httpx.Client, procedure: str) -> dict[str, Any]:
-    resp = _call(http, "GET", f"/deployments/name/{procedure}/{DEPLOYMENT}")
+    resp = _call(http, "GET", f"/deployments/name/{procedure}/{DEPLOYMENT_NAME}")
     if resp.status_code == 404:
-        raise BadInput(f"no deployment {procedure}/{DEPLOYMENT} on the Prefect server: run `runbook deploy`")
+        flows = _call(http, "POST", "/flows/filter", json={"deployments": {"name": {"any_": [DEPLOYMENT_NAME]}}})
+        known = sorted(f["name"] for f in flows.json()) if flows.status_code == 200 else []
+        if known:
+            raise BadInput(f"unknown procedure {procedure!r}; known: {', '.join(known)}")
+        raise BadInput(f"no deployment {procedure}/{DEPLOYMENT_NAME} on the Prefect server: run `runbook deploy`")
     return _ok(resp, f"reading deployment {procedure}").json()  # type: ignore[no-any-return]
 
 
@@ -93,7 +99,7 @@ def _is_string(prop: dict[str, Any]) -> bool:
 def create_run(http: httpx.Client, dep: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
     resp = _call(http, "POST", f"/deployments/{dep['id']}/create_flow_run", json={
         "parameters": parameters, "state": {"type": "SCHEDULED", "name": "Scheduled"},
-        "tags": ["cli"],
+        "tags": ["cli"], "idempotency_key": f"cli-{uuid.uuid4()}",
     })
     if resp.status_code in (409, 422):  # the server's schema validation: name what was wrong
         raise BadInput(f"parameters refused: {_detail(resp)}")
@@ -101,18 +107,21 @@ def create_run(http: httpx.Client, dep: dict[str, Any], parameters: dict[str, An
 
 
 def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], None],
-           on_paused: Callable[[dict[str, Any]], None], progress: Progress | None = None,
-           timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Poll the run's state and new log lines until it is final; ``on_paused`` handles an approval wait."""
+           on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[dict[str, Any]], None] | None = None,
+           progress: Progress | None = None, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Poll the run's state, its finished steps (task runs) and new log lines until it is final; ``on_paused``
+    handles an approval wait."""
     progress = progress or Progress()
     deadline = time.monotonic() + timeout_s
     asked: set[str] = set()
     while True:
         run = _ok(_call(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
-        _new_logs(http, run_id, progress, on_log)
         state = run.get("state") or {}
-        if state.get("type") in TERMINAL:
-            _new_logs(http, run_id, progress, on_log)
+        final = state.get("type") in TERMINAL
+        if on_step is not None:
+            _new_steps(http, run_id, progress, on_step)
+        _new_logs(http, run_id, progress, on_log)
+        if final:
             return run  # type: ignore[no-any-return]
         details = state.get("state_details") or {}
         if state.get("type") == "PAUSED" and details.get("pause_key") == PAUSE_KEY and state["id"] not in asked:
@@ -121,6 +130,18 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
         if time.monotonic() > deadline:
             raise RemoteRunError(f"run {run_id} still {state.get('name')} after {timeout_s:g} s")
         time.sleep(FOLLOW_POLL_S)
+
+
+def _new_steps(http: httpx.Client, run_id: str, progress: Progress,
+               on_step: Callable[[dict[str, Any]], None]) -> None:
+    resp = _call(http, "POST", "/task_runs/filter", json={
+        "flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
+    if resp.status_code != 200:
+        return
+    for task_run in resp.json():
+        if (task_run.get("state") or {}).get("type") in TERMINAL and task_run["id"] not in progress.steps_done:
+            progress.steps_done.add(task_run["id"])
+            on_step(task_run)
 
 
 def _new_logs(http: httpx.Client, run_id: str, progress: Progress,
@@ -136,7 +157,8 @@ def _new_logs(http: httpx.Client, run_id: str, progress: Progress,
             continue
         progress.seen.add(line["id"])
         progress.since = line["timestamp"]
-        on_log(line)
+        if not str(line.get("message", "")).startswith(QUIET_LOGS):
+            on_log(line)
 
 
 def waiting_plan(http: httpx.Client, run_id: str) -> str | None:
@@ -149,9 +171,12 @@ def resume(http: httpx.Client, run_id: str, approve: bool, approver: str, reason
     """Answer the approval form (the same fields as the Prefect UI's form and `runbook approve`)."""
     resp = _call(http, "POST", f"/flow_runs/{run_id}/resume", json={
         "run_input": {"approve": approve, "approver": approver, "reason": reason[:500]}})
-    body = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
-    if resp.status_code >= 400 or body.get("status") not in (None, "ACCEPT"):
-        raise RemoteRunError(f"the server did not take the decision: {_detail(resp)}")
+    if resp.status_code == 404:
+        raise BadInput(f"no flow run {run_id}")
+    body = _ok(resp, "answering the approval").json()
+    if isinstance(body, dict) and body.get("status") not in (None, "ACCEPT"):  # decided or timed out meanwhile
+        why = (body.get("details") or {}).get("reason") or body.get("status")
+        raise BadInput(f"run {run_id} is no longer waiting for approval: {why}")
 
 
 def read_report(http: httpx.Client, run_id: str) -> dict[str, Any] | None:
@@ -159,15 +184,25 @@ def read_report(http: httpx.Client, run_id: str) -> dict[str, Any] | None:
     resp = _call(http, "GET", f"/flow_runs/{run_id}/input/{REPORT_INPUT_KEY}")
     if resp.status_code != 200:
         return None
-    doc = json.loads(resp.json() if resp.text.startswith('"') else resp.text)
+    doc = resp.json()
+    if isinstance(doc, str):  # Prefect keeps an input as JSON text
+        doc = json.loads(doc)
     return doc if isinstance(doc, dict) else None
 
 
-def _call(http: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+def _call(http: httpx.Client, method: str, path: str, attempts: int = 8, **kwargs: Any) -> httpx.Response:
+    """One request; 503/429 are retried as Prefect's own client does (a SQLite-backed server answers 503 while it
+    is busy writing). Requests that create something carry an idempotency key, so a retry creates nothing twice."""
     try:
-        return http.request(method, path, **kwargs)
+        resp = http.request(method, path, **kwargs)
+        for attempt in range(1, attempts):
+            if resp.status_code not in (429, 503):
+                break
+            time.sleep(0.2 * attempt)
+            resp = http.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         raise RemoteRunError(f"Prefect API unreachable ({method} {path}): {type(exc).__name__}: {exc}") from None
+    return resp
 
 
 def _ok(resp: httpx.Response, what: str) -> httpx.Response:

@@ -18,9 +18,8 @@ import uvicorn
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.app import IntakeSettings, create_app
+from runbook.app.remote_run import APPROVAL_TAG, DEPLOYMENT_NAME
 from runbook.engine.config import PROJECT_ROOT, load_playbooks
-
-DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook
 
 
 def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
@@ -40,7 +39,8 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
             _post(http, "/deployments/", {
                 "name": DEPLOYMENT_NAME, "flow_id": flow_id, "work_pool_name": work_pool,
                 "work_queue_name": "default", "description": spec.summary,
-                "tags": ["procedure", *spec.tags], "entrypoint": f"{module.replace('.', '/')}.py:{fn}",
+                "tags": ["procedure", *spec.tags, *([APPROVAL_TAG] if spec.approval == "required" else [])],
+                "entrypoint": f"{module.replace('.', '/')}.py:{fn}",
                 "path": str(PROJECT_ROOT),
                 "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}],
                 "parameters": {"dry_run": True}, "enforce_parameter_schema": True,

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
@@ -304,24 +303,6 @@ def _short(value: Any, limit: int) -> str:
 
 
 # ---------------------------------------------------------------- Prefect artifacts
-
-
-def publish_artifacts(report: Report) -> None:
-    """Publish the report to the Prefect UI: one markdown artifact plus a table of the findings."""
-
-    key = report.procedure.replace("_", "-")
-    create_markdown_artifact(
-        markdown=report_to_markdown(report), key=f"{key}-report", description=f"{report.procedure} report"
-    )
-    create_table_artifact(
-        table=[
-            {"severity": f.severity.value, "title": redact(f.title), "subject": redact(f.subject)}
-            for f in report.findings
-        ]
-        or [{"severity": "", "title": "no findings", "subject": ""}],
-        key=f"{key}-findings",
-        description=f"{report.procedure} findings",
-    )
 
 
 # ---------------------------------------------------------------- terminal

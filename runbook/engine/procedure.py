@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -31,9 +32,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from uuid import UUID
 
 from prefect import Flow, flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
@@ -44,10 +48,10 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, 
 from prefect.states import Completed
 from pydantic import TypeAdapter, ValidationError
 
-from runbook.engine import approval
+from runbook.engine import approval, decisions
 from runbook.engine.config import Environment, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError, TargetUnreachable
-from runbook.engine.findings import ActionResult, Finding, Report, Severity, kv_text, publish_artifacts, report_to_json
+from runbook.engine.findings import ActionResult, Finding, Report, Severity, kv_text, report_to_json, report_to_markdown
 from runbook.engine.notify import annotate_grafana, notify_route
 from runbook.engine.redact import install_log_redaction, redact
 from runbook.engine.remediation import Remediation, StateT
@@ -173,6 +177,24 @@ def procedure(
     return deco
 
 
+def publish_artifacts(report: Report) -> None:
+    """Publish the report to the Prefect UI: one markdown artifact plus a table of the findings."""
+
+    key = report.procedure.replace("_", "-")
+    create_markdown_artifact(
+        markdown=report_to_markdown(report), key=f"{key}-report", description=f"{report.procedure} report"
+    )
+    create_table_artifact(
+        table=[
+            {"severity": f.severity.value, "title": redact(f.title), "subject": redact(f.subject)}
+            for f in report.findings
+        ]
+        or [{"severity": "", "title": "no findings", "subject": ""}],
+        key=f"{key}-findings",
+        description=f"{report.procedure} findings",
+    )
+
+
 # ------------------------------------------------------------------ the run a body works with
 
 
@@ -272,7 +294,19 @@ def _execute(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ..
         _announce_finished(run)  # first: its delivery errors belong in the published report
         publish_artifacts(report)
     doc = report_to_json(report)
+    if ctx and ctx.flow_run:
+        _store_report(ctx.flow_run.id, doc)
     return Completed(name=report.outcome, message=_summary(report), data=doc)
+
+
+def _store_report(run_id: UUID, doc: dict[str, Any]) -> None:
+    """Keep the report with the run (run input ``runbook-report``): `runbook run` on the warm path reads it back,
+    since a flow's return value is not kept on the server. Best effort: the run's outcome does not depend on it."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
+    except Exception as exc:  # noqa: BLE001 - a storage hiccup must not turn a finished run into a failed one
+        _run_logger().warning("could not store the report with the run: %s", redact(str(exc))[:200])
 
 
 def _remediate(run: Run) -> None:
@@ -341,9 +375,9 @@ def apply_step(rem: Remediation[Any], planned: ActionResult) -> ActionResult:
     return apply_plan(rem, planned)
 
 
-def _ask(run: Run, planned: list[ActionResult]) -> approval.Decision:
+def _ask(run: Run, planned: list[ActionResult]) -> decisions.Decision:
     report = run.report
-    view = approval.PlanView(
+    view = decisions.PlanView(
         procedure=report.procedure, env=report.env, route=run.route or "",
         targets=[p.target for p in planned],
         findings=[f"{f.severity.value}: {redact(f.title)}" for f in report.findings if f.severity.rank > 0][:10],
@@ -352,7 +386,7 @@ def _ask(run: Run, planned: list[ActionResult]) -> approval.Decision:
     )
     run.decide(f"approval asked: {len(view.changes)} change(s); waiting up to {run.approval_timeout_s:g} s")
 
-    def waiting(v: approval.PlanView) -> None:
+    def waiting(v: decisions.PlanView) -> None:
         _notify(run, "waiting", f"{report.procedure} on {report.env} is WAITING FOR APPROVAL "
                 f"(up to {run.approval_timeout_s:g} s): " + "; ".join(v.changes[:10]),
                 {"changes": len(v.changes)})
@@ -439,9 +473,9 @@ def _tag(tags: list[str], prefix: str) -> str | None:
 def _timeout(tags: list[str]) -> float:
     raw = _tag(tags, TIMEOUT_PREFIX)
     try:
-        return max(1.0, float(raw)) if raw else approval.DEFAULT_APPROVAL_TIMEOUT_S
+        return max(1.0, float(raw)) if raw else decisions.DEFAULT_APPROVAL_TIMEOUT_S
     except ValueError:
-        return approval.DEFAULT_APPROVAL_TIMEOUT_S
+        return decisions.DEFAULT_APPROVAL_TIMEOUT_S
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

@@ -25,8 +25,8 @@ from flows.memory_leak import memory_leak
 from flows.network_checks import network_checks
 from flows.service_outage import service_outage
 from runbook import sandbox
-from runbook.engine.approval import Decision, local_approver, operator_identity
 from runbook.engine.config import load_playbooks
+from runbook.engine.decisions import Decision, local_approver, operator_identity
 from runbook.engine.findings import Report, render_terminal, report_from_json
 from runbook.engine.procedure import attended_run, flush_run_records
 from runbook.sandbox.incidents import (

@@ -78,13 +78,13 @@ def test_without_a_terminal_or_server_nobody_can_approve(incident: dict[str, Any
     """An in-process run with no local approver and no Prefect API to pause on cannot be approved: nothing changes."""
     from prefect.context import FlowRunContext
 
-    from runbook.engine import approval
+    from runbook.engine import approval, decisions
 
     assert FlowRunContext.get() is None
-    view = approval.PlanView(procedure="data-corruption", env="bk", changes=["restore-from-backup: restore x"])
+    view = decisions.PlanView(procedure="data-corruption", env="bk", changes=["restore-from-backup: restore x"])
     decision = approval.ask(view, 5, lambda v: None)
     assert not decision.approved and "nobody can be asked" in decision.reason
-    with approval.local_approver(lambda v: approval.Decision(approved=True, approver="bob@host", how="test")):
+    with decisions.local_approver(lambda v: decisions.Decision(approved=True, approver="bob@host", how="test")):
         assert approval.ask(view, 5, lambda v: None).approver == "bob@host"
 
 
@@ -173,7 +173,7 @@ def test_failure_mid_restore_leaves_original_in_place(incident: dict[str, Any], 
     app_dsn = sandbox_state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"].rsplit("/", 1)[0] + f"/{DB}"
     assert APP_DSN_VAR
     dbs_before = databases(sandbox_state)
-    from runbook.engine.approval import Decision, local_approver
+    from runbook.engine.decisions import Decision, local_approver
 
     with psycopg.connect(app_dsn, autocommit=True, application_name="stubborn-client") as blocker, \
             local_approver(lambda view: Decision(approved=True, approver="tester", how="test")):

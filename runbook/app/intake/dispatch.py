@@ -21,11 +21,11 @@ import httpx
 from runbook.app.intake.policy import run_parameters
 from runbook.app.intake.routing import RunRequest
 from runbook.app.intake.store import Occurrence, Store
+from runbook.app.remote_run import DEPLOYMENT_NAME
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (runbook.app.serve)
 CANCELLABLE = {"SCHEDULED", "PENDING", "PAUSED"}
 
 

@@ -1,0 +1,94 @@
+"""`runbook run` through a warm executor: the run is created on the server, followed, and its report read back;
+approval is asked at the CLI and answered on the paused run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from runbook.app.executor import Executor
+from runbook.app.serve import register_deployments
+from runbook.sandbox import SandboxState
+from runbook.sandbox.incidents import DbIncident
+from tests.integration.derived_env import derive
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def warm(sandbox_state: SandboxState) -> Iterator[tuple[str, Executor]]:
+    api = sandbox_state.prefect_api_url
+    assert api
+    register_deployments(api)
+    ex = Executor(poll_s=2)
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        ex.start()
+    deadline = time.monotonic() + 30
+    while not (ex.events_connected.is_set() and ex.polls) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield api, ex
+    ex.stop(wait=False)
+
+
+def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PREFECT_API_URL": api}
+    return subprocess.run([sys.executable, "-m", "runbook.app.cli", "run", *args], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+
+
+def _states(api: str, run_id: str) -> list[dict]:
+    return httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run_id}, timeout=10).json()
+
+
+def test_a_dry_run_goes_to_the_warm_executor_and_its_report_comes_back(warm: tuple[str, Executor]) -> None:
+    api, ex = warm
+    proc = cli(api, "db-slowness", "--env", "sandbox", "--output", "json")
+    doc = json.loads(proc.stdout)
+    assert doc["procedure"] == "db-slowness" and doc["dry_run"] is True and doc["outcome"], proc.stderr
+    assert proc.returncode == {"Completed": 0, "Remediated": 4}.get(doc["outcome"], 3)
+    assert "on the warm executor" in proc.stderr and "ok get_activity_snapshot" in proc.stderr, proc.stderr
+    assert any(s.get("message") == f"claimed by {ex.name}" for s in _states(api, doc["flow_run_id"]))
+
+
+def test_bad_parameters_are_refused_before_anything_runs(warm: tuple[str, Executor]) -> None:
+    api, _ = warm
+    proc = cli(api, "db-slowness", "--env", "sandbox", "--param", "top=-5")
+    assert proc.returncode == 2 and "top" in proc.stderr and "minimum" in proc.stderr, proc.stderr
+    proc = cli(api, "db-slowness", "--env", "sandbox", "--param", "nope=1")
+    assert proc.returncode == 2 and "--param nope: no such parameter" in proc.stderr, proc.stderr
+    proc = cli(api, "no-such-procedure", "--env", "sandbox")
+    assert proc.returncode == 2 and "unknown procedure 'no-such-procedure'" in proc.stderr, proc.stderr
+
+
+def test_approval_is_asked_here_and_answered_on_the_paused_run(
+        warm: tuple[str, Executor], sandbox_state: SandboxState, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, app_dsn: str) -> None:
+    api, _ = warm
+    # db-slowness needs approval in this environment (the executor runs in this process: it reads the same env)
+    name = derive(sandbox_state, tmp_path, monkeypatch, "approvewarm", {"approvals": {"db-slowness": "required"}})
+    refused = cli(api, "db-slowness", "--env", name, "--apply")  # no terminal, no --yes: refused before a run
+    assert refused.returncode == 2 and "needs approval" in refused.stderr, refused.stderr
+    inc = DbIncident(app_dsn, slow_runs=0, runaway=False).start()
+    try:
+        time.sleep(1.3)
+        proc = cli(api, "db-slowness", "--env", name, "--apply", "--yes", "--output", "json",
+                   "--param", "idle_in_transaction_s=1", "--param", "long_query_s=1")
+    finally:
+        inc.stop()
+    doc = json.loads(proc.stdout)
+    assert "plan (nothing has been changed yet)" in proc.stderr, proc.stderr  # the plan was shown here
+    audit = "\n".join(doc["notes"] + doc["audit"])
+    assert re.search(r"approved by \S+@\S+", audit), audit
+    assert doc["outcome"] == "Remediated" and proc.returncode == 4, (doc["outcome"], proc.stderr[-2000:])
+    paused = [s for s in _states(api, doc["flow_run_id"]) if s["type"] == "PAUSED"]
+    assert paused, "the run waited on the server"
