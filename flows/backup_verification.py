@@ -51,7 +51,7 @@ def backup_verification(
     log_lines: Annotated[int, Field(ge=1, le=10000, description="recent backup-log lines to scan")] = 200,
     live_tolerance_pct: Annotated[float, Field(ge=0, le=100, description="without a manifest: row-count "
                                                                           "tolerance against the live database")] = 5.0,
-    restore_timeout_s: Annotated[float, Field(gt=0, le=86400)] = 3600,
+    restore_timeout_s: Annotated[float, Field(gt=0, le=86400, description="test restore time limit")] = 3600,
 ) -> None:
     """Verify the newest backup end to end; record the result next to it unless dry_run."""
     run = current_run()

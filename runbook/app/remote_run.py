@@ -62,9 +62,9 @@ def warm_executor_ready(http: httpx.Client, work_pool: str = WORK_POOL) -> bool:
 
 
 def deployment(http: httpx.Client, procedure: str) -> dict[str, Any]:
-    resp = _call(http, "GET", f"/deployments/name/{procedure}/{DEPLOYMENT_NAME}")
+    resp = request(http, "GET", f"/deployments/name/{procedure}/{DEPLOYMENT_NAME}")
     if resp.status_code == 404:
-        flows = _call(http, "POST", "/flows/filter", json={"deployments": {"name": {"any_": [DEPLOYMENT_NAME]}}})
+        flows = request(http, "POST", "/flows/filter", json={"deployments": {"name": {"any_": [DEPLOYMENT_NAME]}}})
         known = sorted(f["name"] for f in flows.json()) if flows.status_code == 200 else []
         if known:
             raise BadInput(f"unknown procedure {procedure!r}; known: {', '.join(known)}")
@@ -97,7 +97,7 @@ def _is_string(prop: dict[str, Any]) -> bool:
 
 
 def create_run(http: httpx.Client, dep: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
-    resp = _call(http, "POST", f"/deployments/{dep['id']}/create_flow_run", json={
+    resp = request(http, "POST", f"/deployments/{dep['id']}/create_flow_run", json={
         "parameters": parameters, "state": {"type": "SCHEDULED", "name": "Scheduled"},
         "tags": ["cli"], "idempotency_key": f"cli-{uuid.uuid4()}",
     })
@@ -115,7 +115,7 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
     deadline = time.monotonic() + timeout_s
     asked: set[str] = set()
     while True:
-        run = _ok(_call(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
+        run = _ok(request(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
         state = run.get("state") or {}
         final = state.get("type") in TERMINAL
         if on_step is not None:
@@ -134,7 +134,7 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
 
 def _new_steps(http: httpx.Client, run_id: str, progress: Progress,
                on_step: Callable[[dict[str, Any]], None]) -> None:
-    resp = _call(http, "POST", "/task_runs/filter", json={
+    resp = request(http, "POST", "/task_runs/filter", json={
         "flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
     if resp.status_code != 200:
         return
@@ -149,7 +149,7 @@ def _new_logs(http: httpx.Client, run_id: str, progress: Progress,
     body: dict[str, Any] = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
     if progress.since:
         body["logs"]["timestamp"] = {"after_": progress.since}
-    resp = _call(http, "POST", "/logs/filter", json=body)
+    resp = request(http, "POST", "/logs/filter", json=body)
     if resp.status_code != 200:
         return  # progress is best effort; the report is what counts
     for line in resp.json():
@@ -163,13 +163,13 @@ def _new_logs(http: httpx.Client, run_id: str, progress: Progress,
 
 def waiting_plan(http: httpx.Client, run_id: str) -> str | None:
     """The plan a paused run stored for its approvers (JSON), or None."""
-    resp = _call(http, "GET", f"/flow_runs/{run_id}/input/{PLAN_INPUT_KEY}")
+    resp = request(http, "GET", f"/flow_runs/{run_id}/input/{PLAN_INPUT_KEY}")
     return resp.text if resp.status_code == 200 else None
 
 
 def resume(http: httpx.Client, run_id: str, approve: bool, approver: str, reason: str = "") -> None:
     """Answer the approval form (the same fields as the Prefect UI's form and `runbook approve`)."""
-    resp = _call(http, "POST", f"/flow_runs/{run_id}/resume", json={
+    resp = request(http, "POST", f"/flow_runs/{run_id}/resume", json={
         "run_input": {"approve": approve, "approver": approver, "reason": reason[:500]}})
     if resp.status_code == 404:
         raise BadInput(f"no flow run {run_id}")
@@ -181,7 +181,7 @@ def resume(http: httpx.Client, run_id: str, approve: bool, approver: str, reason
 
 def read_report(http: httpx.Client, run_id: str) -> dict[str, Any] | None:
     """The report the engine stored with the run (None if the run ended before it could write one)."""
-    resp = _call(http, "GET", f"/flow_runs/{run_id}/input/{REPORT_INPUT_KEY}")
+    resp = request(http, "GET", f"/flow_runs/{run_id}/input/{REPORT_INPUT_KEY}")
     if resp.status_code != 200:
         return None
     doc = resp.json()
@@ -190,7 +190,7 @@ def read_report(http: httpx.Client, run_id: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _call(http: httpx.Client, method: str, path: str, attempts: int = 8, **kwargs: Any) -> httpx.Response:
+def request(http: httpx.Client, method: str, path: str, attempts: int = 8, **kwargs: Any) -> httpx.Response:
     """One request; 503/429 are retried as Prefect's own client does (a SQLite-backed server answers 503 while it
     is busy writing). Requests that create something carry an idempotency key, so a retry creates nothing twice."""
     try:

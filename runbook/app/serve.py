@@ -9,7 +9,6 @@ server on PostgreSQL; see the README.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import uvicorn
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.app import IntakeSettings, create_app
-from runbook.app.remote_run import APPROVAL_TAG, DEPLOYMENT_NAME
+from runbook.app.remote_run import APPROVAL_TAG, DEPLOYMENT_NAME, request
 from runbook.engine.config import PROJECT_ROOT, load_playbooks
 
 
@@ -30,6 +29,7 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
     parameter the flow does not take (e.g. one claiming an approval) is refused by the server. Done over the REST
     API rather than `prefect deploy` (a CLI subprocess and a second list in prefect.yaml).
     """
+    environments = sorted(load_playbooks().environments)
     with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
         if http.get(f"/work_pools/{work_pool}").status_code == 404:
             _post(http, "/work_pools/", {"name": work_pool, "type": "process"})
@@ -44,26 +44,14 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
                 "path": str(PROJECT_ROOT),
                 "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}],
                 "parameters": {"dry_run": True}, "enforce_parameter_schema": True,
-                "parameter_openapi_schema": _closed_schema(spec.flow.parameters.model_dump(mode="json")),
+                "parameter_openapi_schema": spec.form_schema(environments),
             })
     apply_verification_schedules(api_url)
 
 
-def _post(http: httpx.Client, path: str, body: dict[str, Any], attempts: int = 8) -> httpx.Response:
-    """POST with retries on 503/429, as Prefect's own client does: a SQLite-backed server (`runbook serve`)
-    answers 503 "database is locked" while it is busy writing, e.g. just after start-up."""
-    resp = http.post(path, json=body)
-    for attempt in range(1, attempts):
-        if resp.status_code not in (429, 503):
-            break
-        time.sleep(0.25 * attempt)
-        resp = http.post(path, json=body)
-    return resp.raise_for_status()
-
-
-def _closed_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """No parameter the flow does not take: the server then refuses (409) e.g. a run that claims an approval."""
-    return {**schema, "additionalProperties": False}
+def _post(http: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST with the remote path's retries on 503/429 (a SQLite-backed server is busy just after start-up)."""
+    return request(http, "POST", path, json=body).raise_for_status()
 
 
 def apply_verification_schedules(api_url: str) -> None:

@@ -27,11 +27,11 @@ import inspect
 import json
 import logging
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from uuid import UUID
 
 from prefect import Flow, flow, task
@@ -47,6 +47,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 from prefect.states import Completed
 from pydantic import TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
 from runbook.engine import approval, decisions
 from runbook.engine.config import Environment, Route, load_playbooks
@@ -116,6 +117,25 @@ class ProcedureSpec:
                 raise BadInput(f"{label}{key}={value!r}: {first['msg']}") from None
         return out
 
+    def form_schema(self, environments: Sequence[str] = ()) -> dict[str, Any]:
+        """The deployment's parameter schema as the Prefect UI shows it: Prefect's schema of the flow, plus each
+        parameter's description (Prefect reads them from docstrings only, not from ``Field(description=...)``),
+        ``env`` as a choice of the playbooks' environments, and no parameter the flow does not take (a run that
+        claims, e.g., an approval is refused by the server)."""
+        schema: dict[str, Any] = self.flow.parameters.model_dump(mode="json")
+        props: dict[str, Any] = schema.get("properties", {})
+        fn = inspect.unwrap(self.flow.fn)
+        for param in inspect.signature(fn, eval_str=True).parameters.values():
+            text = _description(param.annotation)
+            if text and param.name in props:
+                props[param.name]["description"] = text
+        if "dry_run" in props:
+            props["dry_run"]["description"] = "plan only, change nothing (untick to apply: approval rules still hold)"
+        if environments and "env" in props:
+            props["env"]["enum"] = sorted(environments)
+            props["env"]["description"] = "environment from the playbooks"
+        return {**schema, "additionalProperties": False}
+
     def _signature(self) -> dict[str, inspect.Parameter]:
         return _signature(self)
 
@@ -137,6 +157,21 @@ def _signature(spec: ProcedureSpec) -> dict[str, inspect.Parameter]:
     fn = inspect.unwrap(spec.flow.fn)
     return {p.name: p for p in inspect.signature(fn, eval_str=True).parameters.values()
             if p.name not in RESERVED_PARAMS}
+
+
+def _description(annotation: Any) -> str | None:
+    """The ``Field(description=...)`` of an annotation, looking inside Annotated and unions (``X | None``)."""
+    if get_origin(annotation) is Annotated:
+        base, *meta = get_args(annotation)
+        for m in meta:
+            if isinstance(m, FieldInfo) and m.description:
+                return m.description
+        return _description(base)
+    for arg in get_args(annotation):
+        found = _description(arg)
+        if found:
+            return found
+    return None
 
 
 @functools.cache

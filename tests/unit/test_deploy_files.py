@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import yaml
 
 from runbook.app.catalog import PROCEDURES
@@ -48,3 +49,18 @@ def test_every_flow_module_declares_its_procedure_and_names_match() -> None:
     for name, info in PROCEDURES.items():
         assert info.load_flow().name == name
         assert all(r.name for r in info.remediations)
+
+
+@pytest.mark.parametrize("name", sorted(PROCEDURES))
+def test_every_deployment_form_explains_itself(name: str) -> None:
+    """The Prefect UI's run form: every parameter has help text, env is a choice, nothing else is accepted."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    schema = PROCEDURES[name].form_schema(["production", "sandbox"])
+    props = schema["properties"]
+    missing = [p for p, s in props.items() if not s.get("description")]
+    assert missing == [], f"{name}: no description for {missing}"
+    assert props["env"]["enum"] == ["production", "sandbox"]
+    assert schema["additionalProperties"] is False
+    errors = validate({"env": "nowhere"}, schema, raise_on_error=False)
+    assert errors, "an environment the playbooks do not define is refused"
