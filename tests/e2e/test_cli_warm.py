@@ -76,6 +76,7 @@ def test_approval_is_asked_here_and_answered_on_the_paused_run(
     api, _ = warm
     # db-slowness needs approval in this environment (the executor runs in this process: it reads the same env)
     name = derive(sandbox_state, tmp_path, monkeypatch, "approvewarm", {"approvals": {"db-slowness": "required"}})
+    register_deployments(api)  # a new environment is a new choice in the deployments' forms
     refused = cli(api, "db-slowness", "--env", name, "--apply")  # no terminal, no --yes: refused before a run
     assert refused.returncode == 2 and "needs approval" in refused.stderr, refused.stderr
     inc = DbIncident(app_dsn, slow_runs=0, runaway=False).start()
