@@ -1,0 +1,148 @@
+"""Benchmark (issue 14): how fast an on-call engineer gets a diagnosis, against psql running the same SQL.
+
+Measured in one run, on the sandbox's real PostgreSQL and Prefect server:
+  baseline   psql -f with db-slowness's diagnostic statements (bench_db_slowness.BASELINE_SQL)
+  (w)        `runbook run db-slowness --env sandbox` with `runbook serve --no-intake` running: the warm path
+  (i)        the same with --in-process against the same server: the flow runs in the CLI process
+  (n)        nothing configured (no PREFECT_API_URL): first call (starts the background server), later calls
+  flow       the run's own time on the server (start to end) for the warm-path runs
+  ui         create_flow_run through the API (what the UI's Run button does) -> first task running
+Prints medians and ratios against the baseline. Goals (issue 14): (w) p50 <= 1.0 s; flow <= 3x baseline;
+ui <= 1.0 s p50.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_db_slowness import BASELINE_SQL  # noqa: E402
+from runbook import sandbox  # noqa: E402
+from runbook.sandbox.incidents import DbIncident  # noqa: E402
+
+REPEATS = int(os.environ.get("BENCH_REPEATS", "7"))
+CLI = [sys.executable, "-m", "runbook.app.cli", "run", "db-slowness", "--env", "sandbox", "--output", "json"]
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, dict]:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
+    elapsed = time.perf_counter() - started
+    if proc.returncode not in (0, 3):
+        raise SystemExit(f"{cmd[2:6]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return elapsed, json.loads(proc.stdout) if proc.stdout.startswith("{") else {}
+
+
+def wait_ready(api: str, timeout_s: float = 120) -> None:
+    from runbook.app.remote_run import warm_executor_ready
+
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=api, timeout=5, trust_env=False) as http:
+        while not warm_executor_ready(http):
+            if time.monotonic() > deadline:
+                raise SystemExit("the warm executor did not come up")
+            time.sleep(0.2)
+
+
+def run_seconds(api: str, run_id: str) -> float:
+    run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+    return (datetime.fromisoformat(run["end_time"]) - datetime.fromisoformat(run["start_time"])).total_seconds()
+
+
+def ui_to_first_task(api: str) -> float:
+    """Create a run the way the UI's Run button does; server time from creation to the first task's start."""
+    with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+        dep = http.get("/deployments/name/db-slowness/runbook").raise_for_status().json()
+        run = http.post(f"/deployments/{dep['id']}/create_flow_run", json={
+            "parameters": {"env": "sandbox"}, "state": {"type": "SCHEDULED", "name": "Scheduled"}},
+        ).raise_for_status().json()
+        created = datetime.fromisoformat(run["created"])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            tasks = http.post("/task_runs/filter", json={
+                "flow_runs": {"id": {"any_": [run["id"]]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 50}).json()
+            starts = [datetime.fromisoformat(t["start_time"]) for t in tasks if t.get("start_time")]
+            if starts:
+                while (http.get(f"/flow_runs/{run['id']}").json()["state"]["type"]) not in (
+                        "COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                    time.sleep(0.1)
+                return (min(starts) - created).total_seconds()
+            time.sleep(0.05)
+    raise SystemExit("no task started within 120 s")
+
+
+def main() -> None:
+    print("starting sandbox (postgres, prefect)...", flush=True)
+    was_running = set(sandbox.status().running())
+    state = sandbox.up(["postgres", "prefect"])
+    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
+    api = state.prefect_api_url
+    assert api
+    secrets = state.env_vars()
+    incident = DbIncident(secrets["RUNBOOK_SANDBOX_APP_DSN"], runaway=False).start()  # something to find
+    base_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    base_env.pop("PREFECT_API_URL", None)
+    served_env = {**base_env, "PREFECT_API_URL": api}
+    work = Path(tempfile.mkdtemp(prefix="bench-operator-"))
+    serve = subprocess.Popen([sys.executable, "-m", "runbook.app.cli", "serve", "--no-intake", "--state", str(work)],
+                             env=served_env, stdout=open(work / "serve.log", "w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    local_env = {**base_env, "RUNBOOK_STATE_DIR": str(work / "local"), "RUNBOOK_LOCAL_SERVER": "1"}
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as fh:
+            fh.write(BASELINE_SQL)
+        psql = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null", "-f", fh.name,
+                secrets["RUNBOOK_SANDBOX_DB_DSN"]]
+        baseline = [timed(psql, base_env)[0] for _ in range(REPEATS)]
+        wait_ready(api)
+        timed(CLI, served_env)  # warm-up: the executor's first run pays its connections
+        warm = [timed(CLI, served_env) for _ in range(REPEATS)]
+        flow = [run_seconds(api, doc["flow_run_id"]) for _, doc in warm]
+        in_process = [timed([*CLI, "--in-process"], served_env)[0] for _ in range(3)]
+        ui = [ui_to_first_task(api) for _ in range(REPEATS)]
+        first_local = timed(CLI, local_env)[0]
+        later_local = [timed(CLI, local_env)[0] for _ in range(REPEATS)]
+    finally:
+        subprocess.run([sys.executable, "-m", "runbook.app.cli", "local", "stop"], env=local_env,
+                       capture_output=True, check=False, timeout=60)
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+        incident.stop()
+        if not was_running:
+            sandbox.down()
+
+    b = statistics.median(baseline)
+    rows = [
+        ("baseline: psql -f, same diagnostic SQL", baseline),
+        ("(w) runbook run, warm executor (serve running)", [t for t, _ in warm]),
+        ("(i) runbook run --in-process, same server", in_process),
+        ("(n) nothing configured: first call (starts server)", [first_local]),
+        ("(n) nothing configured: later calls", later_local),
+        ("flow's own time on the server (warm runs)", flow),
+        ("UI/API create_flow_run -> first task running", ui),
+    ]
+    print(f"\nmedians ({REPEATS} runs each unless one)")
+    for label, values in rows:
+        m = statistics.median(values)
+        print(f"  {label:<52} {m:8.3f} s   {m / b:7.1f}x baseline")
+    w, f, u = statistics.median([t for t, _ in warm]), statistics.median(flow), statistics.median(ui)
+    print(f"goal (w) <= 1.0 s: {'met' if w <= 1.0 else 'NOT met'} ({w:.2f} s)")
+    print(f"goal flow <= 3x baseline: {'met' if f <= 3 * b else 'NOT met'} ({f / b:.1f}x)")
+    print(f"goal ui -> first task <= 1.0 s: {'met' if u <= 1.0 else 'NOT met'} ({u:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
