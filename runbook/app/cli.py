@@ -102,12 +102,13 @@ def check(
             raise ConfigError(f"no playbook files found in {where}")
         targets = [loaded.environment(env)] if env else []
         for e in targets:
-            for where, ref in iter_secret_refs(e):
+            e.check_env_file()
+            for where, ref in iter_secret_refs(e, everything=True):
                 e.resolve_secret(ref, where)
     except ConfigError as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     for e in loaded.environments.values():
-        refs = ", ".join(ref.describe() for _, ref in iter_secret_refs(e)) or "none"
+        refs = ", ".join(ref.describe() for _, ref in iter_secret_refs(e, everything=True)) or "none"
         out.print(f"[green]ok[/] {e.name} ({e.source}): secrets referenced: {refs}", highlight=False)
     out.print(f"{len(loaded.files)} file(s), {len(loaded.environments)} environment(s) valid")
 

@@ -58,7 +58,8 @@ def apply_verification_schedules(api_url: str) -> None:
     """One backup-verification schedule per environment whose playbook sets backups.verify_cron (UTC).
 
     The cron lives in the playbook, not in prefect.yaml, so the platform's description stays in one place.
-    Schedules are identified by slug (verify-ENV), so applying twice changes nothing.
+    Schedules are identified by slug (verify-ENV), so applying twice changes nothing; they record their result
+    (dry_run=False: see _verify_params).
     """
     wanted = {f"verify-{e.name}": (e.backups.verify_cron, e.name)
               for e in load_playbooks().environments.values() if e.backups and e.backups.verify_cron}
@@ -71,15 +72,22 @@ def apply_verification_schedules(api_url: str) -> None:
         for slug, sched in existing.items():
             if slug and slug.startswith("verify-"):
                 cron = (sched.get("schedule") or {}).get("cron")
-                if slug not in wanted or wanted[slug][0] != cron:
+                params = sched.get("parameters") or {}
+                if slug not in wanted or wanted[slug][0] != cron or params != _verify_params(wanted[slug][1]):
                     http.delete(f"/deployments/{dep_id}/schedules/{sched['id']}").raise_for_status()
                 else:
                     wanted.pop(slug)
         if wanted:
             http.post(f"/deployments/{dep_id}/schedules", json=[
                 {"schedule": {"cron": cron, "timezone": "UTC"}, "active": True, "slug": slug,
-                 "parameters": {"env": env, "dry_run": True}}
+                 "parameters": _verify_params(env)}
                 for slug, (cron, env) in wanted.items()]).raise_for_status()
+
+
+def _verify_params(env: str) -> dict[str, Any]:
+    """A scheduled verification records its result next to the backup (dry_run=False): verifying is read-only,
+    recording is its whole point, and a dry run would leave `runbook backups list` saying "never verified"."""
+    return {"env": env, "dry_run": False}
 
 
 def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, executor: Any = None,

@@ -251,6 +251,15 @@ class Environment(Strict):
     def source(self) -> Path:
         return self._source
 
+    def check_env_file(self) -> None:
+        """ConfigError when the environment names an ``env_file`` that cannot be read (a typo would otherwise
+        surface only as a missing secret, or pass when the process environment happens to hold it)."""
+        if self.env_file is None:
+            return
+        path = self._source.parent / self.env_file
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(f"{self._source}: environments.{self._name}.env_file: {path} is not a readable file")
+
     @model_validator(mode="after")
     def _backup_host_exists(self) -> Environment:
         if self.backups and self.backups.ssh_host and self.backups.ssh_host not in self.ssh_hosts:
@@ -490,11 +499,13 @@ def _load_prefect_secret(block: str, where: str) -> str:
     return str(value)
 
 
-def iter_secret_refs(env: Environment) -> Iterable[tuple[str, SecretRef]]:
-    """Every secret an environment refers to, with its path, for `runbook check --env`."""
+def iter_secret_refs(env: Environment, everything: bool = False) -> Iterable[tuple[str, SecretRef]]:
+    """Every secret an environment refers to, with its path. A run checks these before it starts; ``everything``
+    (`runbook check --env`) adds the ones only some procedures use (``admin_dsn``: restores and backups)."""
     for name, db in env.databases.items():
         yield f"databases.{name}.dsn", db.dsn
-        # admin_dsn is left out on purpose: only restores need it, and they resolve it when they run
+        if everything and db.admin_dsn is not None:
+            yield f"databases.{name}.admin_dsn", db.admin_dsn
     if env.redis and env.redis.password:
         yield "redis.password", env.redis.password
     if env.elasticsearch and env.elasticsearch.api_key:

@@ -79,6 +79,20 @@ def test_check_project_playbooks_and_schema() -> None:
     assert code == 0 and json.loads(text)["title"] == "PlaybookFile"
 
 
+def test_check_env_resolves_every_secret_and_the_env_file(tmp_path: Path) -> None:
+    """`check --env` is honest: a missing env_file and an unresolvable admin_dsn are errors naming them."""
+    (tmp_path / "p.yaml").write_text(GOOD.replace("dsn: {env: CLI_TEST_DSN}\n", "dsn: {env: CLI_TEST_DSN}\n"
+                                                  "        admin_dsn: {env: CLI_TEST_ADMIN_DSN}\n"))
+    env = {"RUNBOOK_PLAYBOOKS": str(tmp_path), "CLI_TEST_DSN": "postgresql://u@127.0.0.1/db"}
+    code, text = invoke("check", "--env", "staging", env=env)
+    assert code == 2 and "databases.main.admin_dsn" in text and "CLI_TEST_ADMIN_DSN" in text, text
+    code, _ = invoke("check", "--env", "staging", env={**env, "CLI_TEST_ADMIN_DSN": "postgresql://a@127.0.0.1/db"})
+    assert code == 0
+    (tmp_path / "p.yaml").write_text(GOOD.replace("  staging:\n", "  staging:\n    env_file: nowhere.env\n"))
+    code, text = invoke("check", "--env", "staging", env=env)
+    assert code == 2 and "env_file" in text and "nowhere.env" in text and "not a readable file" in text, text
+
+
 @pytest.mark.integration
 def test_run_json_against_sandbox_has_the_documented_shape_and_no_secret(sandbox_state) -> None:  # noqa: ANN001
     password = sandbox_state.env_vars()["RUNBOOK_SANDBOX_DB_DSN"].split(":")[2].split("@")[0]

@@ -234,3 +234,4 @@ def test_backup_verification_is_scheduled_from_the_playbook_cron_and_reapplying_
     assert len(schedules) == 1
     assert schedules[0]["schedule"]["cron"] == sandbox_env.backups.verify_cron
     assert schedules[0]["parameters"]["env"] == "sandbox"
+    assert schedules[0]["parameters"]["dry_run"] is False, "a scheduled verification records its result"
