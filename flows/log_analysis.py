@@ -34,6 +34,11 @@ def log_analysis(
     with unreachable_as_finding(report):
         result = analyze_logs(environment, None, service)
         report.notes.extend(result["notes"])
+        if result["source"] == "none":  # nothing looked at is not "nothing found": say so where it is seen
+            report.add(Finding(title="no log source configured: the log queries were not run",
+                               severity=Severity.WARNING, subject=f"environment {env}",
+                               details={"configure": "elasticsearch, docker or log_files in the playbook"},
+                               aggregation_key="logs:no-source"))
         assess_logs(report, result["results"], environment.thresholds)
     report.notes.append(NOTHING_TO_REMEDIATE)
 

@@ -59,17 +59,23 @@ def _fail(code: int, message: str) -> typer.Exit:
 
 @app.command("list")
 def list_procedures() -> None:
-    """Every procedure, one line each, with its parameters."""
+    """Every procedure with its summary and the parameters `--param` takes (type, default, what it means)."""
+    from rich.table import Table
+
     from runbook.app.catalog import PROCEDURES
 
     for info in PROCEDURES.values():
-        params = " ".join(_describe_param(p) for p in info.parameters())
-        out.print(f"[bold]{info.name}[/]  {info.summary}\n    params: {params}", highlight=False, soft_wrap=True)
-
-
-def _describe_param(p: inspect.Parameter) -> str:
-    default = "" if p.default is inspect.Parameter.empty else f"={p.default}"
-    return f"{p.name}:{_type_name(p.annotation)}{default}"
+        out.print(f"[bold]{info.name}[/]  {info.summary}", highlight=False)  # wrapped to the terminal's width
+        help_text = info.form_schema()["properties"]
+        params = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
+        params.add_column(style="cyan", no_wrap=True)
+        params.add_column(overflow="fold")
+        for p in info.parameters():
+            default = "" if p.default is inspect.Parameter.empty else f" (default {p.default})"
+            params.add_row(f"  {p.name}={_type_name(p.annotation)}",
+                           f"{help_text.get(p.name, {}).get('description', '')}{default}")
+        if params.row_count:
+            out.print(params)
 
 
 def _type_name(ann: Any) -> str:

@@ -93,6 +93,9 @@ def test_without_any_log_source_it_says_so(sandbox_state, tmp_path: Path,  # noq
     out = analyze_logs.fn(load_playbooks().environment(name))
     assert out["source"] == "none" and out["results"] == {}
     assert "no Elasticsearch, docker endpoint or log file is configured" in out["notes"][0]
+    doc = log_analysis(env=name)  # the procedure: nothing looked at is a warning, never a quiet "all clear"
+    assert doc["worst_severity"] == "warning", doc["findings"]
+    assert any(f["title"].startswith("no log source configured") for f in doc["findings"])
 
 
 @pytest.mark.parametrize("kind", ["refused", "silent"])

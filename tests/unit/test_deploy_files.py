@@ -64,3 +64,14 @@ def test_every_deployment_form_explains_itself(name: str) -> None:
     assert schema["additionalProperties"] is False
     errors = validate({"env": "nowhere"}, schema, raise_on_error=False)
     assert errors, "an environment the playbooks do not define is refused"
+
+
+def test_the_committed_playbook_schema_is_the_generated_one() -> None:
+    """deploy/playbook.schema.json (for editors) is exactly `runbook check --schema`: regenerate it when the models
+    change (`runbook check --schema > deploy/playbook.schema.json`)."""
+    import json
+
+    from runbook.engine.config import playbook_json_schema
+
+    committed = json.loads((PROJECT_ROOT / "deploy" / "playbook.schema.json").read_text())
+    assert committed == json.loads(json.dumps(playbook_json_schema()))
