@@ -53,6 +53,7 @@ def run_report(procedure: Callable[..., Any], **params: Any) -> Report:
 def run_demo(console: Console, keep: bool = False) -> int:
     """Returns the exit code: 0 when every step did what it should."""
     console.rule("[bold]1. sandbox up[/] (PostgreSQL, Redis, Prefect server on loopback)")
+    was_running = bool(sandbox.status().running())  # a sandbox someone already uses is left as it was found
     state = sandbox.up()
     os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     api_url = state.prefect_api_url
@@ -99,8 +100,11 @@ def run_demo(console: Console, keep: bool = False) -> int:
         console.print("[bold green]demo OK[/]" if ok else "[bold red]demo did not go as expected[/]")
     finally:
         incident.stop()
-        if keep:
-            console.print("sandbox left running (`runbook sandbox down` stops it)")
+        if was_running:
+            console.print(f"sandbox left running as it was found (Prefect UI: {api_url.removesuffix('/api')})")
+        elif keep:
+            console.print(f"sandbox left running (Prefect UI: {api_url.removesuffix('/api')}; "
+                          "`runbook sandbox down` stops it)")
         else:
             sandbox.down()
             console.print("sandbox stopped")

@@ -57,7 +57,8 @@ def up(only: Sequence[str] | None = None, state_dir: Path | None = None) -> Sand
     Idempotent: a second call returns the same PIDs and ports. Services that run but were not requested
     are kept. Writes state.json and the generated playbook + secrets.env. Raises ValueError for an unknown
     name, MissingSystemPackage before starting anything if a binary is absent, SandboxError if a service
-    fails (services that did start stay recorded, so `down` can stop them).
+    fails: then the services this call started are stopped again (a half-started sandbox must not leave processes
+    and container mounts behind); services that were already running are left as they were.
     """
     names = _validate(only)
     root = _resolve(state_dir)
@@ -97,8 +98,23 @@ def up(only: Sequence[str] | None = None, state_dir: Path | None = None) -> Sand
             generated.write(state, SERVICES)
         if errors:
             details = "\n\n".join(f"{name}: {exc}" for name, exc in errors.items())
-            raise SandboxError(f"sandbox services failed to start: {', '.join(errors)}\n{details}")
+            undone = _stop_started(root, state, started)
+            note = f"\n(stopped again what this call had started: {', '.join(undone)})" if undone else ""
+            raise SandboxError(f"sandbox services failed to start: {', '.join(errors)}\n{details}{note}")
         return state
+
+
+def _stop_started(root: Path, state: SandboxState, started: dict[str, ServiceRecord]) -> list[str]:
+    """Stop (by PID, in reverse start order) the services one failed `up` started; forget them in state.json."""
+    undone = []
+    for name in reversed([n for n in ALL_SERVICES if n in started]):
+        with contextlib.suppress(SandboxError, OSError):
+            _stop_one(name, started[name], root)
+            undone.append(name)
+        state.services.pop(name, None)
+    save(state)
+    generated.write(state, SERVICES)
+    return undone
 
 
 def status(state_dir: Path | None = None) -> SandboxState:
