@@ -334,7 +334,10 @@ class Route(Strict):
     match: dict[LabelName, str] = Field(description="labels that must be equal; must include alertname")
     match_re: dict[LabelName, str] = Field(default_factory=dict, description="labels that must fully match a regex")
     procedure: Name
-    env: Name
+    env: Name | None = Field(None, description="environment the procedure runs against (the default when env_label "
+                                               "is set and the alert lacks it)")
+    env_label: LabelName | None = Field(None, description="alert label naming the environment (validated against "
+                                                          "the playbooks), e.g. Prometheus' external label")
     params: dict[Name, Any] = Field(default_factory=dict, description="fixed procedure parameters")
     labels: dict[Name, LabelParam] = Field(default_factory=dict, description="procedure parameter <- alert label")
     policy: Policy = Field(default_factory=Policy)
@@ -346,6 +349,12 @@ class Route(Strict):
         if "alertname" not in v:
             raise ValueError("must include 'alertname'")
         return v
+
+    @model_validator(mode="after")
+    def _names_an_environment(self) -> Route:
+        if self.env is None and self.env_label is None:
+            raise ValueError("needs env (an environment) or env_label (the alert label naming one), or both")
+        return self
 
     @field_validator("match_re")
     @classmethod

@@ -39,7 +39,8 @@ def prometheus_config(peers: dict[str, ServiceRecord]) -> dict[str, Any]:
         jobs.append({"job_name": NODE_JOB,
                      "static_configs": [{"targets": [f"{net.LOOPBACK}:{peers['node_exporter'].port}"]}]})
     config: dict[str, Any] = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s",
+                   "external_labels": {"environment": "sandbox"}},  # the shipped routes read it (env_label)
         "rule_files": RULE_GLOBS,
         "scrape_configs": jobs,
     }

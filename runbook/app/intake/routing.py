@@ -55,14 +55,28 @@ def matching_routes(routes: list[Route], labels: dict[str, str]) -> list[Route]:
     ]
 
 
+def route_env(route: Route, alert: Alert, playbooks: Playbooks) -> str:
+    """The environment an alert's run goes to: its ``env_label`` label when the route names one and the alert
+    carries it (it must be an environment of the playbooks), else the route's ``env``."""
+    raw = alert.labels.get(route.env_label) if route.env_label else None
+    if raw is not None:
+        if raw not in playbooks.environments:
+            known = ", ".join(sorted(playbooks.environments)) or "none"
+            raise BadInput(f"label {route.env_label}={_show(raw)} is not an environment of the playbooks (known: "
+                           f"{known})")
+        return raw
+    if route.env is None:
+        raise BadInput(f"label {route.env_label!r} is missing (route {route.name!r} takes the environment from it)")
+    if route.env not in playbooks.environments:
+        raise ConfigError(f"route {route.name!r}: unknown environment {route.env!r}")
+    return route.env
+
+
 def build_request(route: Route, alert: Alert, playbooks: Playbooks) -> RunRequest:
     """Map labels to parameters and validate everything; BadInput names what was wrong."""
     if route.procedure not in PROCEDURES:
         raise ConfigError(f"route {route.name!r}: unknown procedure {route.procedure!r}")
-    try:
-        env = playbooks.environment(route.env)
-    except ConfigError as exc:
-        raise ConfigError(f"route {route.name!r}: {exc}") from None
+    env = playbooks.environment(route_env(route, alert, playbooks))
     params: dict[str, Any] = dict(route.params)
     for param, spec in route.labels.items():
         raw = alert.labels.get(spec.label)
@@ -85,12 +99,12 @@ def build_request(route: Route, alert: Alert, playbooks: Playbooks) -> RunReques
         params["since"] = alert.startsAt  # "when the alert began": guards such as "not restarted since" use it
     params = validate_params(route.procedure, params)
     what = {k: v for k, v in params.items() if k != "since"}  # the target, not the occurrence: cooldowns key on it
-    target = json.dumps({"procedure": route.procedure, "env": route.env, **what}, sort_keys=True, default=str)
+    target = json.dumps({"procedure": route.procedure, "env": env.name, **what}, sort_keys=True, default=str)
     return RunRequest(
         key=occurrence_key(route.name, alert),
         route=route.name,
         procedure=route.procedure,
-        env=route.env,
+        env=env.name,
         params=params,
         target=target,
         fingerprint=alert.fingerprint,
