@@ -12,6 +12,7 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,10 +21,13 @@ import psycopg
 from runbook.engine.clients import database_name, postgres, postgres_program
 from runbook.engine.config import Environment
 from runbook.engine.errors import RemediationFailed, TargetUnreachable
+from runbook.engine.progress import say
 from tasks.backup_files import BACKUP_NAME, MANIFEST_FORMAT, PARTIAL_SUFFIX, Manifest, backup_name, side_name, utc_stamp
 from tasks.backup_store import CHUNK, BackupStore
 from tasks.database_shape import read_shape
 from tasks.program_runs import Watchdog, error_summary
+
+PROGRESS_EVERY_S = 5.0  # a progress line in the run's log while a long dump streams
 
 
 def take_backup(env: Environment, database: str, store: BackupStore, *, purpose: str = "backup",
@@ -56,6 +60,8 @@ def take_backup(env: Environment, database: str, store: BackupStore, *, purpose:
             )
             dog = Watchdog(proc, timeout_s)
             sha, size = hashlib.sha256(), 0
+            say("pg_dump of %s to %s started", dbname, store.describe())
+            next_say = time.monotonic() + PROGRESS_EVERY_S
             try:
                 with store.open_new(temp) as out:
                     assert proc.stdout is not None
@@ -66,6 +72,9 @@ def take_backup(env: Environment, database: str, store: BackupStore, *, purpose:
                         sha.update(chunk)
                         out.write(chunk)
                         size += len(chunk)
+                        if time.monotonic() >= next_say:
+                            say("pg_dump of %s: %.1f MB compressed so far", dbname, size / 1e6)
+                            next_say = time.monotonic() + PROGRESS_EVERY_S
                     rc = proc.wait()
                     if rc != 0 or dog.fired:
                         errf.seek(0)

@@ -26,6 +26,7 @@ from psycopg import sql
 from runbook.engine.clients import postgres_admin, postgres_program, try_statement
 from runbook.engine.config import Environment
 from runbook.engine.errors import QueryFailed, RemediationFailed
+from runbook.engine.progress import say
 from runbook.engine.redact import redact
 from tasks.backup_checks import GunzipStream
 from tasks.backup_store import CHUNK, BackupStore
@@ -76,6 +77,7 @@ def restore_backup(env: Environment, database: str, store: BackupStore, name: st
     raises, so a name clash never makes a caller drop a database someone else created.
     """
     started = time.perf_counter()
+    say("restoring %s into a new database %s", name, target_db)
     with postgres_admin(env, database) as admin:
         query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_db))
         if owner:

@@ -27,6 +27,7 @@ from prefect.cache_policies import NONE
 
 from runbook.engine.clients import docker_client
 from runbook.engine.config import Environment
+from runbook.engine.progress import say
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
@@ -207,9 +208,12 @@ def sample_memory_series(env: Environment, containers: list[ContainerInfo], samp
     with docker_client(env, max_pool_size=min(MAX_PARALLEL, len(ids))) as client, \
             ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(ids))) as pool:
         start = time.monotonic()
+        say("sampling memory of %d container(s): %d samples %.1f s apart (%.0f s)", len(ids), samples, interval_s,
+            (samples - 1) * interval_s)
         for i in range(samples):
             if i:
                 time.sleep(max(0.0, start + i * interval_s - time.monotonic()))
+                say("memory sample %d of %d", i + 1, samples)
             now = time.monotonic() - start
             for cid, stats in _sample_all(client, ids, pool).items():
                 if stats:

@@ -261,8 +261,8 @@ def report_to_markdown(report: Report) -> str:
         parts.append("_None ran._")
     for a in report.actions:
         parts.append(f"### {a.name} → `{redact(a.target)}`: {_action_status(a)}")
-        if a.planned:
-            parts.append(_md_table(["action", "subject", "before", "after"], [_change_row(c) for c in a.planned]))
+        if a.planned:  # a list, not a table: before/after text wraps on a narrow page instead of running off it
+            parts.append("\n".join(_change_item(c) for c in a.planned))
         if a.applied and not a.dry_run:
             parts.append("Changed: " + ", ".join(f"{c.action} `{redact(c.subject)}`" for c in a.applied))
         parts += [f"Skipped: {redact(s)}" for s in a.skipped]
@@ -288,8 +288,14 @@ def _action_status(a: ActionResult) -> str:
     return "no change"
 
 
-def _change_row(c: Change) -> list[Any]:
-    return [c.action, c.subject, kv_text(c.before), kv_text(c.after)]
+def _change_item(c: Change) -> str:
+    before, after = kv_text(c.before), kv_text(c.after)
+    line = f"- **{_md_cell(c.action)}** `{redact(c.subject)}`"
+    if before:
+        line += f": {_md_cell(before)}"
+    if after:
+        line += f" → {_md_cell(after)}"
+    return line
 
 
 def kv_text(d: dict[str, Any]) -> str:

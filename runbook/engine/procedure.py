@@ -41,8 +41,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 from prefect.states import Completed
@@ -54,6 +52,7 @@ from runbook.engine.config import Environment, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError, TargetUnreachable
 from runbook.engine.findings import ActionResult, Finding, Report, Severity, kv_text, report_to_json, report_to_markdown
 from runbook.engine.notify import annotate_grafana, notify_route
+from runbook.engine.progress import run_logger
 from runbook.engine.redact import install_log_redaction, redact
 from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
@@ -269,7 +268,7 @@ class Run:
     def decide(self, line: str) -> None:
         """One audit line: in the report's Decisions and in the run's log (the UI's log tab tells the story)."""
         self.report.audit.append(line)
-        _run_logger().info("%s", redact(line))
+        run_logger().info("%s", redact(line))
 
 
 _CURRENT: ContextVar[Run | None] = ContextVar("runbook_current_run", default=None)
@@ -341,7 +340,7 @@ def _store_report(run_id: UUID, doc: dict[str, Any]) -> None:
         with get_client(sync_client=True) as client:
             client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
     except Exception as exc:  # noqa: BLE001 - a storage hiccup must not turn a finished run into a failed one
-        _run_logger().warning("could not store the report with the run: %s", redact(str(exc))[:200])
+        run_logger().warning("could not store the report with the run: %s", redact(str(exc))[:200])
 
 
 def _remediate(run: Run) -> None:
@@ -511,13 +510,6 @@ def _timeout(tags: list[str]) -> float:
         return max(1.0, float(raw)) if raw else decisions.DEFAULT_APPROVAL_TIMEOUT_S
     except ValueError:
         return decisions.DEFAULT_APPROVAL_TIMEOUT_S
-
-
-def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return log
 
 
 @contextmanager

@@ -31,3 +31,16 @@ def test_target_is_machine_data_not_text_for_people() -> None:
     assert doc["actions"][0]["planned"][0]["target"]["id"] == "abc123"
     again = report_from_json(doc).actions[0].planned[0]
     assert again.target_as(ContainerTarget).started_at == STARTED
+
+
+def test_planned_changes_are_a_list_that_wraps_not_a_wide_table() -> None:
+    """The UI's report page is narrow: each change is one list item (before → after), never a four-column row."""
+    long_query = "SELECT " + ", ".join(f"column_{i}" for i in range(40)) + " FROM bookings"
+    change = Change(action="cancel", subject="pid 4242", before={"state": "active", "query": long_query},
+                    after={"state": "cancelled"})
+    report = Report(procedure="db-slowness", env="t", dry_run=True,
+                    actions=[ActionResult(name="cancel-long-queries", target="t", dry_run=True, planned=[change])])
+    md = report_to_markdown(report)
+    assert "- **cancel** `pid 4242`: state=active, query=SELECT column_0" in md
+    assert "→ state=cancelled" in md
+    assert not [line for line in md.splitlines() if line.startswith("| action")]
