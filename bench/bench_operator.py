@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_db_slowness import BASELINE_SQL  # noqa: E402
 from runbook import sandbox  # noqa: E402
+from runbook.app.remote_run import deployment  # noqa: E402
 from runbook.sandbox.incidents import DbIncident  # noqa: E402
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "7"))
@@ -65,7 +66,7 @@ def run_seconds(api: str, run_id: str) -> float:
 def ui_to_first_task(api: str) -> float:
     """Create a run the way the UI's Run button does; server time from creation to the first task's start."""
     with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
-        dep = http.get("/deployments/name/db-slowness/runbook").raise_for_status().json()
+        dep = deployment(http, "db-slowness")
         run = http.post(f"/deployments/{dep['id']}/create_flow_run", json={
             "parameters": {"env": "sandbox"}, "state": {"type": "SCHEDULED", "name": "Scheduled"}},
         ).raise_for_status().json()

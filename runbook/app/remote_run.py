@@ -24,7 +24,7 @@ from runbook.engine.decisions import PAUSE_KEY, PLAN_INPUT_KEY, REPORT_INPUT_KEY
 from runbook.engine.errors import BadInput, RunbookError
 
 WORK_POOL = "runbook"
-DEPLOYMENT_NAME = "runbook"  # every procedure's deployment: <procedure>/runbook (runbook.app.serve registers them)
+PROCEDURE_TAG = "procedure"  # on every procedure's deployment (runbook.app.serve registers them)
 APPROVAL_TAG = "approval:required"  # on the deployment of a procedure that needs approval to apply
 WORKER_FRESH_S = 90.0  # an executor heartbeats every 15-30 s: one that missed three is gone
 FOLLOW_POLL_S = 0.1
@@ -61,15 +61,22 @@ def warm_executor_ready(http: httpx.Client, work_pool: str = WORK_POOL) -> bool:
     return False
 
 
+def deployment_filter(procedure: str) -> dict[str, Any]:
+    """The /deployments/filter body that finds a procedure's deployment: its flow, tagged ``procedure``."""
+    return {"flows": {"name": {"any_": [procedure]}}, "deployments": {"tags": {"all_": [PROCEDURE_TAG]}}, "limit": 1}
+
+
 def deployment(http: httpx.Client, procedure: str) -> dict[str, Any]:
-    resp = request(http, "GET", f"/deployments/name/{procedure}/{DEPLOYMENT_NAME}")
-    if resp.status_code == 404:
-        flows = request(http, "POST", "/flows/filter", json={"deployments": {"name": {"any_": [DEPLOYMENT_NAME]}}})
-        known = sorted(f["name"] for f in flows.json()) if flows.status_code == 200 else []
-        if known:
-            raise BadInput(f"unknown procedure {procedure!r}; known: {', '.join(known)}")
-        raise BadInput(f"no deployment {procedure}/{DEPLOYMENT_NAME} on the Prefect server: run `runbook deploy`")
-    return _ok(resp, f"reading deployment {procedure}").json()  # type: ignore[no-any-return]
+    """The procedure's deployment; BadInput names the known procedures when there is none."""
+    found = _ok(request(http, "POST", "/deployments/filter", json=deployment_filter(procedure)),
+                f"finding the deployment of {procedure}").json()
+    if found:
+        return found[0]  # type: ignore[no-any-return]
+    flows = request(http, "POST", "/flows/filter", json={"deployments": {"tags": {"all_": [PROCEDURE_TAG]}}})
+    known = sorted(f["name"] for f in flows.json()) if flows.status_code == 200 else []
+    if known:
+        raise BadInput(f"unknown procedure {procedure!r}; known: {', '.join(known)}")
+    raise BadInput(f"no deployment of {procedure} on the Prefect server: run `runbook deploy`")
 
 
 def coerce_params(schema: dict[str, Any], raw: dict[str, str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import uvicorn
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.app import IntakeSettings, create_app
-from runbook.app.remote_run import APPROVAL_TAG, DEPLOYMENT_NAME, request
+from runbook.app.remote_run import APPROVAL_TAG, PROCEDURE_TAG, deployment_filter, request
 from runbook.engine.config import PROJECT_ROOT, load_playbooks
 
 
@@ -36,17 +36,27 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
         for spec in PROCEDURES.values():
             flow_id = _post(http, "/flows/", {"name": spec.name}).json()["id"]
             module, _, fn = spec.flow_path.partition(":")
-            _post(http, "/deployments/", {
-                "name": DEPLOYMENT_NAME, "flow_id": flow_id, "work_pool_name": work_pool,
+            kept = _post(http, "/deployments/", {
+                "name": spec.deployment_name, "flow_id": flow_id, "work_pool_name": work_pool,
                 "work_queue_name": "default", "description": spec.summary,
-                "tags": ["procedure", *spec.tags, *([APPROVAL_TAG] if spec.approval == "required" else [])],
+                "tags": [PROCEDURE_TAG, *spec.tags, *([APPROVAL_TAG] if spec.approval == "required" else [])],
                 "entrypoint": f"{module.replace('.', '/')}.py:{fn}",
                 "path": str(PROJECT_ROOT),
                 "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}],
                 "parameters": {"dry_run": True}, "enforce_parameter_schema": True,
                 "parameter_openapi_schema": spec.form_schema(environments),
-            })
+            }).json()["id"]
+            _drop_stale_deployments(http, spec.name, kept)
     apply_verification_schedules(api_url)
+
+
+def _drop_stale_deployments(http: httpx.Client, procedure: str, kept: str) -> None:
+    """A procedure has one deployment: drop the others of its flow (e.g. an earlier name) so the UI lists each
+    procedure once and a client finding it by flow gets the current one."""
+    body = {**deployment_filter(procedure), "limit": 50}
+    for dep in request(http, "POST", "/deployments/filter", json=body).raise_for_status().json():
+        if dep["id"] != kept:
+            request(http, "DELETE", f"/deployments/{dep['id']}")
 
 
 def _post(http: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -64,10 +74,10 @@ def apply_verification_schedules(api_url: str) -> None:
     wanted = {f"verify-{e.name}": (e.backups.verify_cron, e.name)
               for e in load_playbooks().environments.values() if e.backups and e.backups.verify_cron}
     with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
-        resp = http.get("/deployments/name/backup-verification/runbook")
-        if resp.status_code == 404:
+        found = request(http, "POST", "/deployments/filter", json=deployment_filter("backup-verification")).json()
+        if not found:
             return
-        dep_id = resp.json()["id"]
+        dep_id = found[0]["id"]
         existing = {s.get("slug"): s for s in http.get(f"/deployments/{dep_id}/schedules").json()}
         for slug, sched in existing.items():
             if slug and slug.startswith("verify-"):

@@ -26,6 +26,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -81,6 +82,13 @@ class ProcedureSpec:
     remediations: tuple[type[Remediation[Any]], ...] = ()
     approval: Approval = "optional"
     tags: tuple[str, ...] = ()
+
+    @property
+    def deployment_name(self) -> str:
+        """What the Prefect UI lists: the runbook section the procedure automates (its summary's title), as a slug,
+        e.g. ``database-performance-issues``. Clients find a deployment by its flow (the procedure's name)."""
+        title = self.summary.split(":", 1)[0]
+        return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or self.name
 
     @property
     def flow_path(self) -> str:

@@ -9,6 +9,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from runbook.app.executor import Executor
+from runbook.app.remote_run import deployment
 from runbook.app.serve import register_deployments
 from runbook.sandbox import SandboxState
 
@@ -34,7 +35,7 @@ def test_a_run_created_through_the_api_starts_without_a_poll(sandbox_state: Sand
     try:
         assert _wait(lambda: ex.events_connected.is_set() and ex.polls >= 1, 30), "executor not ready"
         with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
-            dep = http.get("/deployments/name/network-checks/runbook").raise_for_status().json()
+            dep = deployment(http, "network-checks")
             run = http.post(f"/deployments/{dep['id']}/create_flow_run", json={
                 "parameters": {"env": "sandbox"}, "state": {"type": "SCHEDULED", "name": "Scheduled"}},
             ).raise_for_status().json()

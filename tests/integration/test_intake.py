@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from runbook.app.remote_run import deployment
 from runbook.sandbox.incidents import DbIncident
 from tests.intake_harness import Intake, alert, running_intake
 
@@ -200,7 +201,7 @@ def test_resolved_alert_cancels_a_run_waiting_for_approval(intake: Intake, incid
 
 
 def test_ui_style_run_from_the_deployment_is_executed(intake: Intake) -> None:
-    dep = httpx.get(f"{intake.api_url}/deployments/name/db-slowness/runbook", timeout=10).json()
+    dep = deployment(httpx.Client(base_url=intake.api_url, timeout=10), "db-slowness")
     assert dep["parameter_openapi_schema"]["properties"]["dry_run"]["default"] is True
     run = httpx.post(f"{intake.api_url}/deployments/{dep['id']}/create_flow_run", timeout=10,
                      json={"parameters": {"env": "sandbox", "dry_run": True, "top": 3}}).json()
@@ -228,7 +229,7 @@ def test_backup_verification_is_scheduled_from_the_playbook_cron_and_reapplying_
 
     assert sandbox_env.backups and sandbox_env.backups.verify_cron
     apply_verification_schedules(intake.api_url)  # a second application
-    dep = httpx.get(f"{intake.api_url}/deployments/name/backup-verification/runbook", timeout=10).json()
+    dep = deployment(httpx.Client(base_url=intake.api_url, timeout=10), "backup-verification")
     schedules = [s for s in httpx.get(f"{intake.api_url}/deployments/{dep['id']}/schedules", timeout=10).json()
                  if s.get("slug") == "verify-sandbox"]
     assert len(schedules) == 1

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from runbook.app.catalog import PROCEDURES
+from runbook.app.remote_run import deployment
 from runbook.engine.config import PROJECT_ROOT, Environment
 from runbook.sandbox import SandboxState
 from tests.intake_harness import Intake, alert, running_intake
@@ -368,7 +369,7 @@ def test_cli_dry_run_then_apply(world: World, proc: str) -> None:
 
 def test_ui_run_cannot_claim_an_approval_and_pauses_instead(world: World) -> None:
     api = world.intake.api_url
-    dep = httpx.get(f"{api}/deployments/name/data-corruption/runbook", timeout=10).json()
+    dep = deployment(httpx.Client(base_url=api, timeout=10), "data-corruption")
     for claim in ({"approved_by": "mallory"}, {"approve": True}, {"approval": "granted"}):
         resp = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10,
                           json={"parameters": {"env": "bk", "dry_run": False, **claim}})

@@ -12,6 +12,8 @@ from collections import Counter
 import httpx
 import pytest
 
+from runbook.app.remote_run import deployment
+
 pytestmark = pytest.mark.integration
 
 
@@ -29,7 +31,7 @@ def test_two_workers_share_runs_and_each_run_executes_once(sandbox_state, tmp_pa
     ]
     try:
         with httpx.Client(base_url=api, timeout=10) as http:
-            dep = http.get("/deployments/name/db-slowness/runbook").json()
+            dep = deployment(http, "db-slowness")
             runs = [http.post(f"/deployments/{dep['id']}/create_flow_run",
                               json={"parameters": {"env": "sandbox", "dry_run": True}, "tags": ["scale-out-test"]}
                               ).json()["id"] for _ in range(6)]

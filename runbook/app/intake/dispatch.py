@@ -21,7 +21,7 @@ import httpx
 from runbook.app.intake.policy import run_parameters
 from runbook.app.intake.routing import RunRequest
 from runbook.app.intake.store import Occurrence, Store
-from runbook.app.remote_run import DEPLOYMENT_NAME
+from runbook.app.remote_run import deployment_filter
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,10 @@ class Dispatcher:
 
     async def _deployment_id(self, procedure: str) -> str:
         if procedure not in self._deployments:
-            data = await self._get(f"/deployments/name/{procedure}/{DEPLOYMENT_NAME}")
-            self._deployments[procedure] = data["id"]
+            found = await self._post("/deployments/filter", deployment_filter(procedure))
+            if not found:
+                raise PrefectRejected(f"no deployment of {procedure} on the Prefect server (run `runbook deploy`)")
+            self._deployments[procedure] = found[0]["id"]
         return self._deployments[procedure]
 
     async def cancel(self, occ: Occurrence) -> str:
