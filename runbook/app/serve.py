@@ -31,7 +31,7 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
     """
     environments = sorted(load_playbooks().environments)
     with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
-        if http.get(f"/work_pools/{work_pool}").status_code == 404:
+        if request(http, "GET", f"/work_pools/{work_pool}").status_code == 404:
             _post(http, "/work_pools/", {"name": work_pool, "type": "process"})
         for spec in PROCEDURES.values():
             flow_id = _post(http, "/flows/", {"name": spec.name}).json()["id"]
@@ -54,9 +54,9 @@ def _drop_stale_deployments(http: httpx.Client, procedure: str, kept: str) -> No
     """A procedure has one deployment: drop the others of its flow (e.g. an earlier name) so the UI lists each
     procedure once and a client finding it by flow gets the current one."""
     body = {**deployment_filter(procedure), "limit": 50}
-    for dep in request(http, "POST", "/deployments/filter", json=body).raise_for_status().json():
+    for dep in _post(http, "/deployments/filter", body).json():
         if dep["id"] != kept:
-            request(http, "DELETE", f"/deployments/{dep['id']}")
+            request(http, "DELETE", f"/deployments/{dep['id']}").raise_for_status()
 
 
 def _post(http: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -74,21 +74,22 @@ def apply_verification_schedules(api_url: str) -> None:
     wanted = {f"verify-{e.name}": (e.backups.verify_cron, e.name)
               for e in load_playbooks().environments.values() if e.backups and e.backups.verify_cron}
     with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
-        found = request(http, "POST", "/deployments/filter", json=deployment_filter("backup-verification")).json()
+        found = _post(http, "/deployments/filter", deployment_filter("backup-verification")).json()
         if not found:
             return
         dep_id = found[0]["id"]
-        existing = {s.get("slug"): s for s in http.get(f"/deployments/{dep_id}/schedules").json()}
+        listed = request(http, "GET", f"/deployments/{dep_id}/schedules").raise_for_status().json()
+        existing = {s.get("slug"): s for s in listed}
         for slug, sched in existing.items():
             if slug and slug.startswith("verify-"):
                 cron = (sched.get("schedule") or {}).get("cron")
                 params = sched.get("parameters") or {}
                 if slug not in wanted or wanted[slug][0] != cron or params != _verify_params(wanted[slug][1]):
-                    http.delete(f"/deployments/{dep_id}/schedules/{sched['id']}").raise_for_status()
+                    request(http, "DELETE", f"/deployments/{dep_id}/schedules/{sched['id']}").raise_for_status()
                 else:
                     wanted.pop(slug)
         if wanted:
-            http.post(f"/deployments/{dep_id}/schedules", json=[
+            request(http, "POST", f"/deployments/{dep_id}/schedules", json=[
                 {"schedule": {"cron": cron, "timezone": "UTC"}, "active": True, "slug": slug,
                  "parameters": _verify_params(env)}
                 for slug, (cron, env) in wanted.items()]).raise_for_status()
