@@ -165,7 +165,7 @@ def run(
     if not in_process:
         api = _warm_api()
         if api:
-            _run_warm(api, procedure, env, raw, apply, yes, output)
+            _run_warm(api, procedure, env, raw, apply, yes, output)  # exits, unless no executor took the run
     _run_in_process(procedure, env, raw, apply, yes, output)
 
 
@@ -193,7 +193,8 @@ def _warm_api() -> str | None:
 
 def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
               output: str) -> None:
-    """Create the run on the server, follow its log, answer an approval here, print its report; always exits."""
+    """Create the run on the server, follow its log, answer an approval here, print its report and exit; returns
+    only when no executor claimed the run in time and it was withdrawn (the caller then runs it in process)."""
     import httpx
 
     from runbook.app import remote_run
@@ -255,6 +256,9 @@ def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bo
         try:
             final = remote_run.follow(http, run_id, on_log, on_paused, on_step)
             doc = remote_run.read_report(http, run_id)
+        except remote_run.NotClaimed as exc:
+            err.print(f"{exc}; running it in this process", style="yellow", highlight=False, markup=False)
+            return
         except RunbookError as exc:
             raise _fail(EXIT_ENGINE, f"{procedure}: {exc}") from None
     if doc is None:

@@ -28,12 +28,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas import OrchestrationResult, State
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.flow_engine import run_flow
+from prefect.settings import PREFECT_API_URL
 from prefect.states import Failed, Pending
 
 from runbook.app.catalog import PROCEDURES
@@ -62,6 +64,7 @@ class Executor:
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
         self._events = events
+        self._api_url = ""
         self._events_loop: asyncio.AbstractEventLoop | None = None
         self.events_connected = threading.Event()
         self.polls = 0  # completed polls of the work pool (observable: the event path needs none)
@@ -70,6 +73,7 @@ class Executor:
 
     def start(self) -> None:
         """Start the hand-off and poll loops in the caller's Prefect settings context."""
+        self._api_url = str(PREFECT_API_URL.value() or "")
         ctx = contextvars.copy_context()
         loops = [self._handoff_loop, self._poll_loop] + ([self._event_loop] if self._events else [])
         for target in loops:
@@ -90,7 +94,17 @@ class Executor:
                 loop.call_soon_threadsafe(_cancel_all, loop)
         for t in self._threads:
             t.join(timeout=10)
+        self._forget_worker()
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    def _forget_worker(self) -> None:
+        """Remove this executor from the pool's workers: its last heartbeat must not make `runbook run` hand a run
+        to an executor that is gone (Prefect would show it online for three more heartbeat intervals)."""
+        if not self._api_url:
+            return
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.delete(f"{self._api_url}/work_pools/{self.work_pool}/workers/{self.name}", timeout=5,
+                         trust_env=False)
 
     # -------------------------------------------------------------- loops
 

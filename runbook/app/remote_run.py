@@ -30,10 +30,15 @@ WORKER_FRESH_S = 90.0  # an executor heartbeats every 15-30 s: one that missed t
 FOLLOW_POLL_S = 0.1
 QUIET_LOGS = ("Finished in state", "Beginning flow run", "Created task run", "Executing ")  # said by task lines
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+CLAIM_TIMEOUT_S = 10.0  # a live executor claims within milliseconds (event stream) or one poll (15 s) at worst
 
 
 class RemoteRunError(RunbookError):
     """The Prefect server refused or failed a request of the remote path (mapped to exit 1 by the CLI)."""
+
+
+class NotClaimed(RunbookError):
+    """No executor claimed the run in time, and it was withdrawn (cancelled while still scheduled): nothing ran."""
 
 
 @dataclass
@@ -119,11 +124,16 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
     """Poll the run's state, its finished steps (task runs) and new log lines until it is final; ``on_paused``
     handles an approval wait."""
     progress = progress or Progress()
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     asked: set[str] = set()
     while True:
         run = _ok(request(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
         state = run.get("state") or {}
+        if state.get("type") == "SCHEDULED" and time.monotonic() - started > CLAIM_TIMEOUT_S:
+            if _withdraw(http, run_id):
+                raise NotClaimed(f"no executor claimed run {run_id} within {CLAIM_TIMEOUT_S:g} s (withdrawn)")
+            continue  # claimed meanwhile: follow it
         final = state.get("type") in TERMINAL
         if on_step is not None:
             _new_steps(http, run_id, progress, on_step)
@@ -137,6 +147,14 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
         if time.monotonic() > deadline:
             raise RemoteRunError(f"run {run_id} still {state.get('name')} after {timeout_s:g} s")
         time.sleep(FOLLOW_POLL_S)
+
+
+def _withdraw(http: httpx.Client, run_id: str) -> bool:
+    """Cancel the run only if it is still SCHEDULED (no force: a run an executor claimed meanwhile is kept)."""
+    resp = request(http, "POST", f"/flow_runs/{run_id}/set_state", json={
+        "state": {"type": "CANCELLED", "name": "Cancelled", "message": "no executor claimed it: run in the CLI"},
+        "force": False})
+    return resp.status_code < 400 and resp.json().get("status") == "ACCEPT"
 
 
 def _new_steps(http: httpx.Client, run_id: str, progress: Progress,

@@ -38,6 +38,7 @@ def warm(sandbox_state: SandboxState) -> Iterator[tuple[str, Executor]]:
         time.sleep(0.05)
     yield api, ex
     ex.stop(wait=False)
+    register_deployments(api)  # the forms as the session's playbooks have them (a test added an environment)
 
 
 def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -48,6 +49,27 @@ def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def _states(api: str, run_id: str) -> list[dict]:
     return httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run_id}, timeout=10).json()
+
+
+def test_a_pool_that_only_looks_alive_costs_a_few_seconds_not_the_run(sandbox_state: SandboxState) -> None:
+    """An executor that died without a goodbye still looks online for a while: the run nobody claims is withdrawn
+    (cancelled while still scheduled, so it can never run twice) and runs in the CLI process instead."""
+    api = sandbox_state.prefect_api_url
+    assert api
+    register_deployments(api)
+    ghost = {"name": "ghost-executor", "heartbeat_interval_seconds": 30}
+    httpx.post(f"{api}/work_pools/runbook/workers/heartbeat", json=ghost, timeout=10).raise_for_status()
+    try:
+        proc = cli(api, "network-checks", "--env", "sandbox", "--output", "json")
+    finally:
+        httpx.delete(f"{api}/work_pools/runbook/workers/ghost-executor", timeout=10)
+    assert "no executor claimed run" in proc.stderr and "running it in this process" in proc.stderr, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["procedure"] == "network-checks"
+    withdrawn = re.search(r"claimed run (\S+) within", proc.stderr)
+    assert withdrawn
+    state = httpx.get(f"{api}/flow_runs/{withdrawn.group(1)}", timeout=10).json()["state"]
+    assert state["type"] == "CANCELLED", state
 
 
 def test_a_dry_run_goes_to_the_warm_executor_and_its_report_comes_back(warm: tuple[str, Executor]) -> None:
@@ -76,6 +98,8 @@ def test_approval_is_asked_here_and_answered_on_the_paused_run(
     api, _ = warm
     # db-slowness needs approval in this environment (the executor runs in this process: it reads the same env)
     name = derive(sandbox_state, tmp_path, monkeypatch, "approvewarm", {"approvals": {"db-slowness": "required"}})
+    monkeypatch.setenv("RUNBOOK_PLAYBOOKS", os.pathsep.join([sandbox_state.engine_env()["RUNBOOK_PLAYBOOKS"],
+                                                             str(tmp_path)]))
     register_deployments(api)  # a new environment is a new choice in the deployments' forms
     refused = cli(api, "db-slowness", "--env", name, "--apply")  # no terminal, no --yes: refused before a run
     assert refused.returncode == 2 and "needs approval" in refused.stderr, refused.stderr
