@@ -12,6 +12,7 @@ from typing import Annotated
 
 from pydantic import Field
 
+from assessments.backups import assess_backups_configured
 from runbook.engine.findings import ActionResult, Finding, Report, Severity
 from runbook.engine.params import DbName, EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
@@ -30,9 +31,7 @@ def backup(
     """Back up the database to the playbook's backup location (unless dry_run or a fresh one exists)."""
     run = current_run()
     report, environment = run.report, run.env
-    if environment.backups is None:
-        report.add(Finding(title="no backups: section in the playbook", severity=Severity.CRITICAL,
-                           subject=f"environment {env}", aggregation_key="backup-config"))
+    if not assess_backups_configured(report, environment):
         return
     with unreachable_as_finding(report):
         run.offer(TakeBackup(environment, database, fresh_within_s=fresh_within_s, timeout_s=timeout_s),

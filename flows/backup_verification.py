@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from assessments.backups import assess_backups_configured
 from runbook.engine.clients import database_name
 from runbook.engine.config import Environment
 from runbook.engine.errors import QueryFailed, RemediationFailed, TargetUnreachable
@@ -56,9 +57,7 @@ def backup_verification(
     """Verify the newest backup end to end; record the result next to it unless dry_run."""
     run = current_run()
     report, environment = run.report, run.env
-    if environment.backups is None:
-        report.add(Finding(title="no backups: section in the playbook", severity=Severity.CRITICAL,
-                           subject=f"environment {env}", aggregation_key="backup-config"))
+    if not assess_backups_configured(report, environment):
         return
     with unreachable_as_finding(report), open_store(environment) as store:
         verdict = verify_latest(report, environment, store, database, backup, test_restore, log_lines,

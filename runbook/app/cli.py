@@ -236,22 +236,9 @@ def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bo
             view = parse_plan_input(remote_run.waiting_plan(http, run_id) or "")
             if view is None:
                 return  # not our approval form: leave it to the UI
-            who = operator_identity()
-            if yes:
-                err.print(view.text(), markup=False, highlight=False)
-                remote_run.resume(http, run_id, True, who, "--yes (script)")
-                return
-            if not _interactive():
-                remote_run.resume(http, run_id, False, who, "no terminal to ask at (pass --yes from a script)")
-                return
-            err.print(view.text(), markup=False, highlight=False)
-            err.print("Only 'yes' will be accepted to approve.", highlight=False)
-            try:
-                answer = input("Apply this plan? ").strip()
-            except EOFError:
-                answer = ""
-            remote_run.resume(http, run_id, answer == "yes", who,
-                              "at the terminal" if answer == "yes" else f"answered {answer[:20]!r} at the terminal")
+            decision = (_auto_approver if yes else _terminal_approver)(view)  # as for a run in this process
+            remote_run.resume(http, run_id, decision.approved, decision.approver or operator_identity(),
+                              decision.reason or decision.how)
 
         try:
             final = remote_run.follow(http, run_id, on_log, on_paused, on_step)
