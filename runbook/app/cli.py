@@ -182,7 +182,8 @@ def _warm_api() -> str | None:
         if not (sys.stderr.isatty() or os.environ.get("RUNBOOK_LOCAL_SERVER") == "1"):
             return None
         try:
-            return local_server.ensure(say=lambda line: err.print(line, style="dim", highlight=False, markup=False))
+            return local_server.ensure(say=lambda line: err.print(line, style="dim", highlight=False, markup=False,
+                                                                  soft_wrap=True))
         except RunbookError as exc:
             err.print(f"no background server ({redact(str(exc))[:300]}); running in this process", style="yellow",
                       markup=False, highlight=False)
@@ -219,18 +220,18 @@ def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bo
             raise _fail(EXIT_ENGINE, str(exc)) from None
         run_id = created["id"]
         err.print(f"run {created['name']} ({run_id}) on the warm executor at {api.removesuffix('/api')}",
-                  style="dim", highlight=False, markup=False)
+                  style="dim", highlight=False, markup=False, soft_wrap=True)
 
         def on_log(line: dict[str, Any]) -> None:
             err.print(f"{time.monotonic() - started:5.1f}s {redact(str(line.get('message', '')))[:300]}",
-                      style="dim", highlight=False, markup=False)
+                      style="dim", highlight=False, markup=False, soft_wrap=True)
 
         def on_step(task_run: dict[str, Any]) -> None:
             state = (task_run.get("state") or {}).get("name", "?")
             took = task_run.get("total_run_time") or 0.0
             name = re.sub(r"-[0-9a-f]{3}$", "", str(task_run.get("name", "?")))  # Prefect's suffix: get_x-901
             err.print(f"{time.monotonic() - started:5.1f}s {'ok ' if state == 'Completed' else state + ' '}"
-                      f"{name} ({took:.2f} s)", style="dim", highlight=False, markup=False)
+                      f"{name} ({took:.2f} s)", style="dim", highlight=False, markup=False, soft_wrap=True)
 
         def on_paused(run_doc: dict[str, Any]) -> None:
             view = parse_plan_input(remote_run.waiting_plan(http, run_id) or "")
@@ -244,7 +245,8 @@ def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bo
             final = remote_run.follow(http, run_id, on_log, on_paused, on_step)
             doc = remote_run.read_report(http, run_id)
         except remote_run.NotClaimed as exc:
-            err.print(f"{exc}; running it in this process", style="yellow", highlight=False, markup=False)
+            err.print(f"{exc}; running it in this process", style="yellow", highlight=False, markup=False,
+                      soft_wrap=True)
             return
         except RunbookError as exc:
             raise _fail(EXIT_ENGINE, f"{procedure}: {exc}") from None
