@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
+import stat
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -47,8 +50,26 @@ def project_root() -> Path:
 
 
 def state_dir() -> Path:
-    """$RUNBOOK_SANDBOX_DIR or <project root>/.sandbox, read at call time so tests can redirect it."""
-    return Path(os.environ.get("RUNBOOK_SANDBOX_DIR") or project_root() / ".sandbox")
+    """$RUNBOOK_SANDBOX_DIR, else <project root>/.sandbox, read at call time so tests can redirect it.
+
+    Services run as other OS users (PostgreSQL as `postgres`; sshd reads the key file and serves SFTP as its own
+    user), so they must be able to traverse the state dir. A checkout in a directory others cannot enter (root's
+    0700 home: `git clone ... ~/runbook`) gets its sandbox under the system temp dir instead, named for the checkout
+    (so every clone has its own and finds it again).
+    """
+    explicit = os.environ.get("RUNBOOK_SANDBOX_DIR")
+    if explicit:
+        return Path(explicit)
+    root = project_root()
+    if _others_can_enter(root):
+        return root / ".sandbox"
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"runbook-sandbox-{digest}"
+
+
+def _others_can_enter(path: Path) -> bool:
+    """Every directory from / to ``path`` is searchable by other users (o+x)."""
+    return all(p.stat().st_mode & stat.S_IXOTH for p in [path, *path.parents])
 
 
 def up(only: Sequence[str] | None = None, state_dir: Path | None = None) -> SandboxState:

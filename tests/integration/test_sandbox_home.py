@@ -33,3 +33,22 @@ def test_postgres_starts_from_a_home_postgres_cannot_traverse(closed_home: Path)
         assert conn.execute("SELECT count(*) FROM users").fetchone() == (20000,)
     sandbox.down(closed_home)
     assert not cluster.exists(), "down removes the cluster it put outside the state dir"
+
+
+def test_a_checkout_others_cannot_enter_gets_its_sandbox_under_the_temp_dir(
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sshd reads its user's key file and serves SFTP as that user, PostgreSQL runs as postgres: the state dir of a
+    clone in root's 0700 home must live where they can reach it."""
+    from runbook.sandbox import lifecycle
+
+    home = tmp_path_factory.mktemp("closed")
+    home.chmod(0o700)
+    monkeypatch.delenv("RUNBOOK_SANDBOX_DIR", raising=False)
+    monkeypatch.setattr(lifecycle, "project_root", lambda: home / "clone")
+    (home / "clone").mkdir()
+    chosen = lifecycle.state_dir()
+    assert not chosen.is_relative_to(home) and chosen.name.startswith("runbook-sandbox-")
+    assert lifecycle.state_dir() == chosen, "the same clone finds the same sandbox again"
+    home.chmod(0o755)
+    if lifecycle._others_can_enter(home / "clone"):
+        assert lifecycle.state_dir() == home / "clone" / ".sandbox"
