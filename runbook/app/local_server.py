@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from runbook.app.remote_run import warm_executor_ready
-from runbook.engine.daemon import http_ok, spawn
+from runbook.engine.daemon import free_ports, http_ok, spawn, start_ticks
 from runbook.engine.errors import RunbookError
 
 RECORD = "server.json"
@@ -45,7 +44,7 @@ def state_dir() -> Path:
 def running(root: Path | None = None) -> str | None:
     """The API URL of the background server when its process lives and its API answers; None otherwise."""
     rec = _read(root or state_dir())
-    if rec is None or not _alive(rec["pid"]):
+    if rec is None or not _alive(rec):
         return None
     api = str(rec["api_url"])
     return api if http_ok(f"{api}/health", timeout=1.0) else None
@@ -59,7 +58,7 @@ def ensure(say: Callable[[str], None] = print, root: Path | None = None) -> str:
         api = running(root)
         if api:
             return api
-        port = _free_port()
+        (port,) = free_ports(1)
         api = f"http://127.0.0.1:{port}/api"
         say(f"starting a local Prefect server and warm executor in the background ({root}, "
             f"{api.removesuffix('/api')}); later runs reuse it, `runbook local stop` stops it")
@@ -68,7 +67,8 @@ def ensure(say: Callable[[str], None] = print, root: Path | None = None) -> str:
         log = root / "serve.log"
         proc = spawn([sys.executable, "-m", "runbook.app.cli", "serve", "--no-intake", "--prefect-port", str(port),
                       "--state", str(root)], log, env=env)
-        (root / RECORD).write_text(json.dumps({"pid": proc.pid, "port": port, "api_url": api}))
+        (root / RECORD).write_text(json.dumps({"pid": proc.pid, "ticks": start_ticks(proc.pid), "port": port,
+                                               "api_url": api}))
         deadline = time.monotonic() + START_TIMEOUT_S
         with httpx.Client(base_url=api, timeout=2, trust_env=False) as http:
             while not warm_executor_ready(http):
@@ -85,15 +85,15 @@ def stop(root: Path | None = None, timeout_s: float = 20.0) -> bool:
     root = root or state_dir()
     rec = _read(root)
     (root / RECORD).unlink(missing_ok=True)
-    if rec is None or not _alive(rec["pid"]):
+    if rec is None or not _alive(rec):  # gone, or its PID now names another process: never signal that one
         return False
     pid = int(str(rec["pid"]))
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while _alive(rec) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if _alive(rec):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     return True
@@ -107,19 +107,14 @@ def _read(root: Path) -> dict[str, object] | None:
     return rec if isinstance(rec, dict) and {"pid", "api_url"} <= rec.keys() else None
 
 
-def _alive(pid: object) -> bool:
-    """The process exists and is not a zombie (it was started detached: nobody reaps it but init)."""
+def _alive(rec: dict[str, object]) -> bool:
+    """The recorded server process still runs: same PID and the same start time (not a reused PID, not a zombie)."""
     try:
-        stat = Path(f"/proc/{int(str(pid))}/stat").read_text()
-    except (OSError, ValueError):
+        pid = int(str(rec["pid"]))
+    except ValueError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    ticks = start_ticks(pid)
+    return ticks is not None and ticks == rec.get("ticks")
 
 
 @contextlib.contextmanager

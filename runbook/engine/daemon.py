@@ -7,8 +7,10 @@ PID-file safety and log tails on top), so a start-up wait can never hang on a pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +23,30 @@ from runbook.engine.remediation import wait_until
 
 class DaemonFailed(RunbookError):
     """A daemon exited or did not become healthy in time; the message says which."""
+
+
+def start_ticks(pid: int) -> int | None:
+    """Process start time (clock ticks since boot): with the PID it identifies a process, so a PID the kernel has
+    reused for another process is never mistaken for ours. None when gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def free_ports(count: int) -> list[int]:
+    """Ask the kernel for ``count`` distinct free loopback ports (all sockets held open until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

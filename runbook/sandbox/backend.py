@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from runbook.engine.daemon import http_ok
+from runbook.engine.daemon import free_ports, http_ok, start_ticks
 
 from . import net, process
 from .base import Service, ServiceRecord
@@ -62,7 +62,7 @@ class Backend(Service):
         log = d / "backend.log"
         cert, key = d / "payments-cert.pem", d / "payments-key.pem"
         write_self_signed(cert, key)
-        (tls_port,) = net.free_ports(1)
+        (tls_port,) = free_ports(1)
         cmd = [sys.executable, "-m", MODULE, "--port", str(port), "--tls-port", str(tls_port),
                "--cert", str(cert), "--key", str(key), "--slow-ms", str(SLOW_MS), "--sessions", str(ACTIVE_SESSIONS)]
         proc = process.spawn(cmd, log, cwd=d)
@@ -73,7 +73,7 @@ class Backend(Service):
         )
         process.await_healthy(proc, lambda: self.is_healthy(record), START_TIMEOUT_S,
                               f"backend on 127.0.0.1:{port}", log)
-        record.proc_start = process.start_ticks(proc.pid)
+        record.proc_start = start_ticks(proc.pid)
         record.running = True
         return record
 

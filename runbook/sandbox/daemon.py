@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from runbook.engine.daemon import http_ok
+from runbook.engine.daemon import http_ok, start_ticks
 
 from . import process
 from .base import ServiceRecord
@@ -22,6 +22,6 @@ def start_daemon(name: str, cmd: Sequence[str], *, port: int, log: Path, cwd: Pa
     record = ServiceRecord(name=name, pid=proc.pid, port=port, log_file=str(log), paths=paths,
                            cmdline_markers=list(markers))
     process.await_healthy(proc, lambda: http_ok(health_url, 1.0), timeout_s, f"{name} on 127.0.0.1:{port}", log)
-    record.proc_start = process.start_ticks(proc.pid)
+    record.proc_start = start_ticks(proc.pid)
     record.running = True
     return record

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from runbook.engine.config import read_env_file
+from runbook.engine.daemon import free_ports
 
 from . import generated, net
 from .alertmanager import SERVICE as ALERTMANAGER
@@ -207,7 +208,7 @@ def _start_all(
     """
     if not names:
         return
-    ports = dict(zip(names, net.free_ports(len(names)), strict=True))
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     first = [n for n in names if not set(SERVICES[n].uses) & set(names)]
     waves = [first, [n for n in names if n not in first]]
     pool = ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="sandbox")

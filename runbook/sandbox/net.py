@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 
+from runbook.engine.daemon import free_ports
+
 LOOPBACK = "127.0.0.1"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ask the kernel for `count` distinct free loopback ports (all sockets held open until all are chosen)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((LOOPBACK, 0))
-            ports.append(sock.getsockname()[1])
-        return ports
+__all__ = ["LOOPBACK", "free_ports", "port_accepts"]
 
 
 def port_accepts(port: int, timeout: float = 0.5) -> bool:

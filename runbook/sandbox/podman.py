@@ -24,6 +24,7 @@ import docker.errors
 import requests
 
 from runbook.engine.clients import docker_api_version
+from runbook.engine.daemon import start_ticks
 from tasks.containers import NUMBER_LABEL, PROJECT_LABEL, SERVICE_LABEL
 
 from . import net, process
@@ -169,7 +170,7 @@ class Podman(Service):
         except SandboxError:
             self.stop(record)  # the network created above goes too
             raise
-        record.proc_start = process.start_ticks(proc.pid)
+        record.proc_start = start_ticks(proc.pid)
         try:
             self._create_project(record)
         except Exception as exc:

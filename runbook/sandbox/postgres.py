@@ -16,6 +16,7 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from runbook.engine.daemon import start_ticks
 from runbook.engine.remediation import wait_until
 
 from . import net, pafar_seed, process
@@ -121,7 +122,7 @@ class Postgres(Service):
             log_file=str(log),
             paths={"base": str(base), "cluster_dir": str(cluster), "data_dir": str(data), "socket_dir": str(sock)},
             cmdline_markers=["postgres", f"-D {data}"],
-            proc_start=process.start_ticks(pid),
+            proc_start=start_ticks(pid),
         )
         try:
             record.secrets = {"app_password": _password(), "engine_password": _password()}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 
-from runbook.engine.daemon import DaemonFailed
+from runbook.engine.daemon import DaemonFailed, start_ticks
 from runbook.engine.prefect_env import (
     DB_FILE,
     LOG_FILE,
@@ -117,7 +117,7 @@ class PrefectServer(Service):
             name=self.name, pid=proc.pid, port=port, log_file=str(log),
             paths={"home": str(home), "database": database_url or str(home / DB_FILE)},
             cmdline_markers=[prefect_server_command(port)[0], "server start", f"--port {port}"],
-            proc_start=process.start_ticks(proc.pid), running=True,
+            proc_start=start_ticks(proc.pid), running=True,
         )
 
     def is_healthy(self, record: ServiceRecord) -> bool:

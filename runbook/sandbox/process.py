@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from runbook.engine import daemon
+from runbook.engine.daemon import start_ticks
 from runbook.engine.remediation import wait_until
 
 from .errors import SandboxError
@@ -67,18 +68,6 @@ def read_cmdline(pid: int) -> str | None:
         return None
     args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
     return " ".join(args) or None
-
-
-def start_ticks(pid: int) -> int | None:
-    """Process start time (clock ticks since boot), which together with the PID identifies a process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])
 
 
 def pid_matches(pid: int, markers: Sequence[str], ticks: int | None) -> bool:

@@ -6,6 +6,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from runbook.engine.daemon import start_ticks
+
 from . import net, process
 from .base import Requirement, Service, ServiceRecord
 
@@ -49,7 +51,7 @@ class Redis(Service):
         )
         process.await_healthy(proc, lambda: self.is_healthy(record), START_TIMEOUT_S,
                               f"redis (PING) on 127.0.0.1:{port}", log)
-        record.proc_start = process.start_ticks(proc.pid)
+        record.proc_start = start_ticks(proc.pid)
         record.running = True
         return record
 
