@@ -28,7 +28,6 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import typer
 from rich.console import Console
 
-from runbook.engine.config import iter_secret_refs, load_playbooks, playbook_json_schema
 from runbook.engine.errors import BadInput, ConfigError, RunbookError
 from runbook.engine.redact import redact
 
@@ -98,6 +97,8 @@ def check(
     env: Annotated[str | None, typer.Option("--env", help="also resolve this environment's secrets")] = None,
 ) -> None:
     """Validate every playbook; each error names the file, the path inside it and what was expected."""
+    from runbook.engine.config import iter_secret_refs, load_playbooks, playbook_json_schema
+
     if schema:
         print(json.dumps(playbook_json_schema(), indent=2))
         return
@@ -172,8 +173,6 @@ def run(
 def _warm_api() -> str | None:
     """The API of a Prefect server with a live warm executor: PREFECT_API_URL's, or the background one (started
     now when nothing is configured). None when there is none to use (the run then happens in this process)."""
-    import httpx
-
     from runbook.app import local_server, remote_run
 
     api = os.environ.get("PREFECT_API_URL")
@@ -188,32 +187,36 @@ def _warm_api() -> str | None:
             err.print(f"no background server ({redact(str(exc))[:300]}); running in this process", style="yellow",
                       markup=False, highlight=False)
             return None
-    with httpx.Client(base_url=api, timeout=2, trust_env=False) as http:
+    with remote_run.api_client(api, timeout_s=2) as http:
         return api if remote_run.warm_executor_ready(http) else None
 
 
 def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
               output: str) -> None:
     """Create the run on the server, follow its log, answer an approval here, print its report and exit; returns
-    only when no executor claimed the run in time and it was withdrawn (the caller then runs it in process)."""
-    import httpx
+    only when no executor claimed the run in time and it was withdrawn (the caller then runs it in process).
 
+    A dry run reads no playbooks here: the server checks ``env`` against the environments it was deployed with,
+    and the executor resolves it. Applying reads them for the environment's approval rule (ask before creating
+    the run, not after it paused, when there is no terminal to ask at)."""
     from runbook.app import remote_run
     from runbook.engine.decisions import operator_identity, parse_plan_input
     from runbook.engine.findings import render_terminal, report_from_json
 
     started = time.monotonic()
-    with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+    with remote_run.api_client(api) as http:
         try:
             dep = remote_run.deployment(http, procedure)
             params = remote_run.coerce_params(dep.get("parameter_openapi_schema") or {}, raw)
-            environment = load_playbooks().environment(env)
-            required = remote_run.APPROVAL_TAG in (dep.get("tags") or []) or \
-                environment.approvals.get(procedure) == "required"
-            if apply and required and not yes and not _interactive():
-                raise BadInput(f"{procedure} needs approval to apply and there is no terminal to ask at: run it at "
-                               "a terminal (it shows the plan and asks for `yes`) or pass --yes from a script")
-            created = remote_run.create_run(http, dep, {"env": environment.name, "dry_run": not apply, **params})
+            if apply:
+                from runbook.engine.config import load_playbooks
+
+                required = remote_run.APPROVAL_TAG in (dep.get("tags") or []) or \
+                    load_playbooks().environment(env).approvals.get(procedure) == "required"
+                if required and not yes and not _interactive():
+                    raise BadInput(f"{procedure} needs approval to apply and there is no terminal to ask at: run it "
+                                   "at a terminal (it shows the plan and asks for `yes`) or pass --yes from a script")
+            created = remote_run.create_run(http, dep, {"env": env, "dry_run": not apply, **params})
         except (ConfigError, BadInput) as exc:
             raise _fail(EXIT_BAD_INPUT, str(exc)) from None
         except RunbookError as exc:
@@ -269,6 +272,7 @@ def _print_report(doc: dict[str, Any], output: str, render: Any, parse: Any) -> 
 def _run_in_process(procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
                     output: str) -> None:
     from runbook.app.catalog import PROCEDURES
+    from runbook.engine.config import iter_secret_refs, load_playbooks
     from runbook.engine.decisions import local_approver
     from runbook.engine.findings import render_terminal, report_from_json
     from runbook.engine.procedure import attended_run
@@ -678,6 +682,7 @@ def backups_list(
     from rich.table import Table
 
     from runbook.engine.clients import database_name
+    from runbook.engine.config import load_playbooks
     from runbook.engine.errors import TargetUnreachable
     from tasks.backup_store import list_backups, open_store
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -375,7 +376,10 @@ class PlaybookFile(Strict):
 
 
 class Playbooks(BaseModel):
-    """Everything loaded from the playbook directories, environments by name, routes in file order."""
+    """Everything loaded from the playbook directories, environments by name, routes in file order (frozen: one
+    loaded copy is shared by every run of a process)."""
+
+    model_config = ConfigDict(frozen=True)
 
     environments: dict[str, Environment]
     files: list[Path]
@@ -404,7 +408,13 @@ def default_playbook_dirs() -> list[Path]:
 
 
 def load_playbooks(dirs: Sequence[Path] | None = None) -> Playbooks:
-    """Load and validate every ``*.yaml`` under the given directories; all errors are collected, then raised."""
+    """Load and validate every ``*.yaml`` under the given directories; all errors are collected, then raised.
+
+    The last result is reused while no file changed (same paths, inodes, sizes, modification times): a warm
+    executor loads the playbooks once, not per run (parsing and validating them is most of a run's start-up),
+    and still sees an edit at the next run. A failed load is never kept.
+    """
+    global _LAST_LOAD
     dirs = list(dirs) if dirs is not None else default_playbook_dirs()
     files: list[Path] = []
     for d in dirs:
@@ -412,6 +422,30 @@ def load_playbooks(dirs: Sequence[Path] | None = None) -> Playbooks:
             files.append(d)
         elif d.is_dir():
             files.extend(sorted([*d.glob("*.yaml"), *d.glob("*.yml")]))
+    key = _files_key(files)
+    with _LAST_LOAD_LOCK:
+        if key is not None and _LAST_LOAD is not None and _LAST_LOAD[0] == key:
+            return _LAST_LOAD[1]
+    loaded = _load_files(files)
+    if key is not None:
+        with _LAST_LOAD_LOCK:
+            _LAST_LOAD = (key, loaded)
+    return loaded
+
+
+_LAST_LOAD: tuple[tuple[tuple[str, int, int, int], ...], Playbooks] | None = None
+_LAST_LOAD_LOCK = threading.Lock()
+
+
+def _files_key(files: list[Path]) -> tuple[tuple[str, int, int, int], ...] | None:
+    try:
+        stats = [(str(p), p.stat()) for p in files]
+    except OSError:
+        return None  # unreadable: load (and report) it, never reuse
+    return tuple((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+def _load_files(files: list[Path]) -> Playbooks:
     errors: list[str] = []
     envs: dict[str, Environment] = {}
     routes: list[tuple[Path, int, Route]] = []

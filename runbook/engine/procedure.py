@@ -22,6 +22,7 @@ and tasks may not import (import contract).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
@@ -29,6 +30,7 @@ import logging
 import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -219,22 +221,29 @@ def procedure(
     return deco
 
 
-def publish_artifacts(report: Report) -> None:
-    """Publish the report to the Prefect UI: one markdown artifact plus a table of the findings."""
+def publish_artifacts(report: Report) -> list[Callable[[], object]]:
+    """What publishes the report to the Prefect UI: one markdown artifact plus a table of the findings (each a
+    call, so the caller can send them side by side)."""
 
     key = report.procedure.replace("_", "-")
-    create_markdown_artifact(
-        markdown=report_to_markdown(report), key=f"{key}-report", description=f"{report.procedure} report"
-    )
-    create_table_artifact(
-        table=[
-            {"severity": f.severity.value, "title": redact(f.title), "subject": redact(f.subject)}
-            for f in report.findings
-        ]
-        or [{"severity": "", "title": "no findings", "subject": ""}],
-        key=f"{key}-findings",
-        description=f"{report.procedure} findings",
-    )
+    table = [{"severity": f.severity.value, "title": redact(f.title), "subject": redact(f.subject)}
+             for f in report.findings] or [{"severity": "", "title": "no findings", "subject": ""}]
+    return [
+        functools.partial(create_markdown_artifact, markdown=report_to_markdown(report), key=f"{key}-report",
+                          description=f"{report.procedure} report"),
+        functools.partial(create_table_artifact, table=table, key=f"{key}-findings",
+                          description=f"{report.procedure} findings"),
+    ]
+
+
+def _send_together(calls: list[Callable[[], object]]) -> None:
+    """Make the run's closing API calls (artifacts, the stored report) at once instead of one after the other:
+    each is a round trip to the Prefect server (30-150 ms here) and the run is not finished until all are done.
+    Each runs in a copy of this context, so it finds the run and its API client; the first error is raised."""
+    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="publish") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, call) for call in calls]
+    for future in futures:
+        future.result()
 
 
 # ------------------------------------------------------------------ the run a body works with
@@ -332,21 +341,23 @@ def _execute(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ..
     report.finish()
     report.outcome = outcome(report)
     run.decide(f"outcome: {report.outcome}")
+    closing: list[Callable[[], object]] = []
     if ctx:
         _announce_finished(run)  # first: its delivery errors belong in the published report
-        publish_artifacts(report)
+        closing.extend(publish_artifacts(report))
     doc = report_to_json(report)
     if ctx and ctx.flow_run:
-        _store_report(ctx.flow_run.id, doc)
+        closing.append(functools.partial(_store_report, ctx.flow_run.id, doc))
+    if closing:
+        _send_together(closing)
     return Completed(name=report.outcome, message=_summary(report), data=doc)
 
 
 def _store_report(run_id: UUID, doc: dict[str, Any]) -> None:
     """Keep the report with the run (run input ``runbook-report``): `runbook run` on the warm path reads it back,
     since a flow's return value is not kept on the server. Best effort: the run's outcome does not depend on it."""
-    try:
-        with get_client(sync_client=True) as client:
-            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
+    try:  # the run's own client (its SyncClientContext), not entered: this may run beside other publishing calls
+        get_client(sync_client=True).create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
     except Exception as exc:  # noqa: BLE001 - a storage hiccup must not turn a finished run into a failed one
         run_logger().warning("could not store the report with the run: %s", redact(str(exc))[:200])
 
