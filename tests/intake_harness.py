@@ -149,4 +149,4 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
         server.should_exit = True
         thread.join(10)
         if executor:
-            ex.stop(wait=False)
+            ex.stop(grace_s=0)

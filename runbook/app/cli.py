@@ -479,6 +479,8 @@ def worker(
     pool: Annotated[str, typer.Option(help="work pool to serve")] = "runbook",
     poll: Annotated[float, typer.Option(help="seconds between safety-net polls (new runs arrive as events)")] = 15.0,
     max_runs: Annotated[int, typer.Option(help="flow runs at once in this process")] = 16,
+    grace: Annotated[float, typer.Option(help="on SIGTERM/Ctrl-C: seconds running runs get to finish before they "
+                                         "are handed back to the pool")] = 30.0,
 ) -> None:
     """Run deployment flow runs in this warm process (scale out: start several against one server)."""
     from runbook.app.executor import Executor, preload_flows
@@ -490,10 +492,32 @@ def worker(
     out.print(f"executor {ex.name} serving work pool {pool!r}; Ctrl-C stops it", highlight=False)
     sys.stdout.flush()
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        ex.stop(wait=False)
+        _wait_forever()
+    finally:
+        _drain(ex, grace)
+    _exit_if_handed_back()
+
+
+_HANDED_BACK: list[str] = []
+
+
+def _drain(ex: Any, grace_s: float) -> None:
+    """Stop an executor the way SIGTERM should: finish what can finish in ``grace_s``, hand back the rest."""
+    err.print(f"stopping: running runs get {grace_s:g} s to finish", style="dim", highlight=False)
+    handed_back = ex.stop(grace_s=grace_s)
+    if handed_back:
+        err.print(f"handed back to the pool (another executor, or this one restarted, runs them again): "
+                  f"{', '.join(handed_back)}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+    _HANDED_BACK.extend(handed_back)
+
+
+def _exit_if_handed_back() -> None:
+    """A handed-back run's thread is still running here: leave now, before it could finish what another executor
+    will run again (os._exit: the interpreter would otherwise wait for those threads)."""
+    if _HANDED_BACK:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()
@@ -520,6 +544,8 @@ def serve(
     state: Annotated[Path, typer.Option(help="state directory (Prefect home, intake store)")] = Path(".runbook"),
     no_intake: Annotated[bool, typer.Option("--no-intake", help="no alert intake: server, deployments and "
                                             "executor only (what `runbook run` starts in the background)")] = False,
+    grace: Annotated[float, typer.Option(help="on SIGTERM/Ctrl-C: seconds running runs get to finish before they "
+                                         "are handed back to the pool")] = 30.0,
 ) -> None:
     """Everything in one command: local Prefect server (SQLite), deployments, warm executor, alert intake."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -554,7 +580,8 @@ def serve(
                     step(f"intake on http://127.0.0.1:{port}/alerts; Ctrl-C stops everything")
                     run_intake(api_url, token, "127.0.0.1", port, state, executor=ex)
             finally:
-                ex.stop(wait=False)
+                _drain(ex, grace)
+    _exit_if_handed_back()
 
 
 def _wait_forever() -> None:
