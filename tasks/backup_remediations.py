@@ -206,6 +206,7 @@ class RestoreFromBackup(Remediation[RestoreState]):
     """
 
     name = "restore-from-backup"
+    whole_plan = True  # its changes are the steps of one restore
 
     def __init__(self, env: Environment, database: str = "main", backup: str | None = None,
                  row_loss_tolerance_pct: float = 1.0, timeout_s: float = 3600.0, writer_stop_s: int = 10) -> None:

@@ -36,6 +36,7 @@ from prefect.client.schemas import OrchestrationResult, State
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
+from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
 from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_URL, temporary_settings
 from prefect.states import AwaitingRetry, Failed, Pending
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 
 EVENTS_RETRY_S = 5.0
+# the SCHEDULED states a run of ours enters: created, retried or handed back, resumed after approval (suspended)
+SCHEDULED_NAMES = ("Scheduled", "AwaitingRetry", "Resuming")
 
 
 class Executor:
@@ -190,8 +193,7 @@ class Executor:
 
     async def _watch_events(self) -> None:
         ctx = contextvars.copy_context()
-        scheduled = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled",
-                                                            "prefect.flow-run.AwaitingRetry"]))
+        scheduled = EventFilter(event=EventNameFilter(name=[f"prefect.flow-run.{name}" for name in SCHEDULED_NAMES]))
         async with get_events_subscriber(filter=scheduled, reconnect_on_clean_close=True) as events:
             self.events_connected.set()
             async for event in events:
@@ -240,6 +242,9 @@ class Executor:
             self._running += 1
         try:
             state: object = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+        except Pause:  # suspended waiting for approval: the thread is free; the answer reschedules the run
+            log.info("flow run %s suspended for approval after %.1f s", run_id, time.monotonic() - started)
+            return
         except Exception as exc:  # the engine failed before the run could record it (e.g. bad parameters)
             message = redact(f"could not start: {type(exc).__name__}: {exc}")[:500]
             with get_client(sync_client=True) as client:

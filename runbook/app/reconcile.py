@@ -9,6 +9,9 @@ zombie CRASHED, saying which executor died and whether it had started applying, 
 after a partial apply: every remediation re-reads the state it would change, plans only what is still needed, and
 re-checks each change against the identity it was planned for (runbook.engine.runner).
 
+The same executor answers a run suspended for approval (runbook.engine.approval) that nobody decided by the
+deadline stored with its plan: a rejection, so the run starts again, applies nothing and reports the timeout.
+
 Prefect's own zombie detection (an automation on missing flow-run heartbeats) needs heartbeats of at least 30 s
 and a proactive trigger window beyond them: 90-120 s. The executors' worker heartbeats (every poll, 15 s) bound it
 tighter, and a restarted executor on the same host recovers its predecessor's runs at once.
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
@@ -35,7 +39,10 @@ from prefect.client.schemas.filters import (
     WorkPoolFilterName,
 )
 from prefect.client.schemas.objects import FlowRun, StateType, Worker
-from prefect.states import AwaitingRetry, Crashed
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.states import AwaitingRetry, Crashed, Failed
+
+from runbook.engine.decisions import PAUSE_KEY, PLAN_INPUT_KEY, TIMEOUT_APPROVER, parse_plan_input
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,8 @@ class Reconciler:
         self._mine = mine
         self._interval_s = interval_s
         self._owners: dict[str, str | None] = {}
+        self._deadlines: dict[str, datetime | None] = {}
+        self._asked: dict[str, datetime] = {}
 
     def reconcile(self, client: Any) -> list[Verdict]:
         now = datetime.now(UTC)
@@ -104,6 +113,7 @@ class Reconciler:
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                 any_=[StateType.RUNNING, StateType.PENDING]))),
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self.work_pool])), limit=200)
+        self._answer_expired_approvals(client, now)
         mine = self._mine()
         verdicts = []
         for run in runs:
@@ -118,6 +128,40 @@ class Reconciler:
                 continue  # not ours to judge (no runbook claim), or its executor lives
             verdicts.append(self._finish(client, run, owner, workers.get(owner), history, now))
         return verdicts
+
+    def _answer_expired_approvals(self, client: Any, now: datetime) -> None:
+        suspended = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.PAUSED]))),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self.work_pool])), limit=200)
+        for run in suspended:
+            details = run.state.state_details if run.state else None
+            if details is None or details.pause_key != PAUSE_KEY or not details.pause_reschedule:
+                continue  # not a suspended approval (a run paused in its thread times out by itself)
+            key = str(run.id)
+            if key not in self._deadlines:
+                try:
+                    plan = parse_plan_input(client.read_flow_run_input(run.id, PLAN_INPUT_KEY))
+                except httpx.HTTPStatusError:
+                    plan = None
+                self._deadlines[key] = plan.deadline if plan else None
+                if plan is not None:
+                    self._asked[key] = plan.asked_at
+            deadline = self._deadlines[key]
+            if deadline is None or now < deadline:
+                continue
+            asked_for = round((deadline - self._asked[key]).total_seconds()) if key in self._asked else None
+            reason = ((f"no approval within {asked_for} s" if asked_for is not None else "no approval in time")
+                      + " (a timeout counts as rejection)")
+            result = client.resume_flow_run(run.id, run_input={
+                "approve": False, "approver": TIMEOUT_APPROVER, "reason": reason})
+            if result.status != SetStateStatus.ACCEPT:  # e.g. its form is gone: end it, applying nothing
+                why = getattr(result.details, "reason", None) or result.status.value
+                message = f"{reason}; could not resume it ({why}): nothing was applied"
+                client.set_flow_run_state(run.id, Failed(message=message[:500]), force=True)
+            self._deadlines.pop(key, None)
+            self._asked.pop(key, None)
+            log.warning("flow run %s: approval timed out; resumed as rejected", run.id)
 
     def _finish(self, client: Any, run: FlowRun, owner: str, worker: Worker | None, history: list[Any] | None,
                 now: datetime) -> Verdict:

@@ -134,11 +134,13 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
     started = time.monotonic()
     deadline = started + timeout_s
     asked: set[str] = set()
+    scheduled_since: dict[str, float] = {}  # per state: a run resumed after approval is scheduled again
     details_due = 0.0
     while True:
         run = _ok(request(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
         state = run.get("state") or {}
-        if state.get("type") == "SCHEDULED" and time.monotonic() - started > CLAIM_TIMEOUT_S:
+        waiting_since = scheduled_since.setdefault(str(state.get("id")), time.monotonic())
+        if state.get("type") == "SCHEDULED" and time.monotonic() - waiting_since > CLAIM_TIMEOUT_S:
             if _withdraw(http, run_id):
                 raise NotClaimed(f"no executor claimed run {run_id} within {CLAIM_TIMEOUT_S:g} s (withdrawn)")
             continue  # claimed meanwhile: follow it
@@ -151,12 +153,20 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
         if final:
             return run  # type: ignore[no-any-return]
         details = state.get("state_details") or {}
-        if state.get("type") == "PAUSED" and details.get("pause_key") == PAUSE_KEY and state["id"] not in asked:
+        if state.get("type") == "PAUSED" and details.get("pause_key") == PAUSE_KEY and state["id"] not in asked \
+                and _form_ready(http, run_id, details):
             asked.add(state["id"])
             on_paused(run)
         if time.monotonic() > deadline:
             raise RemoteRunError(f"run {run_id} still {state.get('name')} after {timeout_s:g} s")
         time.sleep(FOLLOW_POLL_S)
+
+
+def _form_ready(http: httpx.Client, run_id: str, details: dict[str, Any]) -> bool:
+    """The approval form is stored a moment after the run shows PAUSED (the server clears a pause's inputs when
+    it accepts it): ask only once it is there, or the answer would be refused."""
+    schema = (details.get("run_input_keyset") or {}).get("schema")
+    return not schema or request(http, "GET", f"/flow_runs/{run_id}/input/{schema}").status_code == 200
 
 
 def _withdraw(http: httpx.Client, run_id: str) -> bool:

@@ -53,7 +53,16 @@ from pydantic.fields import FieldInfo
 from runbook.engine import approval, decisions
 from runbook.engine.config import Environment, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError, TargetUnreachable
-from runbook.engine.findings import ActionResult, Finding, Report, Severity, kv_text, report_to_json, report_to_markdown
+from runbook.engine.findings import (
+    ActionResult,
+    Change,
+    Finding,
+    Report,
+    Severity,
+    kv_text,
+    report_to_json,
+    report_to_markdown,
+)
 from runbook.engine.notify import annotate_grafana, notify_route
 from runbook.engine.progress import run_logger
 from runbook.engine.redact import install_log_redaction, redact
@@ -395,6 +404,10 @@ def _remediate(run: Run) -> None:
             return
         report.notes.append(f"approved by {decision.approver} ({decision.how})"
                             + (f": {decision.reason}" if decision.reason else ""))
+        if decision.approved_changes is not None:  # resumed after approval: only what the approver saw
+            for offer, p in zip(run.offers, plans, strict=True):
+                if p in planned:
+                    _keep_approved(run, offer, p, set(decision.approved_changes))
     results = []
     for offer, p in zip(run.offers, plans, strict=True):
         if p.planned and not p.error:
@@ -407,6 +420,30 @@ def _remediate(run: Run) -> None:
         else:
             results.append(p)
     _finish_actions(run, results)
+
+
+def _approval_identity(plan: ActionResult, change: Change) -> str:
+    """What a change acts on, independent of display text: its machine key (pid + start time, container id ...),
+    else its action and typed target (the backup file to restore ...), else its action."""
+    what = change.key or (f"{change.action}:{json.dumps(change.target, sort_keys=True)}" if change.target
+                          else change.action)
+    return f"{plan.name}|{plan.target}|{what}"
+
+
+def _keep_approved(run: Run, offer: _Offer, plan: ActionResult, approved: set[str]) -> None:
+    """A run resumed after approval re-planned: keep only the changes the approver saw (all or none of a
+    ``whole_plan`` remediation's)."""
+    extra = [c for c in plan.planned if _approval_identity(plan, c) not in approved]
+    if not extra:
+        return
+    if type(offer.rem).whole_plan:
+        plan.skipped += [f"{c.subject}: the plan changed while the run waited for approval" for c in plan.planned]
+        plan.planned = []
+        run.decide(f"{plan.name}: its plan changed while the run waited for approval: nothing of it applied")
+        return
+    plan.planned = [c for c in plan.planned if _approval_identity(plan, c) in approved]
+    plan.skipped += [f"{c.subject}: not in the plan that was approved (found while the run waited)" for c in extra]
+    run.decide(f"{plan.name}: {len(extra)} change(s) not in the approved plan left alone")
 
 
 def _finish_actions(run: Run, results: list[ActionResult]) -> None:
@@ -436,6 +473,7 @@ def _ask(run: Run, planned: list[ActionResult]) -> decisions.Decision:
         findings=[f"{f.severity.value}: {redact(f.title)}" for f in report.findings if f.severity.rank > 0][:10],
         changes=[f"{p.name}: {c.action} {redact(c.subject)}" + (f" ({redact(kv_text(c.before))})" if c.before else "")
                  for p in planned for c in p.planned],
+        identities=[_approval_identity(p, c) for p in planned for c in p.planned],
     )
     run.decide(f"approval asked: {len(view.changes)} change(s); waiting up to {run.approval_timeout_s:g} s")
 
