@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from runbook.engine.errors import BadInput, ConfigError, RunbookError
 from runbook.engine.redact import redact
@@ -45,11 +46,14 @@ local_app = typer.Typer(no_args_is_help=True, help="The background Prefect serve
                                                     "when PREFECT_API_URL is not set.")
 app.add_typer(local_app, name="local")
 
-out = Console()
-err = Console(stderr=True)
+# No markup on either console: errors and reports quote user text (a pattern such as ^[a-z][a-z0-9_-]{0,62}$, a
+# path, a server's message) that rich would otherwise read as style tags and drop. Styles go in as Text.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
 
 def _fail(code: int, message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {redact(message)}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), " ", redact(message)), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -64,7 +68,7 @@ def list_procedures() -> None:
     from runbook.app.catalog import PROCEDURES
 
     for info in PROCEDURES.values():
-        out.print(f"[bold]{info.name}[/]  {info.summary}", highlight=False)  # wrapped to the terminal's width
+        out.print(Text.assemble((info.name, "bold"), "  ", info.summary), highlight=False)  # wrapped to the width
         help_text = info.form_schema()["properties"]
         params = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
         params.add_column(style="cyan", no_wrap=True)
@@ -117,7 +121,8 @@ def check(
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     for e in loaded.environments.values():
         refs = ", ".join(ref.describe() for _, ref in iter_secret_refs(e, everything=True)) or "none"
-        out.print(f"[green]ok[/] {e.name} ({e.source}): secrets referenced: {refs}", highlight=False)
+        out.print(Text.assemble(("ok", "green"), f" {e.name} ({e.source}): secrets referenced: {refs}"),
+                  highlight=False)
     out.print(f"{len(loaded.files)} file(s), {len(loaded.environments)} environment(s) valid")
 
 
@@ -534,7 +539,7 @@ def serve(
     started = time.monotonic()
 
     def step(what: str) -> None:
-        out.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {what}", highlight=False)
+        out.print(Text.assemble((f"{time.monotonic() - started:5.1f}s", "dim"), f" {what}"), highlight=False)
         sys.stdout.flush()
 
     step("starting the Prefect server" if not api else f"using the Prefect server at {api}")
@@ -721,7 +726,8 @@ def backups_list(
                   r["verification"] + (f", restore {r['restore_s']:.1f} s" if r["restore_s"] else ""))
     out.print(t)
     for p in partials:
-        out.print(f"[yellow]unfinished temp file[/] {p.name} ({p.size} bytes, {p.mtime.isoformat(timespec='seconds')})")
+        out.print(Text.assemble(("unfinished temp file", "yellow"),
+                                f" {p.name} ({p.size} bytes, {p.mtime.isoformat(timespec='seconds')})"))
     if not rows:
         out.print(f"no backups of {dbname} in {where}")
 
@@ -734,7 +740,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the sandbox ru
     """Sandbox up, inject a database incident, db-slowness dry run, then --apply, then apply again (no change)."""
     from runbook.sandbox.demo import run_demo
 
-    raise typer.Exit(run_demo(out, keep=keep))
+    raise typer.Exit(run_demo(Console(), keep=keep))  # its own headings use markup; reports go in as Text
 
 
 def main() -> None:
