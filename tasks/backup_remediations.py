@@ -26,7 +26,7 @@ from runbook.engine.errors import QueryFailed, RemediationFailed, TargetUnreacha
 from runbook.engine.findings import Change
 from runbook.engine.remediation import Remediation, register
 from tasks.backup_checks import check_stream
-from tasks.backup_dump import log_line, take_backup
+from tasks.backup_dump import check_dump_login, log_line, take_backup
 from tasks.backup_files import Manifest, Shape, backup_name, utc_stamp
 from tasks.backup_restore import derived_db_name, drop_database, restore_backup
 from tasks.backup_store import BackupEntry, BackupStore, list_backups, open_store
@@ -62,6 +62,7 @@ class TakeBackup(Remediation[BackupState]):
 
     def check(self) -> BackupState:
         dbname = database_name(self.env, self.database)
+        check_dump_login(self.env, self.database)  # a dry run proves the backup could be taken, login included
         with open_store(self.env) as store:
             entries, _ = list_backups(store, dbname)
             where = store.describe()

@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from runbook.engine.errors import BadInput, ConfigError, RunbookError
 from runbook.engine.redact import redact
@@ -45,11 +46,14 @@ local_app = typer.Typer(no_args_is_help=True, help="The background Prefect serve
                                                     "when PREFECT_API_URL is not set.")
 app.add_typer(local_app, name="local")
 
-out = Console()
-err = Console(stderr=True)
+# No markup on either console: errors and reports quote user text (a pattern such as ^[a-z][a-z0-9_-]{0,62}$, a
+# path, a server's message) that rich would otherwise read as style tags and drop. Styles go in as Text.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
 
 def _fail(code: int, message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {redact(message)}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), " ", redact(message)), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -64,7 +68,7 @@ def list_procedures() -> None:
     from runbook.app.catalog import PROCEDURES
 
     for info in PROCEDURES.values():
-        out.print(f"[bold]{info.name}[/]  {info.summary}", highlight=False)  # wrapped to the terminal's width
+        out.print(Text.assemble((info.name, "bold"), "  ", info.summary), highlight=False)  # wrapped to the width
         help_text = info.form_schema()["properties"]
         params = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
         params.add_column(style="cyan", no_wrap=True)
@@ -107,16 +111,18 @@ def check(
         if not loaded.files:
             where = ", ".join(map(str, playbooks)) if playbooks else "the defaults"
             raise ConfigError(f"no playbook files found in {where}")
-        targets = [loaded.environment(env)] if env else []
-        for e in targets:
-            e.check_env_file()
-            for where, ref in iter_secret_refs(e, everything=True):
-                e.resolve_secret(ref, where)
+        if env:
+            from runbook.engine.clients import check_secrets  # the clients' imports cost ~0.8 s: only with --env
+
+            target = loaded.environment(env)
+            target.check_env_file()
+            check_secrets(target, everything=True)  # every secret resolved, every DSN parsed as libpq reads it
     except ConfigError as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     for e in loaded.environments.values():
         refs = ", ".join(ref.describe() for _, ref in iter_secret_refs(e, everything=True)) or "none"
-        out.print(f"[green]ok[/] {e.name} ({e.source}): secrets referenced: {refs}", highlight=False)
+        out.print(Text.assemble(("ok", "green"), f" {e.name} ({e.source}): secrets referenced: {refs}"),
+                  highlight=False)
     out.print(f"{len(loaded.files)} file(s), {len(loaded.environments)} environment(s) valid")
 
 
@@ -272,7 +278,8 @@ def _print_report(doc: dict[str, Any], output: str, render: Any, parse: Any) -> 
 def _run_in_process(procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
                     output: str) -> None:
     from runbook.app.catalog import PROCEDURES
-    from runbook.engine.config import iter_secret_refs, load_playbooks
+    from runbook.engine.clients import check_secrets
+    from runbook.engine.config import load_playbooks
     from runbook.engine.decisions import local_approver
     from runbook.engine.findings import render_terminal, report_from_json
     from runbook.engine.procedure import attended_run
@@ -283,8 +290,7 @@ def _run_in_process(procedure: str, env: str, raw: dict[str, str], apply: bool, 
     try:
         params = spec.validate_params(dict(raw), label="--param ")
         environment = load_playbooks().environment(env)
-        for where, ref in iter_secret_refs(environment):  # fail fast, before a flow run exists
-            environment.resolve_secret(ref, where)
+        check_secrets(environment)  # fail fast, before a flow run exists: secrets resolved, DSNs parsed
         if apply and spec.approval_for(environment) == "required" and not yes and not _interactive():
             raise BadInput(f"{procedure} needs approval to apply and there is no terminal to ask at: run it at a "
                            "terminal (it shows the plan and asks for `yes`), pass --yes from a script, or run it "
@@ -559,7 +565,7 @@ def serve(
     started = time.monotonic()
 
     def step(what: str) -> None:
-        out.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {what}", highlight=False)
+        out.print(Text.assemble((f"{time.monotonic() - started:5.1f}s", "dim"), f" {what}"), highlight=False)
         sys.stdout.flush()
 
     step("starting the Prefect server" if not api else f"using the Prefect server at {api}")
@@ -747,7 +753,8 @@ def backups_list(
                   r["verification"] + (f", restore {r['restore_s']:.1f} s" if r["restore_s"] else ""))
     out.print(t)
     for p in partials:
-        out.print(f"[yellow]unfinished temp file[/] {p.name} ({p.size} bytes, {p.mtime.isoformat(timespec='seconds')})")
+        out.print(Text.assemble(("unfinished temp file", "yellow"),
+                                f" {p.name} ({p.size} bytes, {p.mtime.isoformat(timespec='seconds')})"))
     if not rows:
         out.print(f"no backups of {dbname} in {where}")
 
@@ -760,7 +767,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the sandbox ru
     """Sandbox up, inject a database incident, db-slowness dry run, then --apply, then apply again (no change)."""
     from runbook.sandbox.demo import run_demo
 
-    raise typer.Exit(run_demo(out, keep=keep))
+    raise typer.Exit(run_demo(Console(), keep=keep))  # its own headings use markup; reports go in as Text
 
 
 def main() -> None:

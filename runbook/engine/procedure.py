@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args, get_origin
 from uuid import UUID
 
-from prefect import Flow, flow, task
+from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
@@ -65,9 +64,10 @@ from runbook.engine.findings import (
 )
 from runbook.engine.notify import annotate_grafana, notify_route
 from runbook.engine.progress import run_logger
-from runbook.engine.redact import install_log_redaction, redact
+from runbook.engine.redact import install_log_redaction, masked_exceptions, redact
 from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
+from runbook.engine.steps import step
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,15 @@ def unreachable_as_finding(report: Report) -> Iterator[None]:
 
 def _execute(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> State[Any]:
+    """The flow run: the pipeline, with any exception leaving it masked (Prefect makes the flow run's state
+    message and its "Encountered exception" log line from it)."""
     install_log_redaction()
+    with masked_exceptions():
+        return _pipeline(spec, body, args, kwargs)
+
+
+def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> State[Any]:
     bound = inspect.signature(body).bind(*args, **kwargs)
     bound.apply_defaults()
     env_name, dry_run = bound.arguments["env"], bool(bound.arguments["dry_run"])
@@ -453,13 +461,13 @@ def _finish_actions(run: Run, results: list[ActionResult]) -> None:
             offer.after(run.report, result)
 
 
-@task(cache_policy=NONE, task_run_name="plan-{rem.name}")
+@step(task_run_name="plan-{rem.name}")
 def plan_step(rem: Remediation[Any], state: Any = _UNSET) -> ActionResult:
     """check + plan (a task, so the UI shows each remediation's plan as its own step)."""
     return plan_remediation(rem, state)
 
 
-@task(cache_policy=NONE, task_run_name="apply-{rem.name}")
+@step(task_run_name="apply-{rem.name}")
 def apply_step(rem: Remediation[Any], planned: ActionResult) -> ActionResult:
     """Apply exactly the shown plan, re-checked change by change, then verify."""
     return apply_plan(rem, planned)
