@@ -84,6 +84,7 @@ def main() -> None:
         until(lambda: st(run)["type"] == "RUNNING")
         os.killpg(a.pid, signal.SIGKILL)
         killed = time.perf_counter()
+        a.wait()  # reaped, as its service manager would (an unreaped zombie still answers kill -0)
         start("b")
         until(lambda: st(run)["name"] in ("AwaitingRetry", "Pending", "Running") and any(
             s["name"] == "Crashed" for s in http.get("/flow_run_states/", params={"flow_run_id": run}).json()))
