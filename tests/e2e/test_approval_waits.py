@@ -8,8 +8,6 @@ applies exactly the change it showed, once, though it ran its diagnosis twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
 
 import httpx
 import psycopg
@@ -17,30 +15,19 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from runbook.app.executor import Executor
-from runbook.app.remote_run import TERMINAL, deployment, read_report, resume
+from runbook.app.remote_run import TERMINAL, read_report, resume
 from runbook.app.serve import register_deployments
 from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import DbIncident
+from tests.prefect_runs import create_run, run_state, wait_for
 
 pytestmark = pytest.mark.integration
 
 APPLY = {"env": "sandbox", "dry_run": False, "long_query_s": 1, "idle_in_transaction_s": 3600}
 
 
-def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
-def _create(http: httpx.Client, procedure: str, params: dict[str, Any], tags: list[str]) -> str:
-    dep = deployment(http, procedure)
-    return str(http.post(f"/deployments/{dep['id']}/create_flow_run", json={
-        "parameters": params, "tags": tags, "state": {"type": "SCHEDULED", "name": "Scheduled"}},
-    ).raise_for_status().json()["id"])
 
 
 def _active(dsn: str, pid: int) -> bool:
@@ -49,8 +36,6 @@ def _active(dsn: str, pid: int) -> bool:
     return row is not None and row[0] == "active"
 
 
-def _state(http: httpx.Client, run_id: str) -> dict[str, Any]:
-    return http.get(f"/flow_runs/{run_id}").raise_for_status().json()["state"]  # type: ignore[no-any-return]
 
 
 def test_runs_waiting_for_approval_hold_no_thread(sandbox_state: SandboxState, app_dsn: str) -> None:
@@ -64,19 +49,19 @@ def test_runs_waiting_for_approval_hold_no_thread(sandbox_state: SandboxState, a
     try:
         with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
             time.sleep(1.5)  # the runaway query is older than long_query_s
-            waiting = [_create(http, "db-slowness", APPLY, ["mode:approve"]) for _ in range(4)]
-            _wait(lambda: all(_state(http, r)["name"] == "Suspended" for r in waiting), 180,
+            waiting = [create_run(http, "db-slowness", APPLY, ["mode:approve"]) for _ in range(4)]
+            wait_for(lambda: all(run_state(http, r)["name"] == "Suspended" for r in waiting), 180,
                   "4 runs suspended for approval on 2 threads")
-            quick = _create(http, "network-checks", {"env": "sandbox"}, ["cli"])
-            _wait(lambda: _state(http, quick)["type"] in TERMINAL, 120, "a run that needs no approval")
-            assert _state(http, quick)["type"] == "COMPLETED"
-            assert all(_state(http, r)["name"] == "Suspended" for r in waiting), "they still wait, costing nothing"
+            quick = create_run(http, "network-checks", {"env": "sandbox"}, ["cli"])
+            wait_for(lambda: run_state(http, quick)["type"] in TERMINAL, 120, "a run that needs no approval")
+            assert run_state(http, quick)["type"] == "COMPLETED"
+            assert all(run_state(http, r)["name"] == "Suspended" for r in waiting), "they still wait, costing nothing"
             assert _active(app_dsn, inc.runaway_pid), "nothing was applied while they waited"
 
             for run_id in waiting[1:]:
                 resume(http, run_id, approve=False, approver="test", reason="not now")
             resume(http, waiting[0], approve=True, approver="test", reason="go")
-            _wait(lambda: all(_state(http, r)["type"] in TERMINAL for r in waiting), 180, "answered runs finish")
+            wait_for(lambda: all(run_state(http, r)["type"] in TERMINAL for r in waiting), 180, "answered runs finish")
 
             approved = read_report(http, waiting[0])
             assert approved is not None and approved["outcome"] == "Remediated", approved
