@@ -17,9 +17,11 @@ from typing import Any
 
 import httpx
 import uvicorn
+import yaml
 
 from runbook.app.executor import Executor
 from runbook.app.intake.app import IntakeSettings, create_app
+from runbook.app.intake.limits import Limits
 from runbook.engine.config import PROJECT_ROOT
 from runbook.sandbox import SandboxState
 from runbook.sandbox.net import free_ports
@@ -60,6 +62,18 @@ routes:
 """
 
 
+def db_route(name: str, match: dict[str, str], mode: str = "diagnose", **extra: Any) -> dict[str, Any]:
+    """A route to db-slowness on the sandbox, its database named by the alert's ``db`` label, no cooldown."""
+    return {"name": name, "match": match, "procedure": "db-slowness", "env": "sandbox",
+            "params": {"long_query_s": 1, "idle_in_transaction_s": 1},
+            "labels": {"database": {"label": "db", "inventory": "databases"}},
+            "policy": {"mode": mode, "cooldown_s": 0}, **extra}
+
+
+def routes_yaml(*routes: dict[str, Any]) -> str:
+    return yaml.safe_dump({"routes": list(routes)}, sort_keys=False)
+
+
 @dataclass
 class Intake:
     url: str
@@ -80,6 +94,26 @@ class Intake:
     def runs(self, tag: str) -> list[dict[str, Any]]:
         body = {"flow_runs": {"tags": {"all_": [tag]}}}
         return httpx.post(f"{self.api_url}/flow_runs/filter", json=body, timeout=10).json()
+
+    def runs_for(self, route: str, fingerprint: str) -> list[dict[str, Any]]:
+        """The runs of one alert (by fingerprint) on one route, through the intake's own record of occurrences."""
+        keys = [row[0] for row in self.app.state.store._db.execute(
+            "SELECT key FROM occurrences WHERE route = ? AND fingerprint = ?", (route, fingerprint)).fetchall()]
+        return [r for k in keys for r in self.runs(f"occurrence:{k}")]
+
+    def wait_runs(self, route: str, fingerprint: str, timeout_s: float = 30) -> list[dict[str, Any]]:
+        """The dispatcher creates runs just after the acknowledgement: wait for them."""
+        deadline = time.monotonic() + timeout_s
+        while not (runs := self.runs_for(route, fingerprint)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return runs
+
+    def metric(self, line_start: str) -> float:
+        """The value of the first /metrics sample whose line starts with ``line_start`` (0 when absent)."""
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def wait_state(self, run_id: str, states: set[str], timeout_s: float = 60) -> str:
         deadline = time.monotonic() + timeout_s
@@ -110,7 +144,8 @@ def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str
 
 @contextmanager
 def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, executor: bool = True,
-                   api_url: str | None = None, playbook_dirs: list[Path] | None = None) -> Iterator[Intake]:
+                   api_url: str | None = None, playbook_dirs: list[Path] | None = None,
+                   limits: Limits | None = None) -> Iterator[Intake]:
     from runbook.app.serve import register_deployments
 
     api = api_url or state.prefect_api_url
@@ -131,7 +166,7 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
         # the platform (pafar.yaml) but not the production routes: only this test's routes may match
         playbook_dirs=[*(playbook_dirs or [PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir]),
                        routes_dir],
-        on_created=ex.submit if executor else None,
+        on_created=ex.submit if executor else None, limits=limits or Limits(),
     ))
     port = free_ports(1)[0]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
@@ -150,3 +185,4 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
         thread.join(10)
         if executor:
             ex.stop(wait=False)
+

@@ -17,6 +17,7 @@ import uvicorn
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.app import IntakeSettings, create_app
+from runbook.app.intake.limits import Limits
 from runbook.app.remote_run import APPROVAL_TAG, PROCEDURE_TAG, deployment_filter, request
 from runbook.engine.config import PROJECT_ROOT, load_playbooks
 
@@ -102,10 +103,11 @@ def _verify_params(env: str) -> dict[str, Any]:
 
 
 def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, executor: Any = None,
-               playbook_dirs: list[Path] | None = None) -> None:
+               playbook_dirs: list[Path] | None = None, limits: Limits | None = None) -> None:
     """Serve the intake with uvicorn until interrupted; created runs go straight to ``executor`` when given."""
+    limits = limits or Limits()
     app = create_app(IntakeSettings(
         token=token, prefect_api_url=api_url, state_dir=state_dir, playbook_dirs=playbook_dirs,
-        on_created=executor.submit if executor else None,
+        on_created=executor.submit if executor else None, limits=limits,
     ))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
