@@ -48,6 +48,7 @@ def report_backup(report: Report, result: ActionResult) -> None:
             details={"file": m["file"], "sha256": m["sha256"], "key_rows": m["rows"]},
             aggregation_key="backup-taken",
         ))
-    elif result.error:
-        report.add(Finding(title=f"backup failed: {result.error}", severity=Severity.CRITICAL,
+    elif result.error:  # a plan's error (dry run): the backup could not be taken; an apply's: it was not
+        what = "backup cannot be taken" if result.dry_run else "backup failed"
+        report.add(Finding(title=f"{what}: {result.error}", severity=Severity.CRITICAL,
                            subject=result.target, aggregation_key="backup-failed"))

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from prefect import task
-from prefect.cache_policies import NONE
 from pydantic import Field
 
 from assessments.hosts import host_findings
@@ -29,6 +27,7 @@ from runbook.engine.notify import post_json
 from runbook.engine.params import EnvName, ServiceName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from runbook.engine.redact import redact
+from runbook.engine.steps import step
 from tasks.container_remediations import StartServiceContainers
 from tasks.containers import (
     ContainerInfo,
@@ -104,14 +103,14 @@ def post_incident(report: Report, environment: Environment, service: str) -> Non
     report.notes.append(f"incident webhook: {'notified' if not error else 'NOT notified: ' + error}")
 
 
-@task(cache_policy=NONE)
+@step
 def check_service_health(service: str, url: str, timeout_s: float = 5.0) -> HttpCheckRow:
     """GET the service's health URL (tasks.http_checks: timings, no proxies, its own timeout)."""
     cfg = HttpCheckConfig.model_validate({"url": url, "expect_status": 200, "timeout_s": timeout_s})
     return check_http(f"{service}-health", cfg)
 
 
-@task(cache_policy=NONE)
+@step
 def notify_incident(environment: Environment, payload: dict[str, Any]) -> str:
     """POST the summary to the incident webhook; '' when delivered, else a secret-free reason."""
     assert environment.incident_webhook is not None

@@ -110,6 +110,14 @@ def take_backup(env: Environment, database: str, store: BackupStore, *, purpose:
     return manifest
 
 
+def check_dump_login(env: Environment, database: str) -> None:
+    """The login pg_dump will use works: one read-only statement on the engine's DSN. A wrong password (or a
+    database that is down) raises TargetUnreachable naming the environment, so a dry run reports it instead of
+    planning a backup that cannot be taken."""
+    with postgres(env, database) as conn:
+        conn.execute("SELECT 1")
+
+
 def _dump_facts(conn: psycopg.Connection[Any]) -> tuple[str, dict[str, Any], list[str]]:
     """Opens the dump's transaction: its exported snapshot, the server version, owner and encoding, extensions."""
     conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

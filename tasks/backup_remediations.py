@@ -26,7 +26,7 @@ from runbook.engine.errors import QueryFailed, RemediationFailed, TargetUnreacha
 from runbook.engine.findings import Change
 from runbook.engine.remediation import Remediation, register
 from tasks.backup_checks import check_stream
-from tasks.backup_dump import log_line, take_backup
+from tasks.backup_dump import check_dump_login, log_line, take_backup
 from tasks.backup_files import Manifest, Shape, backup_name, utc_stamp
 from tasks.backup_restore import derived_db_name, drop_database, restore_backup
 from tasks.backup_store import BackupEntry, BackupStore, list_backups, open_store
@@ -62,6 +62,7 @@ class TakeBackup(Remediation[BackupState]):
 
     def check(self) -> BackupState:
         dbname = database_name(self.env, self.database)
+        check_dump_login(self.env, self.database)  # a dry run proves the backup could be taken, login included
         with open_store(self.env) as store:
             entries, _ = list_backups(store, dbname)
             where = store.describe()
@@ -206,6 +207,7 @@ class RestoreFromBackup(Remediation[RestoreState]):
     """
 
     name = "restore-from-backup"
+    whole_plan = True  # its changes are the steps of one restore
 
     def __init__(self, env: Environment, database: str = "main", backup: str | None = None,
                  row_loss_tolerance_pct: float = 1.0, timeout_s: float = 3600.0, writer_stop_s: int = 10) -> None:

@@ -11,11 +11,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from runbook.engine.clients import redis_client
 from runbook.engine.config import Environment
+from runbook.engine.steps import step
 
 FIELDS = ("keyspace_hits", "keyspace_misses", "evicted_keys", "expired_keys", "used_memory", "used_memory_peak",
           "maxmemory", "maxmemory_policy", "mem_fragmentation_ratio", "connected_clients", "blocked_clients",
@@ -65,7 +63,7 @@ def read_info(env: Environment) -> CacheStats:
     return replace(stats, hit_ratio=hit_ratio(stats.keyspace_hits or 0, stats.keyspace_misses or 0))
 
 
-@task(cache_policy=NONE)
+@step
 def get_cache_stats(env: Environment, sample_s: float = 0.0) -> CacheStats:
     """Hit ratio, evictions, memory and clients. With ``sample_s`` > 0, two INFO reads that far apart also give
     the hit ratio and evictions over that window (INFO counters are totals since start or CONFIG RESETSTAT)."""

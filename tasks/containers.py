@@ -22,12 +22,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import docker.errors
-from prefect import task
-from prefect.cache_policies import NONE
 
 from runbook.engine.clients import docker_client
 from runbook.engine.config import Environment
 from runbook.engine.progress import say
+from runbook.engine.steps import step
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
@@ -101,7 +100,7 @@ def summarize(attrs: dict[str, Any]) -> ContainerInfo:
     )
 
 
-@task(cache_policy=NONE)
+@step
 def list_project_containers(env: Environment, service: str | None = None) -> list[ContainerInfo]:
     """Every container of the compose project (running or not), summarized, ordered by service and name."""
     with docker_client(env) as client:
@@ -156,7 +155,7 @@ class ContainerStats:
     mem_percent: float
 
 
-@task(cache_policy=NONE)
+@step
 def sample_container_stats(env: Environment, containers: list[ContainerInfo],
                            interval_s: float = 1.0) -> list[ContainerStats]:
     """CPU % from two samples ``interval_s`` apart (all containers sampled concurrently), memory from the second.
@@ -196,7 +195,7 @@ class MemorySeries:
     limit: int = 0
 
 
-@task(cache_policy=NONE)
+@step
 def sample_memory_series(env: Environment, containers: list[ContainerInfo], samples: int = 5,
                          interval_s: float = 2.0) -> dict[str, MemorySeries]:
     """Memory usage of every running container, ``samples`` times ``interval_s`` apart, by container id."""
@@ -248,7 +247,7 @@ def sparkline(values: Sequence[float]) -> str:
     return "".join(SPARK[int((v - lo) / (hi - lo) * (len(SPARK) - 1))] for v in values)
 
 
-@task(cache_policy=NONE)
+@step
 def get_container_processes(env: Environment, container_id: str) -> list[dict[str, str]]:
     """`docker top`: the container's processes as dicts keyed by the engine's column titles."""
     with docker_client(env) as client:
@@ -276,7 +275,7 @@ class ContainerLogs:
     errors: list[str] = field(default_factory=list)
 
 
-@task(cache_policy=NONE)
+@step
 def get_container_logs(env: Environment, container_id: str, tail: int = 200,
                        since_minutes: float | None = 60) -> ContainerLogs:
     """The last ``tail`` log lines (within ``since_minutes``), with the ERROR lines counted and the last few kept."""
@@ -303,7 +302,7 @@ class RecentChange:
     when: datetime
 
 
-@task(cache_policy=NONE)
+@step
 def get_recent_changes(env: Environment, containers: list[ContainerInfo], hours: float = 24) -> list[RecentChange]:
     """Recent deployments: containers created, and images built, within the last ``hours``."""
     cutoff = datetime.now(UTC) - timedelta(hours=hours)
@@ -330,7 +329,7 @@ class ExecResult:
     output: str
 
 
-@task(cache_policy=NONE)
+@step
 def run_in_container(env: Environment, container_id: str, command: list[str],
                      max_bytes: int = 20_000) -> ExecResult:
     """Run a command from the playbook (an argument list, no shell) in a container: exit code and output tail."""

@@ -12,12 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import paramiko
-from prefect import task
-from prefect.cache_policies import NONE
 
 from runbook.engine.clients import ssh
 from runbook.engine.config import Environment
 from runbook.engine.errors import TargetUnreachable
+from runbook.engine.steps import step
 
 MAX_OUTPUT_BYTES = 256_000
 HOST_SNAPSHOT = (
@@ -147,7 +146,7 @@ def snapshot_host(env: Environment, host: str) -> HostSnapshot:
     return HostSnapshot(host, parse_snapshot(out))
 
 
-@task(cache_policy=NONE)
+@step
 def collect_host_snapshots(env: Environment, hosts: list[str] | None = None,
                            max_parallel: int = 8) -> list[HostSnapshot]:
     """Snapshot every configured host (or the given ones) concurrently, at most ``max_parallel`` at a time."""

@@ -19,11 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from prefect import task
-from prefect.cache_policies import NONE
 
 from runbook.engine.config import Environment, HttpCheckConfig
 from runbook.engine.findings import TableBlock
+from runbook.engine.steps import step
 from tasks.probes import HOST, Check, CheckRow, HttpCheckRow, resolve, run_checks
 
 MAX_BODY = 1 << 20
@@ -118,7 +117,7 @@ def _timed_get(client: httpx.Client, cfg: HttpCheckConfig, source: str, base: Ht
         total_ms=total, latency_ms=total, cert_days_left=cert_days_left, cert_expires=cert_expires)
 
 
-@task(cache_policy=NONE)
+@step
 def check_http_endpoints(env: Environment, names: list[str] | None = None,
                          max_parallel: int = 8) -> list[HttpCheckRow]:
     """Every configured HTTP check (or the named ones) from this host, concurrently, in playbook order."""

@@ -22,13 +22,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import elasticsearch
-from prefect import task
-from prefect.cache_policies import NONE
 
 from runbook.engine.clients import docker_client, search, ssh
 from runbook.engine.config import Environment
 from runbook.engine.errors import BadInput, TargetUnreachable
 from runbook.engine.params import NAME_PATTERN
+from runbook.engine.steps import step
 from tasks.containers import PROJECT_LABEL, SERVICE_LABEL
 
 Record = dict[str, Any]
@@ -256,7 +255,7 @@ def _docker_time(value: str) -> datetime | None:
     return datetime.fromisoformat(m.group(1) + (m.group(2) or ".0")[:7] + tz)
 
 
-@task(cache_policy=NONE)
+@step
 def analyze_logs(env: Environment, names: list[str] | None = None, service: str | None = None,
                  size: int = 20) -> dict[str, Any]:
     """The runbook's log queries from the best source configured: ``{"source", "results", "notes"}``.

@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from runbook.engine.clients import prometheus
 from runbook.engine.config import Environment
 from runbook.engine.errors import RunbookError
+from runbook.engine.steps import step
 
 
 class PromQLError(RunbookError):
@@ -126,7 +124,7 @@ class MetricResult:
     error: str = ""
 
 
-@task(cache_policy=NONE)
+@step
 def get_app_metrics(env: Environment, window: str = "5m",
                     timeout_s: float | None = None) -> dict[str, MetricResult]:
     """The runbook's four application metrics by name.

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from functools import partial
 
 import docker.errors
-from prefect import task
-from prefect.cache_policies import NONE
 
 from runbook.engine.clients import docker_client
 from runbook.engine.config import Environment, NetworkConfig
 from runbook.engine.errors import TargetUnreachable
+from runbook.engine.steps import step
 from tasks.containers import PROJECT_LABEL, SERVICE_LABEL
 from tasks.http_checks import check_http
 from tasks.probes import HOST, Check, CheckRow, is_reserved_invalid, resolve, row, run_checks
@@ -207,7 +206,7 @@ class Connectivity:
     notes: list[str]
 
 
-@task(cache_policy=NONE)
+@step
 def check_connectivity(env: Environment, cfg: NetworkConfig, http: bool = True) -> Connectivity:
     """The whole matrix (TCP and HTTP from the host, TCP from containers, DNS), concurrently."""
     plan = plan_checks(env, cfg, http)

@@ -15,12 +15,11 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import psycopg
-from prefect import task
-from prefect.cache_policies import NONE
 from psycopg.rows import class_row, tuple_row
 
 from runbook.engine.clients import postgres
 from runbook.engine.config import Environment
+from runbook.engine.steps import step
 
 # The backends a diagnostic or remediation may look at: client sessions of the configured database, never ours.
 _SESSIONS = """
@@ -115,7 +114,7 @@ def blocking_tree(sessions: Iterable[_Waiting]) -> dict[int, list[int]]:
     return {root: sorted(set(waiters)) for root, waiters in roots.items()}
 
 
-@task(cache_policy=NONE, retries=0)
+@step(retries=0)
 def get_activity_snapshot(env: Environment, database: str) -> ActivitySnapshot:
     """Connections against max_connections, and every client session of the database, in one consistent read."""
     with postgres(env, database) as conn:
@@ -146,7 +145,7 @@ class Statement:
     username: str | None
 
 
-@task(cache_policy=NONE)
+@step
 def get_top_statements(env: Environment, database: str, limit: int = 10) -> list[Statement]:
     """pg_stat_statements ordered by mean time (PG 13+ column names), the engine's own statements left out."""
     with postgres(env, database) as conn:
@@ -199,7 +198,7 @@ class Explained:
     error: str = ""
 
 
-@task(cache_policy=NONE)
+@step
 def explain_statements(env: Environment, database: str, queries: list[str],
                        analyze_timeout_ms: int = 3000) -> list[Explained]:
     """EXPLAIN each statement safely (see ``explain_mode``); a statement that cannot be explained says why."""
@@ -290,7 +289,7 @@ class IndexAnalysis:
     suggestions: list[str] = field(default_factory=list)
 
 
-@task(cache_policy=NONE)
+@step
 def analyze_indexes(env: Environment, database: str, tables: list[str],
                     filter_columns: dict[str, list[str]]) -> list[IndexAnalysis]:
     """Per hot table: seq vs index scans, the runbook's pg_stats query for filter columns, and missing indexes."""

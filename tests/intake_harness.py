@@ -190,7 +190,7 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
         server.should_exit = True
         thread.join(10)
         if executor:
-            ex.stop(wait=False)
+            ex.stop(grace_s=0)
 
 
 PARTIAL_HEADER = b"POST /alerts HTTP/1.1\r\nHost: intake\r\nContent-Type: appl"  # and then nothing more

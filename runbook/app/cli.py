@@ -27,8 +27,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from runbook.engine.config import iter_secret_refs, load_playbooks, playbook_json_schema
 from runbook.engine.errors import BadInput, ConfigError, RunbookError
 from runbook.engine.redact import redact
 
@@ -46,11 +46,14 @@ local_app = typer.Typer(no_args_is_help=True, help="The background Prefect serve
                                                     "when PREFECT_API_URL is not set.")
 app.add_typer(local_app, name="local")
 
-out = Console()
-err = Console(stderr=True)
+# No markup on either console: errors and reports quote user text (a pattern such as ^[a-z][a-z0-9_-]{0,62}$, a
+# path, a server's message) that rich would otherwise read as style tags and drop. Styles go in as Text.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
 
 def _fail(code: int, message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {redact(message)}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), " ", redact(message)), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -65,7 +68,7 @@ def list_procedures() -> None:
     from runbook.app.catalog import PROCEDURES
 
     for info in PROCEDURES.values():
-        out.print(f"[bold]{info.name}[/]  {info.summary}", highlight=False)  # wrapped to the terminal's width
+        out.print(Text.assemble((info.name, "bold"), "  ", info.summary), highlight=False)  # wrapped to the width
         help_text = info.form_schema()["properties"]
         params = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
         params.add_column(style="cyan", no_wrap=True)
@@ -98,6 +101,8 @@ def check(
     env: Annotated[str | None, typer.Option("--env", help="also resolve this environment's secrets")] = None,
 ) -> None:
     """Validate every playbook; each error names the file, the path inside it and what was expected."""
+    from runbook.engine.config import iter_secret_refs, load_playbooks, playbook_json_schema
+
     if schema:
         print(json.dumps(playbook_json_schema(), indent=2))
         return
@@ -106,16 +111,18 @@ def check(
         if not loaded.files:
             where = ", ".join(map(str, playbooks)) if playbooks else "the defaults"
             raise ConfigError(f"no playbook files found in {where}")
-        targets = [loaded.environment(env)] if env else []
-        for e in targets:
-            e.check_env_file()
-            for where, ref in iter_secret_refs(e, everything=True):
-                e.resolve_secret(ref, where)
+        if env:
+            from runbook.engine.clients import check_secrets  # the clients' imports cost ~0.8 s: only with --env
+
+            target = loaded.environment(env)
+            target.check_env_file()
+            check_secrets(target, everything=True)  # every secret resolved, every DSN parsed as libpq reads it
     except ConfigError as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     for e in loaded.environments.values():
         refs = ", ".join(ref.describe() for _, ref in iter_secret_refs(e, everything=True)) or "none"
-        out.print(f"[green]ok[/] {e.name} ({e.source}): secrets referenced: {refs}", highlight=False)
+        out.print(Text.assemble(("ok", "green"), f" {e.name} ({e.source}): secrets referenced: {refs}"),
+                  highlight=False)
     out.print(f"{len(loaded.files)} file(s), {len(loaded.environments)} environment(s) valid")
 
 
@@ -172,8 +179,6 @@ def run(
 def _warm_api() -> str | None:
     """The API of a Prefect server with a live warm executor: PREFECT_API_URL's, or the background one (started
     now when nothing is configured). None when there is none to use (the run then happens in this process)."""
-    import httpx
-
     from runbook.app import local_server, remote_run
 
     api = os.environ.get("PREFECT_API_URL")
@@ -188,32 +193,36 @@ def _warm_api() -> str | None:
             err.print(f"no background server ({redact(str(exc))[:300]}); running in this process", style="yellow",
                       markup=False, highlight=False)
             return None
-    with httpx.Client(base_url=api, timeout=2, trust_env=False) as http:
+    with remote_run.api_client(api, timeout_s=2) as http:
         return api if remote_run.warm_executor_ready(http) else None
 
 
 def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
               output: str) -> None:
     """Create the run on the server, follow its log, answer an approval here, print its report and exit; returns
-    only when no executor claimed the run in time and it was withdrawn (the caller then runs it in process)."""
-    import httpx
+    only when no executor claimed the run in time and it was withdrawn (the caller then runs it in process).
 
+    A dry run reads no playbooks here: the server checks ``env`` against the environments it was deployed with,
+    and the executor resolves it. Applying reads them for the environment's approval rule (ask before creating
+    the run, not after it paused, when there is no terminal to ask at)."""
     from runbook.app import remote_run
     from runbook.engine.decisions import operator_identity, parse_plan_input
     from runbook.engine.findings import render_terminal, report_from_json
 
     started = time.monotonic()
-    with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+    with remote_run.api_client(api) as http:
         try:
             dep = remote_run.deployment(http, procedure)
             params = remote_run.coerce_params(dep.get("parameter_openapi_schema") or {}, raw)
-            environment = load_playbooks().environment(env)
-            required = remote_run.APPROVAL_TAG in (dep.get("tags") or []) or \
-                environment.approvals.get(procedure) == "required"
-            if apply and required and not yes and not _interactive():
-                raise BadInput(f"{procedure} needs approval to apply and there is no terminal to ask at: run it at "
-                               "a terminal (it shows the plan and asks for `yes`) or pass --yes from a script")
-            created = remote_run.create_run(http, dep, {"env": environment.name, "dry_run": not apply, **params})
+            if apply:
+                from runbook.engine.config import load_playbooks
+
+                required = remote_run.APPROVAL_TAG in (dep.get("tags") or []) or \
+                    load_playbooks().environment(env).approvals.get(procedure) == "required"
+                if required and not yes and not _interactive():
+                    raise BadInput(f"{procedure} needs approval to apply and there is no terminal to ask at: run it "
+                                   "at a terminal (it shows the plan and asks for `yes`) or pass --yes from a script")
+            created = remote_run.create_run(http, dep, {"env": env, "dry_run": not apply, **params})
         except (ConfigError, BadInput) as exc:
             raise _fail(EXIT_BAD_INPUT, str(exc)) from None
         except RunbookError as exc:
@@ -269,6 +278,8 @@ def _print_report(doc: dict[str, Any], output: str, render: Any, parse: Any) -> 
 def _run_in_process(procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
                     output: str) -> None:
     from runbook.app.catalog import PROCEDURES
+    from runbook.engine.clients import check_secrets
+    from runbook.engine.config import load_playbooks
     from runbook.engine.decisions import local_approver
     from runbook.engine.findings import render_terminal, report_from_json
     from runbook.engine.procedure import attended_run
@@ -279,8 +290,7 @@ def _run_in_process(procedure: str, env: str, raw: dict[str, str], apply: bool, 
     try:
         params = spec.validate_params(dict(raw), label="--param ")
         environment = load_playbooks().environment(env)
-        for where, ref in iter_secret_refs(environment):  # fail fast, before a flow run exists
-            environment.resolve_secret(ref, where)
+        check_secrets(environment)  # fail fast, before a flow run exists: secrets resolved, DSNs parsed
         if apply and spec.approval_for(environment) == "required" and not yes and not _interactive():
             raise BadInput(f"{procedure} needs approval to apply and there is no terminal to ask at: run it at a "
                            "terminal (it shows the plan and asks for `yes`), pass --yes from a script, or run it "
@@ -475,6 +485,8 @@ def worker(
     pool: Annotated[str, typer.Option(help="work pool to serve")] = "runbook",
     poll: Annotated[float, typer.Option(help="seconds between safety-net polls (new runs arrive as events)")] = 15.0,
     max_runs: Annotated[int, typer.Option(help="flow runs at once in this process")] = 16,
+    grace: Annotated[float, typer.Option(help="on SIGTERM/Ctrl-C: seconds running runs get to finish before they "
+                                         "are handed back to the pool")] = 30.0,
 ) -> None:
     """Run deployment flow runs in this warm process (scale out: start several against one server)."""
     from runbook.app.executor import Executor, preload_flows
@@ -486,10 +498,32 @@ def worker(
     out.print(f"executor {ex.name} serving work pool {pool!r}; Ctrl-C stops it", highlight=False)
     sys.stdout.flush()
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        ex.stop(wait=False)
+        _wait_forever()
+    finally:
+        _drain(ex, grace)
+    _exit_if_handed_back()
+
+
+_HANDED_BACK: list[str] = []
+
+
+def _drain(ex: Any, grace_s: float) -> None:
+    """Stop an executor the way SIGTERM should: finish what can finish in ``grace_s``, hand back the rest."""
+    err.print(f"stopping: running runs get {grace_s:g} s to finish", style="dim", highlight=False)
+    handed_back = ex.stop(grace_s=grace_s)
+    if handed_back:
+        err.print(f"handed back to the pool (another executor, or this one restarted, runs them again): "
+                  f"{', '.join(handed_back)}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+    _HANDED_BACK.extend(handed_back)
+
+
+def _exit_if_handed_back() -> None:
+    """A handed-back run's thread is still running here: leave now, before it could finish what another executor
+    will run again (os._exit: the interpreter would otherwise wait for those threads)."""
+    if _HANDED_BACK:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()
@@ -516,6 +550,8 @@ def serve(
     state: Annotated[Path, typer.Option(help="state directory (Prefect home, intake store)")] = Path(".runbook"),
     no_intake: Annotated[bool, typer.Option("--no-intake", help="no alert intake: server, deployments and "
                                             "executor only (what `runbook run` starts in the background)")] = False,
+    grace: Annotated[float, typer.Option(help="on SIGTERM/Ctrl-C: seconds running runs get to finish before they "
+                                         "are handed back to the pool")] = 30.0,
 ) -> None:
     """Everything in one command: local Prefect server (SQLite), deployments, warm executor, alert intake."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -529,7 +565,7 @@ def serve(
     started = time.monotonic()
 
     def step(what: str) -> None:
-        out.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {what}", highlight=False)
+        out.print(Text.assemble((f"{time.monotonic() - started:5.1f}s", "dim"), f" {what}"), highlight=False)
         sys.stdout.flush()
 
     step("starting the Prefect server" if not api else f"using the Prefect server at {api}")
@@ -550,7 +586,8 @@ def serve(
                     step(f"intake on http://127.0.0.1:{port}/alerts; Ctrl-C stops everything")
                     run_intake(api_url, token, "127.0.0.1", port, state, executor=ex)
             finally:
-                ex.stop(wait=False)
+                _drain(ex, grace)
+    _exit_if_handed_back()
 
 
 def _wait_forever() -> None:
@@ -678,6 +715,7 @@ def backups_list(
     from rich.table import Table
 
     from runbook.engine.clients import database_name
+    from runbook.engine.config import load_playbooks
     from runbook.engine.errors import TargetUnreachable
     from tasks.backup_store import list_backups, open_store
 
@@ -715,7 +753,8 @@ def backups_list(
                   r["verification"] + (f", restore {r['restore_s']:.1f} s" if r["restore_s"] else ""))
     out.print(t)
     for p in partials:
-        out.print(f"[yellow]unfinished temp file[/] {p.name} ({p.size} bytes, {p.mtime.isoformat(timespec='seconds')})")
+        out.print(Text.assemble(("unfinished temp file", "yellow"),
+                                f" {p.name} ({p.size} bytes, {p.mtime.isoformat(timespec='seconds')})"))
     if not rows:
         out.print(f"no backups of {dbname} in {where}")
 
@@ -728,7 +767,7 @@ def demo(keep: Annotated[bool, typer.Option("--keep", help="leave the sandbox ru
     """Sandbox up, inject a database incident, db-slowness dry run, then --apply, then apply again (no change)."""
     from runbook.sandbox.demo import run_demo
 
-    raise typer.Exit(run_demo(out, keep=keep))
+    raise typer.Exit(run_demo(Console(), keep=keep))  # its own headings use markup; reports go in as Text
 
 
 def main() -> None:

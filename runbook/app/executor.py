@@ -9,7 +9,9 @@ in its pool arrives milliseconds after the run is created); a relaxed poll of th
 for missed events and for runs scheduled ahead of time, and sends worker heartbeats so the pool shows as ready.
 
 Several executors may serve one pool (scale-out): a run is claimed by proposing PENDING, which the Prefect
-server accepts for exactly one claimer; the others leave it alone.
+server accepts for exactly one claimer; the others leave it alone. No run outlives its executor unfinished: each
+poll also finds the runs of executors that died and finishes them (runbook.app.reconcile), and ``stop`` drains:
+it claims nothing more, lets running runs finish within a grace period and hands the rest back to the pool.
 """
 
 from __future__ import annotations
@@ -18,27 +20,29 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import queue
-import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import httpx
+import prefect.flow_engine
 from prefect.client.orchestration import get_client
 from prefect.client.schemas import OrchestrationResult, State
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
+from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
-from prefect.settings import PREFECT_API_URL
-from prefect.states import Failed, Pending
+from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_URL, temporary_settings
+from prefect.states import AwaitingRetry, Failed, Pending
 
 from runbook.app.catalog import PROCEDURES
+from runbook.app.reconcile import Reconciler, Verdict, claim_message, executor_name
 from runbook.app.remote_run import WORK_POOL
 from runbook.engine.redact import redact
 
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 
 
 EVENTS_RETRY_S = 5.0
+# the SCHEDULED states a run of ours enters: created, retried or handed back, resumed after approval (suspended)
+SCHEDULED_NAMES = ("Scheduled", "AwaitingRetry", "Resuming")
 
 
 class Executor:
@@ -55,26 +61,32 @@ class Executor:
         self.max_runs = max_runs
         self.poll_s = poll_s
         self._running = 0
-        self.name = name or f"runbook-{socket.gethostname()}-{os.getpid()}"
+        self.name = name or executor_name()
         self._pool = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="flow-run")
         self._handoff: queue.Queue[str | None] = queue.Queue()
         self._stop = threading.Event()
+        self._draining = threading.Event()
         self._threads: list[threading.Thread] = []
         self._flows: dict[UUID, object] = {}
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when a run ends (drain waits on it)
         self._events = events
         self._api_url = ""
         self._events_loop: asyncio.AbstractEventLoop | None = None
         self.events_connected = threading.Event()
         self.polls = 0  # completed polls of the work pool (observable: the event path needs none)
+        self.reconciler = Reconciler(work_pool, self.name, self._mine, poll_s)
+        self.recovered: list[Verdict] = []  # zombie runs of dead executors this one finished
 
     # -------------------------------------------------------------- public
 
     def start(self) -> None:
-        """Start the hand-off and poll loops in the caller's Prefect settings context."""
+        """Start the hand-off and poll loops in the caller's Prefect settings context (plus run_settings)."""
         self._api_url = str(PREFECT_API_URL.value() or "")
-        ctx = contextvars.copy_context()
+        _without_suspension_observer()
+        with temporary_settings(updates=run_settings(self._api_url)):
+            ctx = contextvars.copy_context()
         loops = [self._handoff_loop, self._poll_loop] + ([self._event_loop] if self._events else [])
         for target in loops:
             t = threading.Thread(target=ctx.copy().run, args=(target,), daemon=True, name=target.__name__)
@@ -85,7 +97,12 @@ class Executor:
         """Hand over a run the caller just created: it starts now, not at the next poll."""
         self._handoff.put(flow_run_id)
 
-    def stop(self, wait: bool = True) -> None:
+    def stop(self, grace_s: float = 30.0) -> list[str]:
+        """Drain: claim nothing more, give running runs ``grace_s`` to finish, hand the rest back to the pool
+        (``AwaitingRetry``: the next executor, or this one restarted, runs them again; their remediations re-check
+        every change) and leave the pool. Returns the runs handed back: their threads still run, so a caller that
+        got any must exit the process right away (the CLI does) rather than let them finish a second time."""
+        self._draining.set()
         self._stop.set()
         self._handoff.put(None)
         loop = self._events_loop
@@ -94,8 +111,31 @@ class Executor:
                 loop.call_soon_threadsafe(_cancel_all, loop)
         for t in self._threads:
             t.join(timeout=10)
+        deadline = time.monotonic() + grace_s
+        with self._changed:
+            while self._claimed and time.monotonic() < deadline:
+                self._changed.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+            unfinished = sorted(self._claimed)
+        handed_back = [run_id for run_id in unfinished if self._hand_back(run_id)]
         self._forget_worker()
-        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        return handed_back
+
+    def _hand_back(self, run_id: str) -> bool:
+        message = f"executor {self.name} stopped before this run finished: handed back to the pool"
+        try:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(UUID(run_id), AwaitingRetry(scheduled_time=datetime.now(UTC),
+                                                                       message=message), force=True)
+        except Exception as exc:  # Prefect unreachable: the reconciler finds the run when this executor is gone
+            log.warning("could not hand back flow run %s: %s", run_id, redact(str(exc))[:200])
+            return False
+        log.warning("flow run %s handed back to work pool %r", run_id, self.work_pool)
+        return True
+
+    def _mine(self) -> set[str]:
+        with self._lock:
+            return set(self._claimed)
 
     def _forget_worker(self) -> None:
         """Remove this executor from the pool's workers: its last heartbeat must not make `runbook run` hand a run
@@ -121,10 +161,10 @@ class Executor:
         while not self._stop.is_set():
             try:
                 with get_client(sync_client=True) as client:
-                    client.send_worker_heartbeat(self.work_pool, self.name,
-                                                 heartbeat_interval_seconds=max(30.0, self.poll_s))
+                    client.send_worker_heartbeat(self.work_pool, self.name, heartbeat_interval_seconds=self.poll_s)
                     due = client.get_scheduled_flow_runs_for_work_pool(
                         self.work_pool, scheduled_before=datetime.now(UTC) + timedelta(seconds=1))
+                    self.recovered.extend(self.reconciler.reconcile(client))
                 with self._lock:
                     free = self.max_runs - self._running
                 for item in due[:max(0, free)]:  # claim only what this process can start now: others share
@@ -153,7 +193,7 @@ class Executor:
 
     async def _watch_events(self) -> None:
         ctx = contextvars.copy_context()
-        scheduled = EventFilter(event=EventNameFilter(name=["prefect.flow-run.Scheduled"]))
+        scheduled = EventFilter(event=EventNameFilter(name=[f"prefect.flow-run.{name}" for name in SCHEDULED_NAMES]))
         async with get_events_subscriber(filter=scheduled, reconnect_on_clean_close=True) as events:
             self.events_connected.set()
             async for event in events:
@@ -170,14 +210,15 @@ class Executor:
 
     def _claim_and_run(self, run_id: str) -> None:
         with self._lock:
-            if run_id in self._claimed:  # handed over and polled at once: one attempt is enough
+            if run_id in self._claimed or self._draining.is_set():  # one attempt is enough; draining: none
                 return
             self._claimed.add(run_id)
         try:
             self._run_if_ours(run_id)
         finally:
-            with self._lock:
+            with self._changed:
                 self._claimed.discard(run_id)  # once claimed it is no longer SCHEDULED: no second start
+                self._changed.notify_all()
 
     def _run_if_ours(self, run_id: str) -> None:
         with get_client(sync_client=True) as client:
@@ -191,16 +232,19 @@ class Executor:
             due = flow_run.next_scheduled_start_time or flow_run.expected_start_time
             if due is not None and due > datetime.now(UTC) + timedelta(seconds=1):
                 return  # scheduled ahead of time: the poll starts it when it is due
-            claim: State[Any] = Pending(message=f"claimed by {self.name}")
+            claim: State[Any] = Pending(message=claim_message(self.name))
             result: OrchestrationResult[Any] = client.set_flow_run_state(flow_run.id, claim)
             if result.status != SetStateStatus.ACCEPT:
                 return  # another executor (or a cancel) got there first
-            flow_run = client.read_flow_run(flow_run.id)
+            flow_run.state = result.state or claim  # what the server accepted: no second read of the run
         started = time.monotonic()
         with self._lock:
             self._running += 1
         try:
             state: object = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
+        except Pause:  # suspended waiting for approval: the thread is free; the answer reschedules the run
+            log.info("flow run %s suspended for approval after %.1f s", run_id, time.monotonic() - started)
+            return
         except Exception as exc:  # the engine failed before the run could record it (e.g. bad parameters)
             message = redact(f"could not start: {type(exc).__name__}: {exc}")[:500]
             with get_client(sync_client=True) as client:
@@ -218,6 +262,28 @@ class Executor:
             info = PROCEDURES.get(name)
             self._flows[flow_id] = info.load_flow() if info else None
         return self._flows[flow_id]
+
+
+def run_settings(api_url: str) -> dict[Any, Any]:
+    """Prefect settings for this process's clients. Against a plain-http API there is no TLS to verify, yet httpx
+    loads the CA bundle for every client it creates (30-110 ms here, and Prefect creates one or two per run):
+    skip that. An https API keeps full verification."""
+    return {PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True} if api_url.startswith("http://") else {}
+
+
+def _without_suspension_observer() -> None:
+    """Prefect 3.9 opens a websocket per deployment run to notice a suspension requested from outside the run,
+    and waits for it before the run starts (0.1 s before Running, 0.2 s to close it after the end). Nothing
+    suspends our runs from outside (approval pauses inside the run), so the executor's runs go without it.
+    Prefect's engine looks the observer up in its module at each run: replace it there; a Prefect without it
+    is left alone."""
+    if hasattr(prefect.flow_engine, "observe_flow_run_suspension"):
+        prefect.flow_engine.observe_flow_run_suspension = _no_observer
+
+
+@contextlib.contextmanager
+def _no_observer(*_args: object, **_kwargs: object) -> Iterator[None]:
+    yield
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:

@@ -26,6 +26,7 @@ from runbook.engine.errors import RunbookError
 
 RECORD = "server.json"
 START_TIMEOUT_S = 120.0
+GRACE_S = 10.0  # on `runbook local stop`: running runs get this long, then are handed back (run again on restart)
 
 
 class LocalServerError(RunbookError):
@@ -66,7 +67,7 @@ def ensure(say: Callable[[str], None] = print, root: Path | None = None) -> str:
         env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
         log = root / "serve.log"
         proc = spawn([sys.executable, "-m", "runbook.app.cli", "serve", "--no-intake", "--prefect-port", str(port),
-                      "--state", str(root)], log, env=env)
+                      "--state", str(root), "--grace", str(GRACE_S)], log, env=env)
         (root / RECORD).write_text(json.dumps({"pid": proc.pid, "ticks": start_ticks(proc.pid), "port": port,
                                                "api_url": api}))
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -80,7 +81,7 @@ def ensure(say: Callable[[str], None] = print, root: Path | None = None) -> str:
         return api
 
 
-def stop(root: Path | None = None, timeout_s: float = 20.0) -> bool:
+def stop(root: Path | None = None, timeout_s: float = GRACE_S + 15.0) -> bool:
     """Stop the background server (SIGTERM to its process group, SIGKILL after ``timeout_s``); True if one ran."""
     root = root or state_dir()
     rec = _read(root)

@@ -35,7 +35,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 
-from runbook.engine.config import Environment
+from runbook.engine.config import Environment, iter_secret_refs
 from runbook.engine.errors import ConfigError, QueryFailed, TargetUnreachable
 from runbook.engine.redact import redact
 
@@ -50,7 +50,7 @@ def postgres(env: Environment, database: str = "main", *, autocommit: bool = Tru
     ``application_name=runbook`` lets remediations recognise (and never touch) the engine's own sessions.
     """
     cfg = env.database(database)
-    dsn = env.resolve_secret(cfg.dsn, f"databases.{database}.dsn")
+    dsn = make_conninfo(**_dsn_parts(env, database))  # parsed here: a malformed DSN is a ConfigError, not a leak
     target = f"{env.name}/{database}"
     timeout_ms = statement_timeout_ms or cfg.statement_timeout_ms
     started = time.monotonic()
@@ -102,10 +102,48 @@ def _dsn_parts(env: Environment, database: str, admin: bool = False) -> dict[str
             raise ConfigError(
                 f"{env.source}: environments.{env.name}.databases.{database}.admin_dsn: not configured (restores "
                 "need a role with CREATEDB that is a member of the database owner's role)")
-        value = env.resolve_secret(cfg.admin_dsn, f"databases.{database}.admin_dsn")
+        where = f"databases.{database}.admin_dsn"
+        value = env.resolve_secret(cfg.admin_dsn, where)
     else:
-        value = env.resolve_secret(cfg.dsn, f"databases.{database}.dsn")
-    return conninfo_to_dict(value)
+        where = f"databases.{database}.dsn"
+        value = env.resolve_secret(cfg.dsn, where)
+    return parse_dsn(env, where, value)
+
+
+# libpq's parse errors quote the text they stumbled on (a password's tail, or the whole URL): only these fixed
+# descriptions leave this module, chosen by the message's unquoted start
+_DSN_PROBLEMS = (
+    ("invalid percent-encoded token", "a '%' in the URL is not followed by two hex digits (write it as %25)"),
+    ('missing "=" after', "a word without '=': a value with a space must be in single quotes"),
+    ("unterminated quoted string", "a quoted value is not closed"),
+    ("invalid connection option", "an unknown keyword (or a value with a space that is not quoted)"),
+    ("invalid URI query parameter", "an unknown URL query parameter"),
+    ("end of string reached when looking for matching", "an IPv6 address in the URL is missing its ']'"),
+)
+
+
+def parse_dsn(env: Environment, where: str, value: str) -> dict[str, Any]:
+    """A PostgreSQL DSN (URL or keyword form) as libpq reads it. One it cannot parse is a ConfigError naming the
+    playbook, the environment and the key, with a fixed description of the mistake: never the value or a part of
+    it (libpq's own message quotes it)."""
+    try:
+        return conninfo_to_dict(value)
+    except psycopg.Error as exc:
+        message = str(exc)
+        problem = next((text for start, text in _DSN_PROBLEMS if message.startswith(start)),
+                       "libpq cannot parse it")
+        raise ConfigError(f"{env.source}: environments.{env.name}.{where}: not a valid PostgreSQL connection "
+                          f"string: {problem} (the value is not shown)") from None
+
+
+def check_secrets(env: Environment, everything: bool = False) -> None:
+    """Resolve every secret the environment refers to (``iter_secret_refs``) and parse each DSN among them, so a
+    missing secret or a DSN libpq cannot read is a ConfigError before anything runs (`runbook check --env`,
+    `runbook run`)."""
+    for where, ref in iter_secret_refs(env, everything=everything):
+        value = env.resolve_secret(ref, where)
+        if where.startswith("databases."):
+            parse_dsn(env, where, value)
 
 
 def database_name(env: Environment, database: str) -> str:

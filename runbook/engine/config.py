@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -400,7 +402,10 @@ class PlaybookFile(Strict):
 
 
 class Playbooks(BaseModel):
-    """Everything loaded from the playbook directories, environments by name, routes in file order."""
+    """Everything loaded from the playbook directories, environments by name, routes in file order (frozen: one
+    loaded copy is shared by every run of a process)."""
+
+    model_config = ConfigDict(frozen=True)
 
     environments: dict[str, Environment]
     files: list[Path]
@@ -429,7 +434,13 @@ def default_playbook_dirs() -> list[Path]:
 
 
 def load_playbooks(dirs: Sequence[Path] | None = None) -> Playbooks:
-    """Load and validate every ``*.yaml`` under the given directories; all errors are collected, then raised."""
+    """Load and validate every ``*.yaml`` under the given directories; all errors are collected, then raised.
+
+    The last result is reused while no file changed (same paths, inodes, sizes, modification times): a warm
+    executor loads the playbooks once, not per run (parsing and validating them is most of a run's start-up),
+    and still sees an edit at the next run. A failed load is never kept.
+    """
+    global _LAST_LOAD
     dirs = list(dirs) if dirs is not None else default_playbook_dirs()
     files: list[Path] = []
     for d in dirs:
@@ -437,6 +448,30 @@ def load_playbooks(dirs: Sequence[Path] | None = None) -> Playbooks:
             files.append(d)
         elif d.is_dir():
             files.extend(sorted([*d.glob("*.yaml"), *d.glob("*.yml")]))
+    key = _files_key(files)
+    with _LAST_LOAD_LOCK:
+        if key is not None and _LAST_LOAD is not None and _LAST_LOAD[0] == key:
+            return _LAST_LOAD[1]
+    loaded = _load_files(files)
+    if key is not None:
+        with _LAST_LOAD_LOCK:
+            _LAST_LOAD = (key, loaded)
+    return loaded
+
+
+_LAST_LOAD: tuple[tuple[tuple[str, int, int, int], ...], Playbooks] | None = None
+_LAST_LOAD_LOCK = threading.Lock()
+
+
+def _files_key(files: list[Path]) -> tuple[tuple[str, int, int, int], ...] | None:
+    try:
+        stats = [(str(p), p.stat()) for p in files]
+    except OSError:
+        return None  # unreadable: load (and report) it, never reuse
+    return tuple((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in stats)
+
+
+def _load_files(files: list[Path]) -> Playbooks:
     errors: list[str] = []
     envs: dict[str, Environment] = {}
     routes: list[tuple[Path, int, Route]] = []
@@ -466,13 +501,101 @@ def playbook_json_schema() -> dict[str, Any]:
     return PlaybookFile.model_json_schema()
 
 
+MAX_PLAYBOOK_BYTES = 1024 * 1024
+"""A playbook file above this is refused (the project's are a few KB; every run loads every file)."""
+MAX_YAML_DEPTH = 64
+"""Nesting levels, counted as aliases expand (the schema needs about 7)."""
+MAX_YAML_NODES = 100_000
+"""Scalars, lists and maps in one file, counted as aliases expand: an alias counts everything it refers to."""
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A playbook the bounded loader will not build (too deep, or aliases that expand too far)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with aliases and nesting bounded while the document is composed.
+
+    Aliases are allowed, not refused: anchors and merge keys (``<<: *defaults``) are how people share thresholds
+    between environments. What makes them dangerous is expansion (nine lines of a "billion laughs" stand for 10^9
+    nodes that validation, ``runbook check`` and the intake's JSON would all walk), so every node is counted as
+    if each alias were a copy of what it refers to, depth included, and composition stops as soon as a bound is
+    passed: before anything is built or validated. An alias to a node that contains it (a cycle) is refused.
+    Composing node by node also keeps 10,000-deep input from reaching Python's recursion limit.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0  # of the node being composed
+        self._deepest = 0  # deepest level reached so far, aliases expanded
+        self._nodes = 0  # nodes so far, aliases expanded
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, height) once it is complete
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark: Any = event.start_mark  # a yaml.error.Mark (the stubs also allow the C parser's)
+        if isinstance(event, yaml.AliasEvent):
+            anchor = event.anchor
+            target = self.anchors.get(anchor)
+            if target is not None:  # an undefined alias: the composer's own error says so
+                size = self._sizes.get(id(target))
+                if size is None:
+                    raise _Refused(None, None, f"alias *{anchor} refers to a node that contains it", mark)
+                self._grow(size[0], self._depth + size[1], mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        outer_deepest, self._deepest = self._deepest, self._depth
+        first = self._nodes
+        self._grow(1, self._depth, mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._sizes[id(node)] = (self._nodes - first, self._deepest - self._depth)
+        self._deepest = max(outer_deepest, self._deepest)
+        return node
+
+    def _grow(self, nodes: int, depth: int, mark: Any) -> None:
+        self._nodes += nodes
+        self._deepest = max(self._deepest, depth)
+        if depth > MAX_YAML_DEPTH:
+            raise _Refused(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels (aliases expanded)", mark)
+        if self._nodes > MAX_YAML_NODES:
+            raise _Refused(None, None, f"more than {MAX_YAML_NODES} nodes with aliases expanded (an alias counts "
+                                       "everything it refers to)", mark)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML through the bounded loader; a file over MAX_PLAYBOOK_BYTES (or not a regular file, such as
+    a FIFO that would block) is refused before it is read. ConfigError names the file and the limit."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file")
+    too_big = f"{path}: larger than the limit of {MAX_PLAYBOOK_BYTES} bytes for a playbook file"
+    if info.st_size > MAX_PLAYBOOK_BYTES:
+        raise ConfigError(f"{too_big} ({info.st_size} bytes)")
+    with path.open("rb") as fh:
+        data = fh.read(MAX_PLAYBOOK_BYTES + 1)  # it may have grown since stat()
+    if len(data) > MAX_PLAYBOOK_BYTES:
+        raise ConfigError(too_big)
+    loader = _BoundedLoader(data.decode("utf-8"))
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _load_file(path: Path, errors: list[str]) -> PlaybookFile | None:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _read_yaml(path)
+    except ConfigError as exc:
+        errors.append(str(exc))
+        return None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        errors.append(f"{path}: {where}not valid YAML: {getattr(exc, 'problem', None) or exc}")
+        what = "refused" if isinstance(exc, _Refused) else "not valid YAML"
+        errors.append(f"{path}: {where}{what}: {getattr(exc, 'problem', None) or exc}")
         return None
     except (OSError, UnicodeDecodeError) as exc:
         errors.append(f"{path}: cannot read: {exc}")

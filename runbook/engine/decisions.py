@@ -19,6 +19,7 @@ PAUSE_KEY = "approval"
 PLAN_INPUT_KEY = "runbook-plan"
 DEFAULT_APPROVAL_TIMEOUT_S = 1800.0
 APPROVER_PATTERN = r"^[A-Za-z0-9_.@+ -]{1,128}$"
+TIMEOUT_APPROVER = "runbook-approval-timeout"  # who "answers" a suspended run nobody decided in time
 
 
 class Decision(BaseModel):
@@ -26,6 +27,7 @@ class Decision(BaseModel):
     approver: str = ""
     reason: str = ""
     how: str = ""
+    approved_changes: list[str] | None = None  # a resumed run: the identities of the changes that were shown
 
 
 class PlanView(BaseModel):
@@ -38,6 +40,8 @@ class PlanView(BaseModel):
     targets: list[str] = Field(default_factory=list)
     findings: list[str] = Field(default_factory=list)
     changes: list[str] = Field(default_factory=list)
+    identities: list[str] = Field(default_factory=list, description="``remediation|Change.identity()`` per change: "
+                                  "what a run resumed after approval may apply")
     asked_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     deadline: datetime | None = None
 

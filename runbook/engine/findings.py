@@ -318,22 +318,26 @@ _STYLE = {Severity.CRITICAL: "bold red", Severity.WARNING: "yellow", Severity.IN
 
 
 def render_terminal(report: Report, console: Console) -> None:
-    """A view a person can scan at 3 a.m.: findings by severity, then what was (or would be) done."""
-    mode = "[bold green]DRY RUN[/] — nothing was changed" if report.dry_run else "[bold magenta]APPLY[/]"
-    console.rule(f"[bold]{report.procedure}[/] on [bold]{report.env}[/]")
+    """A view a person can scan at 3 a.m.: findings by severity, then what was (or would be) done.
+
+    Every piece of report text goes in as a ``Text``, never as a markup string: a finding that quotes
+    ``^[a-z][a-z0-9_-]{0,62}$`` or ``[Errno 111]`` prints as it is, on any console."""
+    mode = (Text.assemble(("DRY RUN", "bold green"), " — nothing was changed") if report.dry_run
+            else Text("APPLY", style="bold magenta"))
+    console.rule(Text.assemble((report.procedure, "bold"), " on ", (report.env, "bold")))
     console.print(mode)
     for f in sorted(report.findings, key=lambda f: -f.severity.rank):
         parts: list[Any] = []
         if f.details:
             t = Table(show_header=False, box=None, pad_edge=False)
             for k, v in f.details.items():
-                t.add_row(f"[dim]{k}[/]", redact(_short(v, 200)))
+                t.add_row(Text(k, style="dim"), Text(redact(_short(v, 200))))
             parts.append(t)
         for b in f.blocks:
             parts.append(_rich_block(b))
         title = Text.assemble((f"{f.severity.value.upper()} ", _STYLE[f.severity]), redact(f.title))
         console.print(Panel(Group(*parts) if parts else Text(redact(f.subject), style="dim"), title=title,
-                            title_align="left", subtitle=redact(f.subject), subtitle_align="right"))
+                            title_align="left", subtitle=Text(redact(f.subject)), subtitle_align="right"))
     if report.actions:
         t = Table(title="Remediations", show_lines=False)
         for col in ("remediation", "target", "status", "planned changes"):
@@ -342,23 +346,25 @@ def render_terminal(report: Report, console: Console) -> None:
             planned = "\n".join(f"{c.action} {c.subject}: {kv_text(c.before)}" for c in a.planned) or "-"
             status = _action_status(a) + (f"\n{a.error}" if a.error else "") + (
                 f"\n{a.skipped_reason}" if a.skipped_reason else "")
-            t.add_row(a.name, redact(a.target), redact(status), redact(planned))
+            t.add_row(Text(a.name), Text(redact(a.target)), Text(redact(status)), Text(redact(planned)))
         console.print(t)
     for n in report.notes:
-        console.print(f"[dim]note:[/] {redact(n)}", highlight=False)
+        console.print(Text.assemble(("note: ", "dim"), redact(n)), highlight=False)
     for n in report.audit:
         console.print(Text.assemble(("decision: ", "dim"), redact(n)), highlight=False)
-    console.print(f"worst severity: [{_STYLE[report.worst]}]{report.worst.value}[/]"
-                  + (f" · outcome: [bold]{report.outcome}[/]" if report.outcome else ""))
+    worst = Text.assemble("worst severity: ", (report.worst.value, _STYLE[report.worst]))
+    if report.outcome:
+        worst.append_text(Text.assemble(" · outcome: ", (report.outcome, "bold")))
+    console.print(worst)
 
 
 def _rich_block(block: Block) -> RenderableType:
     if isinstance(block, TableBlock):
-        t = Table(title=redact(block.title) or None, title_justify="left")
+        t = Table(title=Text(redact(block.title)) if block.title else None, title_justify="left")
         for c in block.columns:
-            t.add_column(c)
+            t.add_column(Text(c))
         for row in block.rows:
-            t.add_row(*(redact(_short(v, 120)) for v in row))
+            t.add_row(*(Text(redact(_short(v, 120))) for v in row))
         return t
     if isinstance(block, CodeBlock):
         return Text(redact(block.text), style="dim")

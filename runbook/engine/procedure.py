@@ -22,6 +22,7 @@ and tasks may not import (import contract).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
@@ -29,15 +30,15 @@ import logging
 import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args, get_origin
 from uuid import UUID
 
-from prefect import Flow, flow, task
+from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NONE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
@@ -51,12 +52,22 @@ from pydantic.fields import FieldInfo
 from runbook.engine import approval, decisions
 from runbook.engine.config import Environment, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError, TargetUnreachable
-from runbook.engine.findings import ActionResult, Finding, Report, Severity, kv_text, report_to_json, report_to_markdown
+from runbook.engine.findings import (
+    ActionResult,
+    Change,
+    Finding,
+    Report,
+    Severity,
+    kv_text,
+    report_to_json,
+    report_to_markdown,
+)
 from runbook.engine.notify import annotate_grafana, notify_route
 from runbook.engine.progress import run_logger
-from runbook.engine.redact import install_log_redaction, redact
+from runbook.engine.redact import install_log_redaction, masked_exceptions, redact
 from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
+from runbook.engine.steps import step
 
 log = logging.getLogger(__name__)
 
@@ -219,22 +230,29 @@ def procedure(
     return deco
 
 
-def publish_artifacts(report: Report) -> None:
-    """Publish the report to the Prefect UI: one markdown artifact plus a table of the findings."""
+def publish_artifacts(report: Report) -> list[Callable[[], object]]:
+    """What publishes the report to the Prefect UI: one markdown artifact plus a table of the findings (each a
+    call, so the caller can send them side by side)."""
 
     key = report.procedure.replace("_", "-")
-    create_markdown_artifact(
-        markdown=report_to_markdown(report), key=f"{key}-report", description=f"{report.procedure} report"
-    )
-    create_table_artifact(
-        table=[
-            {"severity": f.severity.value, "title": redact(f.title), "subject": redact(f.subject)}
-            for f in report.findings
-        ]
-        or [{"severity": "", "title": "no findings", "subject": ""}],
-        key=f"{key}-findings",
-        description=f"{report.procedure} findings",
-    )
+    table = [{"severity": f.severity.value, "title": redact(f.title), "subject": redact(f.subject)}
+             for f in report.findings] or [{"severity": "", "title": "no findings", "subject": ""}]
+    return [
+        functools.partial(create_markdown_artifact, markdown=report_to_markdown(report), key=f"{key}-report",
+                          description=f"{report.procedure} report"),
+        functools.partial(create_table_artifact, table=table, key=f"{key}-findings",
+                          description=f"{report.procedure} findings"),
+    ]
+
+
+def _send_together(calls: list[Callable[[], object]]) -> None:
+    """Make the run's closing API calls (artifacts, the stored report) at once instead of one after the other:
+    each is a round trip to the Prefect server (30-150 ms here) and the run is not finished until all are done.
+    Each runs in a copy of this context, so it finds the run and its API client; the first error is raised."""
+    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="publish") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, call) for call in calls]
+    for future in futures:
+        future.result()
 
 
 # ------------------------------------------------------------------ the run a body works with
@@ -307,7 +325,15 @@ def unreachable_as_finding(report: Report) -> Iterator[None]:
 
 def _execute(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> State[Any]:
+    """The flow run: the pipeline, with any exception leaving it masked (Prefect makes the flow run's state
+    message and its "Encountered exception" log line from it)."""
     install_log_redaction()
+    with masked_exceptions():
+        return _pipeline(spec, body, args, kwargs)
+
+
+def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ...],
+              kwargs: dict[str, Any]) -> State[Any]:
     bound = inspect.signature(body).bind(*args, **kwargs)
     bound.apply_defaults()
     env_name, dry_run = bound.arguments["env"], bool(bound.arguments["dry_run"])
@@ -332,21 +358,23 @@ def _execute(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, ..
     report.finish()
     report.outcome = outcome(report)
     run.decide(f"outcome: {report.outcome}")
+    closing: list[Callable[[], object]] = []
     if ctx:
         _announce_finished(run)  # first: its delivery errors belong in the published report
-        publish_artifacts(report)
+        closing.extend(publish_artifacts(report))
     doc = report_to_json(report)
     if ctx and ctx.flow_run:
-        _store_report(ctx.flow_run.id, doc)
+        closing.append(functools.partial(_store_report, ctx.flow_run.id, doc))
+    if closing:
+        _send_together(closing)
     return Completed(name=report.outcome, message=_summary(report), data=doc)
 
 
 def _store_report(run_id: UUID, doc: dict[str, Any]) -> None:
     """Keep the report with the run (run input ``runbook-report``): `runbook run` on the warm path reads it back,
     since a flow's return value is not kept on the server. Best effort: the run's outcome does not depend on it."""
-    try:
-        with get_client(sync_client=True) as client:
-            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
+    try:  # the run's own client (its SyncClientContext), not entered: this may run beside other publishing calls
+        get_client(sync_client=True).create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
     except Exception as exc:  # noqa: BLE001 - a storage hiccup must not turn a finished run into a failed one
         run_logger().warning("could not store the report with the run: %s", redact(str(exc))[:200])
 
@@ -384,6 +412,10 @@ def _remediate(run: Run) -> None:
             return
         report.notes.append(f"approved by {decision.approver} ({decision.how})"
                             + (f": {decision.reason}" if decision.reason else ""))
+        if decision.approved_changes is not None:  # resumed after approval: only what the approver saw
+            for offer, p in zip(run.offers, plans, strict=True):
+                if p in planned:
+                    _keep_approved(run, offer, p, set(decision.approved_changes))
     results = []
     for offer, p in zip(run.offers, plans, strict=True):
         if p.planned and not p.error:
@@ -398,6 +430,30 @@ def _remediate(run: Run) -> None:
     _finish_actions(run, results)
 
 
+def _approval_identity(plan: ActionResult, change: Change) -> str:
+    """What a change acts on, independent of display text: its machine key (pid + start time, container id ...),
+    else its action and typed target (the backup file to restore ...), else its action."""
+    what = change.key or (f"{change.action}:{json.dumps(change.target, sort_keys=True)}" if change.target
+                          else change.action)
+    return f"{plan.name}|{plan.target}|{what}"
+
+
+def _keep_approved(run: Run, offer: _Offer, plan: ActionResult, approved: set[str]) -> None:
+    """A run resumed after approval re-planned: keep only the changes the approver saw (all or none of a
+    ``whole_plan`` remediation's)."""
+    extra = [c for c in plan.planned if _approval_identity(plan, c) not in approved]
+    if not extra:
+        return
+    if type(offer.rem).whole_plan:
+        plan.skipped += [f"{c.subject}: the plan changed while the run waited for approval" for c in plan.planned]
+        plan.planned = []
+        run.decide(f"{plan.name}: its plan changed while the run waited for approval: nothing of it applied")
+        return
+    plan.planned = [c for c in plan.planned if _approval_identity(plan, c) in approved]
+    plan.skipped += [f"{c.subject}: not in the plan that was approved (found while the run waited)" for c in extra]
+    run.decide(f"{plan.name}: {len(extra)} change(s) not in the approved plan left alone")
+
+
 def _finish_actions(run: Run, results: list[ActionResult]) -> None:
     for offer, result in zip(run.offers, results, strict=True):
         run.report.actions.append(result)
@@ -405,13 +461,13 @@ def _finish_actions(run: Run, results: list[ActionResult]) -> None:
             offer.after(run.report, result)
 
 
-@task(cache_policy=NONE, task_run_name="plan-{rem.name}")
+@step(task_run_name="plan-{rem.name}")
 def plan_step(rem: Remediation[Any], state: Any = _UNSET) -> ActionResult:
     """check + plan (a task, so the UI shows each remediation's plan as its own step)."""
     return plan_remediation(rem, state)
 
 
-@task(cache_policy=NONE, task_run_name="apply-{rem.name}")
+@step(task_run_name="apply-{rem.name}")
 def apply_step(rem: Remediation[Any], planned: ActionResult) -> ActionResult:
     """Apply exactly the shown plan, re-checked change by change, then verify."""
     return apply_plan(rem, planned)
@@ -425,6 +481,7 @@ def _ask(run: Run, planned: list[ActionResult]) -> decisions.Decision:
         findings=[f"{f.severity.value}: {redact(f.title)}" for f in report.findings if f.severity.rank > 0][:10],
         changes=[f"{p.name}: {c.action} {redact(c.subject)}" + (f" ({redact(kv_text(c.before))})" if c.before else "")
                  for p in planned for c in p.planned],
+        identities=[_approval_identity(p, c) for p in planned for c in p.planned],
     )
     run.decide(f"approval asked: {len(view.changes)} change(s); waiting up to {run.approval_timeout_s:g} s")
 

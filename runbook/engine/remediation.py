@@ -39,6 +39,9 @@ class Remediation(ABC, Generic[StateT]):
     """Subclass, set ``name``, implement the four steps; ``@register`` it so the contract suite runs it."""
 
     name: ClassVar[str]
+    whole_plan: ClassVar[bool] = False
+    """True when the changes of a plan are steps of one operation (stop, back up, restore, swap, start): a run
+    resumed after approval then applies the new plan only if it is still exactly what was approved, never a part."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -37,7 +37,7 @@ def warm(sandbox_state: SandboxState) -> Iterator[tuple[str, Executor]]:
     while not (ex.events_connected.is_set() and ex.polls) and time.monotonic() < deadline:
         time.sleep(0.05)
     yield api, ex
-    ex.stop(wait=False)
+    ex.stop(grace_s=0)
     register_deployments(api)  # the forms as the session's playbooks have them (a test added an environment)
 
 

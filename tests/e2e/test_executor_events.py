@@ -49,4 +49,4 @@ def test_a_run_created_through_the_api_starts_without_a_poll(sandbox_state: Sand
         assert any(s.get("message") == f"claimed by {ex.name}" for s in states), [s.get("message") for s in states]
         assert ex.polls == 1, "started by the event, not by a poll"
     finally:
-        ex.stop(wait=False)
+        ex.stop(grace_s=0)

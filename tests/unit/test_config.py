@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from runbook.engine.config import PROJECT_ROOT, load_playbooks, playbook_json_schema
+from runbook.engine.config import (
+    MAX_PLAYBOOK_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    PROJECT_ROOT,
+    load_playbooks,
+    playbook_json_schema,
+)
 from runbook.engine.errors import ConfigError, MissingSecret
 
 MINIMAL = """
@@ -140,3 +149,74 @@ routes:
                   startsAt=started, fingerprint="ab12")
     req = build_request(playbooks.routes[0], alert, playbooks)
     assert req.params == {"service": "backend", "since": started}
+
+
+def _laughs(levels: int) -> str:
+    """A "billion laughs": each level an anchor of nine aliases of the previous one (9^levels strings)."""
+    lines = ["      l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"      l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return ("routes:\n  - name: laughs\n    match: {alertname: X}\n    procedure: db-slowness\n    env: staging\n"
+            "    params:\n" + "\n".join(lines) + "\n")
+
+
+def test_alias_bomb_is_refused_while_composing_naming_file_line_and_bound(tmp_path: Path) -> None:
+    """Nine lines that stand for 9^8 nodes: refused after ~10^5 counted nodes, long before anything expands."""
+    path = write(tmp_path, MINIMAL + _laughs(8))
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as exc:
+        load_playbooks([tmp_path])
+    assert time.monotonic() - started < 5
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: line ")
+    assert f"refused: more than {MAX_YAML_NODES} nodes with aliases expanded" in msg
+
+
+def test_aliases_and_merge_keys_within_bounds_load(tmp_path: Path) -> None:
+    write(tmp_path, MINIMAL + "    thresholds: &t {db_connections: 50}\n"
+                              "  other:\n    thresholds:\n      <<: *t\n      cpu_percent: 70\n" + _laughs(2))
+    loaded = load_playbooks([tmp_path])
+    assert loaded.environment("other").thresholds.db_connections == 50
+    assert loaded.environment("other").thresholds.cpu_percent == 70
+    assert loaded.routes[0].params["l2"][8][8][8] == "lol"
+
+
+def test_an_alias_to_its_own_ancestor_is_refused(tmp_path: Path) -> None:
+    write(tmp_path, MINIMAL + "routes: &r\n  - *r\n")
+    with pytest.raises(ConfigError, match="refused: alias \\*r refers to a node that contains it"):
+        load_playbooks([tmp_path])
+
+
+@pytest.mark.parametrize("shape", ["flow", "block"])
+def test_10000_deep_yaml_is_a_config_error_not_a_crash(tmp_path: Path, shape: str) -> None:
+    deep = ("environments: " + "[" * 10_000 + "]" * 10_000 + "\n" if shape == "flow" else
+            "environments:\n" + "- " * 10_000 + "x\n")  # compact block sequences, one in the other
+    path = write(tmp_path, deep)
+    with pytest.raises(ConfigError) as exc:
+        load_playbooks([tmp_path])
+    assert str(exc.value).startswith(f"{path}: line ")
+    assert f"refused: nested deeper than {MAX_YAML_DEPTH} levels" in str(exc.value)
+
+
+def test_depth_counts_through_aliases(tmp_path: Path) -> None:
+    """Each anchor 40 deep, the next one nesting an alias of it: every single piece is shallow, the whole is not."""
+    nest = 40
+    a = "[" * nest + "x" + "]" * nest
+    b = "[" * nest + "*a" + "]" * nest
+    write(tmp_path, MINIMAL + f"routes:\n  - name: deep\n    match: {{alertname: X}}\n    procedure: p\n"
+                              f"    env: staging\n    params: {{a: &a {a}, b: {b}}}\n")
+    with pytest.raises(ConfigError, match=f"nested deeper than {MAX_YAML_DEPTH} levels"):
+        load_playbooks([tmp_path])
+
+
+def test_oversize_playbook_is_refused_naming_file_and_limit(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "    description: '" + "x" * MAX_PLAYBOOK_BYTES + "'\n")
+    with pytest.raises(ConfigError) as exc:
+        load_playbooks([tmp_path])
+    assert str(exc.value) == (f"{path}: larger than the limit of {MAX_PLAYBOOK_BYTES} bytes for a playbook file "
+                              f"({path.stat().st_size} bytes)")
+
+
+def test_a_fifo_named_like_a_playbook_is_refused_not_waited_on(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "p.yaml")
+    with pytest.raises(ConfigError, match="p.yaml: not a regular file"):
+        load_playbooks([tmp_path])

@@ -1,0 +1,94 @@
+"""Waiting costs nothing (issue 11): runs waiting for approval hold no executor thread.
+
+An executor with 2 threads gets 4 runs that each stop for approval (suspended), then a run that needs none: it
+completes while the 4 still wait. Then the waiting runs are answered: rejected ones apply nothing, the approved one
+applies exactly the change it showed, once, though it ran its diagnosis twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from runbook.app.executor import Executor
+from runbook.app.remote_run import TERMINAL, deployment, read_report, resume
+from runbook.app.serve import register_deployments
+from runbook.sandbox import SandboxState
+from runbook.sandbox.incidents import DbIncident
+
+pytestmark = pytest.mark.integration
+
+APPLY = {"env": "sandbox", "dry_run": False, "long_query_s": 1, "idle_in_transaction_s": 3600}
+
+
+def _wait(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def _create(http: httpx.Client, procedure: str, params: dict[str, Any], tags: list[str]) -> str:
+    dep = deployment(http, procedure)
+    return str(http.post(f"/deployments/{dep['id']}/create_flow_run", json={
+        "parameters": params, "tags": tags, "state": {"type": "SCHEDULED", "name": "Scheduled"}},
+    ).raise_for_status().json()["id"])
+
+
+def _active(dsn: str, pid: int) -> bool:
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        row = conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return row is not None and row[0] == "active"
+
+
+def _state(http: httpx.Client, run_id: str) -> dict[str, Any]:
+    return http.get(f"/flow_runs/{run_id}").raise_for_status().json()["state"]  # type: ignore[no-any-return]
+
+
+def test_runs_waiting_for_approval_hold_no_thread(sandbox_state: SandboxState, app_dsn: str) -> None:
+    api = sandbox_state.prefect_api_url
+    assert api
+    register_deployments(api)
+    inc = DbIncident(app_dsn, waiters=0, slow_runs=0, runaway=True).start()  # one runaway query to cancel
+    ex = Executor(max_runs=2, poll_s=1.0)
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        ex.start()
+    try:
+        with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+            time.sleep(1.5)  # the runaway query is older than long_query_s
+            waiting = [_create(http, "db-slowness", APPLY, ["mode:approve"]) for _ in range(4)]
+            _wait(lambda: all(_state(http, r)["name"] == "Suspended" for r in waiting), 180,
+                  "4 runs suspended for approval on 2 threads")
+            quick = _create(http, "network-checks", {"env": "sandbox"}, ["cli"])
+            _wait(lambda: _state(http, quick)["type"] in TERMINAL, 120, "a run that needs no approval")
+            assert _state(http, quick)["type"] == "COMPLETED"
+            assert all(_state(http, r)["name"] == "Suspended" for r in waiting), "they still wait, costing nothing"
+            assert _active(app_dsn, inc.runaway_pid), "nothing was applied while they waited"
+
+            for run_id in waiting[1:]:
+                resume(http, run_id, approve=False, approver="test", reason="not now")
+            resume(http, waiting[0], approve=True, approver="test", reason="go")
+            _wait(lambda: all(_state(http, r)["type"] in TERMINAL for r in waiting), 180, "answered runs finish")
+
+            approved = read_report(http, waiting[0])
+            assert approved is not None and approved["outcome"] == "Remediated", approved
+            cancel = next(a for a in approved["actions"] if a["name"] == "cancel-long-queries")
+            assert [c["key"] for c in cancel["applied"]] == [c["key"] for c in cancel["planned"]] != []
+            assert not _active(app_dsn, inc.runaway_pid), "the approved change was made"
+            for run_id in waiting[1:]:
+                report = read_report(http, run_id)
+                assert report is not None and report["outcome"] == "Not applied", report
+                assert all(not a["applied"] for a in report["actions"]), "a rejected run changed something"
+            history = http.get("/flow_run_states/", params={"flow_run_id": waiting[0]}).json()
+            assert sum(1 for s in history if s["name"] == "Resuming") == 1, "it started again after approval"
+    finally:
+        ex.stop(grace_s=0)
+        inc.stop()
