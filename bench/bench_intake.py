@@ -1,8 +1,15 @@
-"""Benchmark: the alert intake under a storm, and alert-to-first-task latency against a plain Prefect worker.
+"""Benchmark: the alert intake under a storm, under hostile input, and alert-to-first-task latency against a
+plain Prefect worker.
 
 1. Storm: 10,000 alerts in batches of 100 over 100 distinct fingerprints, to the real intake backed by the
    sandbox Prefect server: acknowledgement latency p50/p99 per batch, alerts per second, runs created (must be 100).
-2. Latency, p50 over 20 alerts: webhook receipt -> the procedure's first task running, through the intake and the
+2. Siege (issue 12): `runbook intake` under LimitNOFILE=1024 (soft and hard, as systemd sets it): a real alert's
+   acknowledgement latency with 2,000 stalled connections (half a request header each) opened just before it,
+   against the same alerts with none (the baseline, same process, same run). Goal: answered within 1 s.
+3. ReDoS label (issue 12): a route with ``match_re: {instance: '([a-z0-9]+-?)+'}``; acknowledgement latency of an
+   alert whose label is 40 characters that almost match, against a plain label (baseline, same run). For scale,
+   Python's backtracking ``re`` (what matched before) on the same pattern at 18-22 characters.
+4. Latency, p50 over 20 alerts: webhook receipt -> the procedure's first task running, through the intake and the
    warm executor; baseline in the same run: `run_deployment` to a plain `prefect worker` (process type) serving
    the same flow. Goals (issue 6): ack p99 <= 50 ms, >= 1,000 alerts/s, first task within 2 s of receipt.
 """
@@ -10,11 +17,13 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from runbook import sandbox  # noqa: E402
+from runbook.app.intake.limits import raise_open_files_limit  # noqa: E402
+from tests import intake_harness as harness  # noqa: E402
 from tests.intake_harness import alert, running_intake  # noqa: E402
 
 STORM_ROUTES = """
@@ -43,6 +54,13 @@ routes:
     policy: {mode: dry_run, cooldown_s: 0}
 """
 BASELINE_SAMPLES = int(os.environ.get("BENCH_BASELINE_SAMPLES", "5"))
+REDOS = "([a-z0-9]+-?)+"
+HOSTILE_ROUTES = harness.routes_yaml(
+    harness.db_route("bench-siege", {"alertname": "BenchSiege"}, mode="dry_run"),
+    harness.db_route("bench-redos", {"alertname": "BenchRedos"}, mode="dry_run", match_re={"instance": REDOS},
+                     labels={}),
+)
+SIEGE_ROUNDS, SIEGE_STALLED, SIEGE_ALERTS = 3, 2000, 10
 
 
 def pct(values: list[float], p: float) -> float:
@@ -91,6 +109,95 @@ def storm(state: sandbox.SandboxState, work: Path) -> None:
     rate = 10_000 / elapsed
     print(f"  throughput: {rate:,.0f} alerts/s (goal >= 1,000: {'met' if rate >= 1000 else 'NOT met'})")
     print(f"  runs created: {len(runs)} (must be exactly 100: {'ok' if len(runs) == 100 else 'WRONG'})")
+
+
+def _ack(post, doc) -> float:  # noqa: ANN001
+    t = time.perf_counter()
+    resp = post(doc)
+    elapsed = time.perf_counter() - t
+    assert resp.status_code == 200, resp.text[:300]
+    return elapsed
+
+
+def _runs_cleanup(api_url: str, route: str) -> int:
+    with httpx.Client(base_url=api_url, timeout=30) as http:
+        runs = http.post("/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"route:{route}"]}}}).json()
+        for r in runs:  # no executor: leave the server as we found it
+            http.delete(f"/flow_runs/{r['id']}")
+    return len(runs)
+
+
+def siege(state: sandbox.SandboxState, work: Path) -> None:
+    """Each alert on a fresh connection (what Alertmanager does once its idle connection was closed)."""
+    raise_open_files_limit()  # this process holds the client end of every stalled connection
+    fresh = httpx.Client(timeout=60, limits=httpx.Limits(max_keepalive_connections=0), trust_env=False)
+    with harness.intake_subprocess(state, work / "siege", HOSTILE_ROUTES, nofile=1024) as it, fresh:
+        headers = {"Authorization": f"Bearer {it.token}"}
+
+        def post(doc):  # noqa: ANN001, ANN202
+            return fresh.post(f"{it.url}/alerts", json=doc, headers=headers)
+
+        def real() -> float:
+            return _ack(post, alert("BenchSiege", {"db": "main"}))
+
+        real()  # warm-up
+        calm = [real() for _ in range(SIEGE_ROUNDS * SIEGE_ALERTS)]
+        during: list[float] = []
+        after: list[float] = []
+        open_s: list[float] = []
+        for _ in range(SIEGE_ROUNDS):
+            stalled: list = []
+            flood = threading.Thread(
+                target=lambda out=stalled: out.extend(harness.stall_connections(it.port, SIEGE_STALLED)))
+            t = time.perf_counter()
+            flood.start()
+            while flood.is_alive():  # real alerts while the stalled connections pour in
+                during.append(real())
+            open_s.append(time.perf_counter() - t)
+            after += [real() for _ in range(SIEGE_ALERTS)]  # and with all of them open
+            closed = harness.closed_by_server(stalled, timeout_s=60)
+            assert closed == SIEGE_STALLED, f"{SIEGE_STALLED - closed} stalled connections left open"
+        log = it.log.read_text(errors="replace")
+    created = _runs_cleanup(state.prefect_api_url, "bench-siege")
+    print(f"siege: `runbook intake` under LimitNOFILE=1024, {SIEGE_ROUNDS} rounds of {SIEGE_STALLED:,} stalled "
+          "connections (half a header each); real alerts on fresh connections")
+    print(f"  baseline, none stalled: ack p50 {pct(calm, 50) * 1000:.1f} ms, max {max(calm) * 1000:.1f} ms "
+          f"over {len(calm)} alerts")
+    print(f"  while {SIEGE_STALLED:,} connect (~{statistics.median(open_s):.1f} s): "
+          f"ack p50 {pct(during, 50) * 1000:.1f} ms, "
+          f"max {max(during) * 1000:.1f} ms over {len(during)} alerts")
+    print(f"  with {SIEGE_STALLED:,} open: ack p50 {pct(after, 50) * 1000:.1f} ms, max {max(after) * 1000:.1f} ms "
+          f"over {len(after)} alerts")
+    worst = max(during + after)
+    print(f"  ratio to the baseline p50: {pct(during, 50) / pct(calm, 50):.1f}x while connecting, "
+          f"{pct(after, 50) / pct(calm, 50):.1f}x with all open; worst {worst * 1000:.0f} ms "
+          f"(goal <= 1 s: {'met' if worst <= 1 else 'NOT met'})")
+    print(f"  every stalled connection closed by the intake; {len(log.splitlines())} log lines in all, "
+          f"EMFILE {'seen' if 'Too many open files' in log else 'never hit'}; {created} runs created")
+
+
+def redos(state: sandbox.SandboxState, work: Path) -> None:
+    with running_intake(state, work / "redos", routes=HOSTILE_ROUTES, executor=False) as it:
+        def post(doc):  # noqa: ANN001, ANN202
+            return it.post(doc, timeout=60)
+
+        _ack(post, alert("BenchRedos", {"instance": "web-01"}))  # warm-up
+        plain = [_ack(post, alert("BenchRedos", {"instance": "web-01-eu-west"})) for _ in range(30)]
+        hostile = [_ack(post, alert("BenchRedos", {"instance": "a" * 40 + "!"})) for _ in range(30)]
+    _runs_cleanup(state.prefect_api_url, "bench-redos")
+    backtracking = {}
+    for n in (18, 20, 22):
+        t = time.perf_counter()
+        re.fullmatch(REDOS, "a" * n + "!")
+        backtracking[n] = time.perf_counter() - t
+    print(f"ReDoS label: route match_re {REDOS!r}, 30 alerts each")
+    print(f"  plain label: ack p50 {pct(plain, 50) * 1000:.1f} ms, p99 {pct(plain, 99) * 1000:.1f} ms")
+    print(f"  40-character hostile label: ack p50 {pct(hostile, 50) * 1000:.1f} ms, "
+          f"p99 {pct(hostile, 99) * 1000:.1f} ms "
+          f"({pct(hostile, 50) / pct(plain, 50):.2f}x the plain label)")
+    print("  for scale, Python's re on the same pattern: "
+          + ", ".join(f"{n} chars {t * 1000:.0f} ms" for n, t in backtracking.items())
+          + f" (doubling per character: 40 chars would be ~{backtracking[22] * 2 ** 18 / 3600:.0f} h)")
 
 
 def latency_ours(state: sandbox.SandboxState, work: Path) -> list[float]:
@@ -153,6 +260,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             storm(state, work)
+            siege(state, work)
+            redos(state, work)
             ours = latency_ours(state, work)
             plain = latency_plain_worker(state, work)
     finally:

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import resource
 import secrets
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
+import yaml
 
 from runbook.app.executor import Executor
 from runbook.app.intake.app import IntakeSettings, create_app
+from runbook.app.intake.limits import Limits
+from runbook.app.intake.server import IntakeServer, server_config
 from runbook.engine.config import PROJECT_ROOT
 from runbook.sandbox import SandboxState
 from runbook.sandbox.net import free_ports
@@ -60,6 +67,18 @@ routes:
 """
 
 
+def db_route(name: str, match: dict[str, str], mode: str = "diagnose", **extra: Any) -> dict[str, Any]:
+    """A route to db-slowness on the sandbox, its database named by the alert's ``db`` label, no cooldown."""
+    return {"name": name, "match": match, "procedure": "db-slowness", "env": "sandbox",
+            "params": {"long_query_s": 1, "idle_in_transaction_s": 1},
+            "labels": {"database": {"label": "db", "inventory": "databases"}},
+            "policy": {"mode": mode, "cooldown_s": 0}, **extra}
+
+
+def routes_yaml(*routes: dict[str, Any]) -> str:
+    return yaml.safe_dump({"routes": list(routes)}, sort_keys=False)
+
+
 @dataclass
 class Intake:
     url: str
@@ -80,6 +99,26 @@ class Intake:
     def runs(self, tag: str) -> list[dict[str, Any]]:
         body = {"flow_runs": {"tags": {"all_": [tag]}}}
         return httpx.post(f"{self.api_url}/flow_runs/filter", json=body, timeout=10).json()
+
+    def runs_for(self, route: str, fingerprint: str) -> list[dict[str, Any]]:
+        """The runs of one alert (by fingerprint) on one route, through the intake's own record of occurrences."""
+        keys = [row[0] for row in self.app.state.store._db.execute(
+            "SELECT key FROM occurrences WHERE route = ? AND fingerprint = ?", (route, fingerprint)).fetchall()]
+        return [r for k in keys for r in self.runs(f"occurrence:{k}")]
+
+    def wait_runs(self, route: str, fingerprint: str, timeout_s: float = 30) -> list[dict[str, Any]]:
+        """The dispatcher creates runs just after the acknowledgement: wait for them."""
+        deadline = time.monotonic() + timeout_s
+        while not (runs := self.runs_for(route, fingerprint)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return runs
+
+    def metric(self, line_start: str) -> float:
+        """The value of the first /metrics sample whose line starts with ``line_start`` (0 when absent)."""
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def wait_state(self, run_id: str, states: set[str], timeout_s: float = 60) -> str:
         deadline = time.monotonic() + timeout_s
@@ -110,7 +149,8 @@ def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str
 
 @contextmanager
 def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, executor: bool = True,
-                   api_url: str | None = None, playbook_dirs: list[Path] | None = None) -> Iterator[Intake]:
+                   api_url: str | None = None, playbook_dirs: list[Path] | None = None,
+                   limits: Limits | None = None) -> Iterator[Intake]:
     from runbook.app.serve import register_deployments
 
     api = api_url or state.prefect_api_url
@@ -131,11 +171,12 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
         # the platform (pafar.yaml) but not the production routes: only this test's routes may match
         playbook_dirs=[*(playbook_dirs or [PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir]),
                        routes_dir],
-        on_created=ex.submit if executor else None,
+        on_created=ex.submit if executor else None, limits=limits or Limits(),
     ))
     port = free_ports(1)[0]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
+    # the server `runbook intake` runs: bounded connections, the same protocol and limits
+    server = IntakeServer(server_config(app, "127.0.0.1", port, limits or Limits(),
+                                          on_close=app.state.metrics.connection_closed))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -150,3 +191,96 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
         thread.join(10)
         if executor:
             ex.stop(grace_s=0)
+
+
+PARTIAL_HEADER = b"POST /alerts HTTP/1.1\r\nHost: intake\r\nContent-Type: appl"  # and then nothing more
+
+
+def stall_connections(port: int, n: int, payload: bytes = PARTIAL_HEADER) -> list[socket.socket]:
+    """``n`` connections that send ``payload`` (by default half a request header) and then stop."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        s.sendall(payload)
+        socks.append(s)
+    return socks
+
+
+def closed_by_server(socks: list[socket.socket], timeout_s: float) -> int:
+    """How many of these connections the server closed (EOF, after an optional 408, or a reset) within
+    ``timeout_s``; every socket is closed on this side afterwards."""
+    closed = 0
+    deadline = time.monotonic() + timeout_s
+    for s in socks:
+        try:
+            while True:
+                s.settimeout(max(0.01, deadline - time.monotonic()))
+                if not s.recv(4096):
+                    closed += 1
+                    break
+        except ConnectionResetError:
+            closed += 1
+        except TimeoutError:
+            pass
+        finally:
+            s.close()
+    return closed
+
+
+@dataclass
+class IntakeProcess:
+    url: str
+    port: int
+    token: str
+    log: Path  # its stdout and stderr
+    store: Path  # its SQLite store
+
+    def post(self, payload: Any, **kw: Any) -> httpx.Response:
+        return httpx.post(f"{self.url}/alerts", json=payload, headers={"Authorization": f"Bearer {self.token}"},
+                          **kw)
+
+
+@contextmanager
+def intake_subprocess(state: SandboxState, work_dir: Path, routes: str, nofile: int | None = None
+                      ) -> Iterator[IntakeProcess]:
+    """`runbook intake` in its own process against the sandbox's Prefect server, optionally under an open-file
+    limit it cannot raise (``nofile`` soft and hard, as systemd's LimitNOFILE sets both)."""
+    from runbook.app.serve import register_deployments
+
+    register_deployments(state.prefect_api_url)
+    routes_dir = work_dir / "routes"
+    routes_dir.mkdir(parents=True, exist_ok=True)
+    (routes_dir / "routes.yaml").write_text(routes)
+    port, token = free_ports(1)[0], secrets.token_urlsafe(24)
+    playbooks = [PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir, routes_dir]
+    env = {**os.environ, "PREFECT_API_URL": state.prefect_api_url, "RUNBOOK_INTAKE_TOKEN": token,
+           "RUNBOOK_PLAYBOOKS": os.pathsep.join(map(str, playbooks))}
+
+    def limit_files() -> None:
+        if nofile:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    it = IntakeProcess(f"http://127.0.0.1:{port}", port, token, work_dir / "intake.log",
+                       work_dir / "state" / "intake.sqlite")
+    with open(it.log, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "runbook.app.cli", "intake", "--port", str(port),
+                                 "--state", str(work_dir / "state")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=limit_files)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{it.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"runbook intake exited: {it.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.3)
+        yield it
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.app import IntakeSettings, create_app
+from runbook.app.intake.limits import Limits, raise_open_files_limit
+from runbook.app.intake.server import IntakeServer, server_config
 from runbook.app.remote_run import APPROVAL_TAG, PROCEDURE_TAG, deployment_filter, request
 from runbook.engine.config import PROJECT_ROOT, load_playbooks
 
@@ -102,10 +103,17 @@ def _verify_params(env: str) -> dict[str, Any]:
 
 
 def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, executor: Any = None,
-               playbook_dirs: list[Path] | None = None) -> None:
-    """Serve the intake with uvicorn until interrupted; created runs go straight to ``executor`` when given."""
+               playbook_dirs: list[Path] | None = None, limits: Limits | None = None) -> None:
+    """Serve the intake with uvicorn until interrupted; created runs go straight to ``executor`` when given.
+
+    The open-file soft limit is raised to the hard limit first (where allowed): it caps how many connections the
+    intake can hold, and the connection cap is derived from it (see runbook.app.intake.server)."""
+    raise_open_files_limit()
+    limits = limits or Limits()
     app = create_app(IntakeSettings(
         token=token, prefect_api_url=api_url, state_dir=state_dir, playbook_dirs=playbook_dirs,
-        on_created=executor.submit if executor else None,
+        on_created=executor.submit if executor else None, limits=limits,
     ))
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    config = server_config(app, host, port, limits, on_close=app.state.metrics.connection_closed,
+                           timeout_graceful_shutdown=5)
+    IntakeServer(config).run()

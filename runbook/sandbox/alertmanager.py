@@ -24,13 +24,14 @@ BINARY = "/usr/bin/prometheus-alertmanager"
 ENV_WEBHOOK_URL = "RUNBOOK_SANDBOX_ALERT_WEBHOOK_URL"
 CONFIG_FILE = "alertmanager.yml"
 RECEIVER = "runbook"
+MAX_ALERTS = 200  # per notification, as deploy/alertmanager/runbook-receiver.yml: within the intake's bounds
 
 
 def alertmanager_config(webhook_url: str | None) -> dict[str, Any]:
     """The sandbox's Alertmanager config: one route to the runbook receiver (a webhook when a URL is given)."""
     receiver: dict[str, Any] = {"name": RECEIVER}
     if webhook_url:
-        receiver["webhook_configs"] = [{"url": webhook_url, "send_resolved": True, "max_alerts": 0}]
+        receiver["webhook_configs"] = [{"url": webhook_url, "send_resolved": True, "max_alerts": MAX_ALERTS}]
     return {
         "route": {"receiver": RECEIVER, "group_by": ["alertname", "job"], "group_wait": "1s",
                   "group_interval": "1s", "repeat_interval": "1h"},

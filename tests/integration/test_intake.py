@@ -27,21 +27,6 @@ def intake(sandbox_state, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield it
 
 
-def _wait_runs(intake: Intake, route: str, fingerprint: str, timeout_s: float = 30) -> list[dict]:
-    """The dispatcher creates runs just after the acknowledgement: wait for them."""
-    deadline = time.monotonic() + timeout_s
-    while not (runs := _runs_by_fp(intake, route, fingerprint)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return runs
-
-
-def _runs_by_fp(intake: Intake, route: str, fingerprint: str) -> list[dict]:
-    store = intake.app.state.store
-    keys = [row[0] for row in store._db.execute(  # the store is the intake's own record of occurrences
-        "SELECT key FROM occurrences WHERE route = ? AND fingerprint = ?", (route, fingerprint)).fetchall()]
-    return [r for k in keys for r in intake.runs(f"occurrence:{k}")]
-
-
 def test_auth_size_json_and_shape_are_checked_in_order(intake: Intake) -> None:
     good = alert("DatabaseConnectionHigh", {"db": "main"})
     assert intake.post(good, token="").status_code == 401
@@ -70,7 +55,7 @@ def test_one_run_per_occurrence_completes_with_report_and_resends_create_nothing
     for _ in range(3):  # Alertmanager resends the same occurrence every group_interval
         again = intake.post(payload)
         assert again.json()["results"][0]["outcome"] == "duplicate"
-    runs = _wait_runs(intake, "db-auto", "feed0001")
+    runs = intake.wait_runs("db-auto", "feed0001")
     assert len(runs) == 1
     assert intake.wait_state(runs[0]["id"], {"COMPLETED", "FAILED", "CRASHED"}) == "COMPLETED"
     arts = httpx.post(f"{intake.api_url}/artifacts/filter", timeout=10,
@@ -81,21 +66,21 @@ def test_one_run_per_occurrence_completes_with_report_and_resends_create_nothing
                   starts_at=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
     assert intake.post(later).json()["results"][0]["outcome"] == "run"
     deadline = time.monotonic() + 30
-    while len(_runs_by_fp(intake, "db-auto", "feed0001")) < 2 and time.monotonic() < deadline:
+    while len(intake.runs_for("db-auto", "feed0001")) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(_runs_by_fp(intake, "db-auto", "feed0001")) == 2
+    assert len(intake.runs_for("db-auto", "feed0001")) == 2
     metrics = httpx.get(f"{intake.url}/metrics", timeout=5).text
     assert "runbook_intake_alerts_deduplicated_total 3.0" in metrics
 
 
-@pytest.mark.parametrize("value", ["main; rm -rf /", "$(reboot)", "`id`", "../main", "MAIN", "nosuchdb", ""])
+@pytest.mark.parametrize("value", ["main; rm -rf /", "$(reboot)", "`id`", "../main", "MAIN", "nosuchdb", "", "main\n"])
 def test_hostile_or_unknown_label_values_are_rejected_with_reason_and_no_run(intake: Intake, value: str) -> None:
     resp = intake.post(alert("DatabaseConnectionHigh", {"db": value}, fingerprint="bad0bad0"))
     assert resp.status_code == 200
     result = resp.json()["results"][0]
     assert result["outcome"] == "rejected"
     assert "label db=" in result["reason"]
-    assert _runs_by_fp(intake, "db-auto", "bad0bad0") == []
+    assert intake.runs_for("db-auto", "bad0bad0") == []
 
 
 def test_missing_label_and_unrouted_alert(intake: Intake) -> None:
@@ -109,8 +94,8 @@ def test_cooldown_holds_a_second_occurrence_for_the_same_target(intake: Intake) 
     second = intake.post(alert("DbCooldownTest", {"db": "main"}, fingerprint="c002")).json()["results"][0]
     assert first["outcome"] == "run" and first["mode"] == "diagnose"
     assert second["outcome"] == "cooldown"
-    run = _wait_runs(intake, "db-cooldown", "c001")[0]
-    assert _runs_by_fp(intake, "db-cooldown", "c002") == []
+    run = intake.wait_runs("db-cooldown", "c001")[0]
+    assert intake.runs_for("db-cooldown", "c002") == []
     assert intake.wait_state(run["id"], {"COMPLETED", "FAILED"}) == "COMPLETED"
 
 
@@ -121,7 +106,7 @@ def test_breaker_narrows_to_dry_run_after_the_limit(intake: Intake) -> None:
         r = intake.post(alert("DatabaseConnectionHigh", {"db": "main"}, fingerprint=f"b00{i}")).json()
         modes.append(r["results"][0].get("mode"))
     assert modes[-1] == "dry_run" and "circuit breaker open" in json.dumps(r)
-    runs = _wait_runs(intake, "db-auto", "b003")
+    runs = intake.wait_runs("db-auto", "b003")
     assert runs and runs[0]["parameters"]["dry_run"] is True
     assert "mode:dry_run" in runs[0]["tags"]
     assert "runbook_intake_breaker_trips_total" in httpx.get(f"{intake.url}/metrics", timeout=5).text
@@ -139,7 +124,7 @@ def incident(app_dsn: str, sandbox_state) -> Iterator[DbIncident]:  # noqa: ANN0
 def _paused_run(intake: Intake, fingerprint: str) -> dict:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        runs = _runs_by_fp(intake, "db-approve", fingerprint)
+        runs = intake.runs_for("db-approve", fingerprint)
         if runs and runs[0]["state"]["type"] == "PAUSED":
             return runs[0]
         time.sleep(0.3)
@@ -181,7 +166,7 @@ def test_rejected_approval_changes_nothing(intake: Intake, incident: DbIncident)
 
 def test_approval_timeout_counts_as_rejection(intake: Intake, incident: DbIncident) -> None:
     intake.post(alert("DbApproveTimeoutTest", {}, fingerprint="a004"))
-    run = _wait_runs(intake, "db-approve-timeout", "a004")[0]
+    run = intake.wait_runs("db-approve-timeout", "a004")[0]
     assert intake.wait_state(run["id"], {"COMPLETED", "FAILED"}, 90) == "COMPLETED"
     assert "no approval within 3 s (a timeout counts as rejection)" in _report(intake, run["id"])
     assert incident.waiter_results == [], "a timed-out approval changed something"

@@ -27,6 +27,19 @@ def test_amtool_accepts_the_receiver() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_receivers_send_no_more_alerts_than_the_intake_takes_per_webhook() -> None:
+    """max_alerts 0 (no limit) lets a storm group grow past the intake's body limit, and a 413 is never retried:
+    the shipped receiver and the sandbox's bound the group within the intake's per-webhook limit."""
+    from runbook.app.intake.models import MAX_ALERTS
+    from runbook.sandbox.alertmanager import alertmanager_config
+
+    shipped = yaml.safe_load(RECEIVER.read_text())
+    sandbox = alertmanager_config("http://127.0.0.1:9/alerts")
+    for config in (shipped, sandbox):
+        hooks = [w for r in config["receivers"] for w in r.get("webhook_configs", [])]
+        assert hooks and all(0 < w["max_alerts"] <= MAX_ALERTS for w in hooks), hooks
+
+
 def test_every_runbook_alert_is_routed_to_a_registered_procedure() -> None:
     rules = yaml.safe_load(RULES.read_text())
     alertnames = {r["alert"] for g in rules["groups"] for r in g["rules"]}

@@ -1,12 +1,16 @@
-"""The alert intake: Alertmanager's webhook in, exactly one Prefect run per alert occurrence and route out.
+"""The alert intake: Alertmanager's (and Grafana's) webhook in, exactly one Prefect run per alert occurrence and
+route out.
 
-Prefect's own webhooks exist only in Prefect Cloud, hence this small ASGI app. Order of checks for POST /alerts:
-401 without the bearer token (compared in constant time), 413 over 1 MiB (counted while streaming, so a chunked
-body cannot get round it), 400 for malformed JSON, 422 for the wrong shape, 503 while the Prefect API cannot be
-reached (Alertmanager retries; nothing is stored, so nothing is lost). Then every alert is routed, validated and
-decided; accepted occurrences are written durably before the 200, and the dispatcher turns them into runs.
-Per-alert rejections (unknown service, label with shell metacharacters) are in the 200's body and metrics:
-Alertmanager retrying them would not help.
+Prefect's own webhooks exist only in Prefect Cloud, hence this small ASGI app. Alertmanager does not retry a 4xx,
+so a whole request is refused only when it is not a webhook at all: 401 without the bearer token (compared in
+constant time), 413 over the body limit (counted while streaming), 400 not JSON (or nested past the parser's depth),
+422 not a webhook (not an object, no alerts list, unknown version). 503 (retried by Alertmanager; nothing stored)
+while the Prefect API cannot be reached or too many webhooks are being processed. Anything else is a 200, and each
+alert in it is accepted or rejected on its own (models.parse_webhook), with the reason in the body and in
+/metrics: one odd alert never loses its group. Accepted occurrences are written durably before the 200 and the
+dispatcher turns them into runs.
+Parsing, routing and the store's fsync run in a worker thread: the event loop only moves bytes, so a big webhook
+does not hold up /healthz or the next acknowledgement.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,23 +29,22 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnavailable
+from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
-from runbook.app.intake.models import Webhook
-from runbook.app.intake.policy import decide
+from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
+from runbook.app.intake.policy import Decision, decide
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
-from runbook.app.intake.store import Store
+from runbook.app.intake.store import Occurrence, Store
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
 from runbook.engine.notify import notify_route
 from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
-
-MAX_BODY = 1024 * 1024
 
 
 @dataclass
@@ -50,6 +54,7 @@ class IntakeSettings:
     state_dir: Path
     playbook_dirs: list[Path] | None = None
     on_created: Callable[[str], None] | None = None
+    limits: Limits = field(default_factory=Limits)
 
 
 def create_app(settings: IntakeSettings) -> FastAPI:
@@ -58,7 +63,7 @@ def create_app(settings: IntakeSettings) -> FastAPI:
     _check_routes(playbooks)
     store = Store(settings.state_dir / "intake.sqlite")
     intake = Intake(settings.token, playbooks, store,
-                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created))
+                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits)
     app = FastAPI(title="runbook alert intake", lifespan=intake.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.store, app.state.dispatcher, app.state.metrics = store, intake.dispatcher, intake.metrics
@@ -76,12 +81,16 @@ class Intake:
     playbooks: Playbooks
     store: Store
     dispatcher: Dispatcher
+    limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._expected = f"Bearer {self.token}".encode()
         self._routes = {r.name: r for r in self.playbooks.routes}
+        self._deciding = threading.Lock()  # decide + accept of one webhook at a time: cooldowns see each other
+        self._in_flight = 0
+        self._notes = RateLimitedLog(log)
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -95,7 +104,7 @@ class Intake:
     async def healthz(self) -> JSONResponse:
         ok = self.dispatcher.healthy
         return JSONResponse({"status": "ok" if ok else "degraded", "prefect_api": ok,
-                             "pending": len(self.store.pending(1000))}, status_code=200 if ok else 503)
+                             "pending": self.store.pending_count()}, status_code=200 if ok else 503)
 
     async def prometheus_metrics(self) -> PlainTextResponse:
         return PlainTextResponse(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -107,68 +116,126 @@ class Intake:
         finally:
             self.metrics.latency.observe(time.perf_counter() - started)
 
-    def _reject(self, code: int, reason: str, detail: str) -> JSONResponse:
-        self.metrics.rejected.labels(reason).inc()
-        return JSONResponse({"error": detail}, status_code=code)
+    def _refuse(self, request: Request, code: int, reason: str, detail: str, close: bool = False,
+                **extra: Any) -> JSONResponse:
+        """A whole request refused: counted, one rate-limited log line, and ``close`` when its body was not read
+        (the connection is not worth keeping for the rest of it)."""
+        self.metrics.requests_rejected.labels(reason).inc()
+        peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        self._notes.note(reason, f"refused a request from {peer}: {code} {reason}: {detail}")
+        headers = {"connection": "close"} if close else {}
+        if code == 503:
+            headers["retry-after"] = "1"
+        return JSONResponse({"error": detail, **extra}, status_code=code, headers=headers)
 
     async def _handle(self, request: Request) -> JSONResponse:
+        limits = self.limits
         auth = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(auth, self._expected):
-            return self._reject(401, "unauthorized", "missing or wrong bearer token")
+            return self._refuse(request, 401, "unauthorized", "missing or wrong bearer token", close=True)
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY:
-            return self._reject(413, "too_large", f"body over {MAX_BODY} bytes")
+        too_large = f"body over {limits.max_body} bytes"
+        if declared and declared.isdigit() and int(declared) > limits.max_body:
+            return self._refuse(request, 413, "too_large", too_large, close=True)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                return self._reject(413, "too_large", f"body over {MAX_BODY} bytes")
         try:
-            raw = json.loads(body)
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body:
+                    return self._refuse(request, 413, "too_large", too_large, close=True)
+        except ClientDisconnect:  # the sender went away (or missed the body deadline): one line, no traceback
+            return self._refuse(request, 400, "aborted", f"connection closed after {len(body)} bytes of the body")
+        if self._in_flight >= limits.max_in_flight:
+            return self._refuse(request, 503, "busy", f"{limits.max_in_flight} webhooks in progress; retry")
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            return await self._handle_webhook(request, bytes(body))
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.dec()
+
+    async def _handle_webhook(self, request: Request, body: bytes) -> JSONResponse:
+        try:
+            hook = await asyncio.to_thread(_decode, body, self.limits.max_alerts)
+        except NotAWebhook as exc:
+            return self._refuse(request, 422, "not_a_webhook", f"not an Alertmanager or Grafana webhook: {exc}")
+        except RecursionError:
+            return self._refuse(request, 400, "malformed_json", "JSON nested too deeply")
         except (ValueError, UnicodeDecodeError) as exc:
-            return self._reject(400, "malformed_json", f"not JSON: {str(exc)[:200]}")
-        try:
-            hook = Webhook.model_validate(raw)
-        except ValidationError as exc:
-            self.metrics.rejected.labels("wrong_shape").inc()
-            errors = [f"{'.'.join(map(str, e['loc'])) or '(body)'}: {e['msg']}" for e in exc.errors()[:10]]
-            return JSONResponse({"error": "not an Alertmanager v4 webhook", "details": errors}, status_code=422)
+            return self._refuse(request, 400, "malformed_json", f"not JSON: {str(exc)[:200]}")
         if not self.dispatcher.healthy and not await self.dispatcher.check_health():
-            return self._reject(503, "prefect_unavailable", "Prefect API unreachable; retry later")
+            return self._refuse(request, 503, "prefect_unavailable", "Prefect API unreachable; retry later")
         return JSONResponse(await self._process(hook))
 
-    async def _process(self, hook: Webhook) -> dict[str, Any]:
+    async def _process(self, hook: ParsedWebhook) -> dict[str, Any]:
+        results, resolves, tripped = await asyncio.to_thread(self._route_and_store, hook)
+        for entry, occ in resolves:  # the cancellations talk to Prefect: back on the loop, through the dispatcher
+            entry["detail"] = await self._cancel(occ)
+        for d in tripped:
+            self._notify_later(d.request, "breaker", d.reason)
+        if any(r["outcome"] == "run" for r in results):
+            self.dispatcher.wake()
+        out: dict[str, Any] = {"version": hook.version, "alerts": hook.total, "accepted": len(hook.alerts),
+                               "rejected": len(hook.rejected), "results": results}
+        if hook.truncated:
+            out["truncated"] = hook.truncated
+            out["note"] = (f"the sender left out {hook.truncated} alerts of this group (its max_alerts): they "
+                           "were never received")
+        return out
+
+    def _route_and_store(self, hook: ParsedWebhook) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any],
+                                                                                           Occurrence]],
+                                                            list[Decision]]:
+        """Route, validate, decide and store every accepted alert (in a worker thread): the results in webhook
+        order, the resolutions whose runs may need cancelling, and the decisions that tripped a breaker."""
         metrics, store = self.metrics, self.store
         results: list[dict[str, Any]] = []
-        firing: list[tuple[RunRequest, Route]] = []
-        for alert in hook.alerts:
+        resolves: list[tuple[dict[str, Any], Occurrence]] = []
+        firing: list[tuple[RunRequest, Route, int]] = []
+        metrics.truncated.inc(hook.truncated)
+        for r in hook.rejected:
+            metrics.rejected.labels(r.code).inc()
+            results.append({"index": r.index, "fingerprint": r.fingerprint, "outcome": "rejected", "code": r.code,
+                            "reason": redact(r.detail)})
+        for index, alert in hook.alerts:
             metrics.received.labels(alert.status).inc()
             routes = matching_routes(self.playbooks.routes, alert.labels)
             if not routes:
                 metrics.unrouted.inc()
-                results.append({"fingerprint": alert.fingerprint, "outcome": "unrouted"})
+                results.append({"index": index, "fingerprint": alert.fingerprint, "outcome": "unrouted"})
                 continue
             for route in routes:
+                entry: dict[str, Any] = {"index": index, "fingerprint": alert.fingerprint, "route": route.name}
                 if alert.status == "resolved":
-                    results.append(await self._resolve(route, alert))
+                    occ = store.mark_resolved(occurrence_key(route.name, alert))
+                    entry["outcome"] = "resolved"
+                    if occ is None:
+                        entry["detail"] = "no run was started for this occurrence"
+                    else:
+                        resolves.append((entry, occ))
+                    results.append(entry)
                     continue
                 if store.known(occurrence_key(route.name, alert)):  # a resend: nothing to validate or decide
                     metrics.deduplicated.inc()
-                    results.append({"fingerprint": alert.fingerprint, "route": route.name, "outcome": "duplicate"})
+                    results.append({**entry, "outcome": "duplicate"})
                     continue
                 try:
-                    firing.append((build_request(route, alert, self.playbooks), route))
-                except (BadInput, ConfigError) as exc:
-                    metrics.rejected.labels("invalid_alert").inc()
-                    results.append({"fingerprint": alert.fingerprint, "route": route.name, "outcome": "rejected",
+                    firing.append((build_request(route, alert, self.playbooks), route, index))
+                except (BadInput, ConfigError) as exc:  # a label naming a target that does not pass the rules
+                    metrics.rejected.labels("invalid_target").inc()
+                    results.append({**entry, "outcome": "rejected", "code": "invalid_target",
                                     "reason": redact(str(exc))})
+        tripped: list[Decision] = []
         if firing:
-            decisions = decide(firing, store)
-            to_store = [(d.request, "pending", d.reason) for d in decisions if d.outcome == "run"]
-            to_store += [(d.request, "suppressed", d.reason) for d in decisions if d.outcome == "cooldown"]
-            store.accept(to_store)
-            for d in decisions:
-                entry = {"fingerprint": d.request.fingerprint, "route": d.request.route, "outcome": d.outcome}
+            with self._deciding:
+                decisions = decide([(req, route) for req, route, _ in firing], store)
+                to_store = [(d.request, "pending", d.reason) for d in decisions if d.outcome == "run"]
+                to_store += [(d.request, "suppressed", d.reason) for d in decisions if d.outcome == "cooldown"]
+                store.accept(to_store)
+            for d, (_, _, index) in zip(decisions, firing, strict=True):
+                entry = {"index": index, "fingerprint": d.request.fingerprint, "route": d.request.route,
+                         "outcome": d.outcome}
                 if d.reason:
                     entry["reason"] = d.reason
                 if d.outcome == "run":
@@ -180,10 +247,9 @@ class Intake:
                     metrics.suppressed.labels(d.request.route).inc()
                 if d.breaker_tripped:
                     metrics.breaker.labels(d.request.route).inc()
-                    self._notify_later(d.request, "breaker", d.reason)
+                    tripped.append(d)
                 results.append(entry)
-            self.dispatcher.wake()
-        return {"accepted": len(hook.alerts), "results": results}
+        return results, resolves, tripped
 
     def _notify_later(self, req: RunRequest, event: str, text: str) -> None:
         """Deliver in a thread after the acknowledgement: a slow webhook must not delay Alertmanager."""
@@ -196,19 +262,21 @@ class Intake:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _resolve(self, route: Route, alert: Any) -> dict[str, Any]:
-        occ = self.store.mark_resolved(occurrence_key(route.name, alert))
-        entry: dict[str, Any] = {"fingerprint": alert.fingerprint, "route": route.name, "outcome": "resolved"}
-        if occ is None:
-            entry["detail"] = "no run was started for this occurrence"
-            return entry
+    async def _cancel(self, occ: Occurrence) -> str:
         try:
-            entry["detail"] = await self.dispatcher.cancel(occ)
-            if "cancelled" in entry["detail"]:
-                self.metrics.cancelled.inc()
+            detail = await self.dispatcher.cancel(occ)
         except (PrefectUnavailable, PrefectRejected) as exc:  # the run carries on; say so
-            entry["detail"] = f"could not cancel: {exc}"
-        return entry
+            return f"could not cancel: {exc}"
+        if "cancelled" in detail:
+            self.metrics.cancelled.inc()
+        return detail
+
+
+def _decode(body: bytes, max_alerts: int) -> ParsedWebhook:
+    """JSON, then the webhook alert by alert (CPU work: called in a worker thread). Raises ValueError for
+    malformed JSON, NotAWebhook (a ValueError) for a JSON document that is not a webhook, RecursionError for JSON
+    nested past the parser's depth."""
+    return parse_webhook(json.loads(body), max_alerts)
 
 
 def _check_routes(playbooks: Playbooks) -> None:

@@ -3,7 +3,7 @@ benchmarks) never count into each other."""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -19,14 +19,24 @@ class Metrics:
                                     registry=r)
         self.suppressed = Counter("runbook_intake_alerts_suppressed", "held back by a cooldown", ["route"],
                                   registry=r)
-        self.rejected = Counter("runbook_intake_alerts_rejected", "alerts or requests rejected", ["reason"],
-                                registry=r)
+        self.rejected = Counter("runbook_intake_alerts_rejected", "alerts rejected one by one (the rest of their "
+                                "webhook is processed)", ["reason"], registry=r)
+        self.requests_rejected = Counter("runbook_intake_requests_rejected", "requests refused whole (not a webhook, "
+                                         "unauthorized, too large, busy, Prefect unreachable)", ["reason"], registry=r)
+        self.truncated = Counter("runbook_intake_alerts_truncated", "alerts the sender left out of its webhooks "
+                                 "(Alertmanager's max_alerts)", registry=r)
+        self.connections_closed = Counter("runbook_intake_connections_closed", "connections the intake closed "
+                                          "before a complete request (timeouts, evictions)", ["reason"], registry=r)
+        self.in_flight = Gauge("runbook_intake_requests_in_flight", "webhooks being processed", registry=r)
         self.unrouted = Counter("runbook_intake_alerts_unrouted", "alerts no route matched", registry=r)
         self.breaker = Counter("runbook_intake_breaker_trips", "runs narrowed to dry run by a breaker", ["route"],
                                registry=r)
         self.cancelled = Counter("runbook_intake_runs_cancelled", "runs cancelled on resolve", registry=r)
         self.latency = Histogram("runbook_intake_request_seconds", "webhook handling time", registry=r,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()
 
     def exposition(self) -> str:
         """The text format Prometheus scrapes."""

@@ -18,8 +18,9 @@ from runbook.app.catalog import PROCEDURES, validate_params
 from runbook.app.intake.models import Alert
 from runbook.engine.config import Playbooks, Route
 from runbook.engine.errors import BadInput, ConfigError
+from runbook.engine.params import NAME_PATTERN
 
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_NAME = re.compile(NAME_PATTERN)  # the playbooks' own name rule: a label naming a target must pass it
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,8 @@ def occurrence_key(route: str, alert: Alert) -> str:
 
 
 def matching_routes(routes: list[Route], labels: dict[str, str]) -> list[Route]:
-    return [
-        r for r in routes
-        if all(labels.get(k) == v for k, v in r.match.items())
-        and all(re.fullmatch(p, labels.get(k, "")) for k, p in r.match_re.items())
-    ]
+    """The routes an alert's labels select, by Alertmanager's rules (linear-time RE2, see Route.matches)."""
+    return [r for r in routes if r.matches(labels)]
 
 
 def route_env(route: Route, alert: Alert, playbooks: Playbooks) -> str:
@@ -85,7 +83,7 @@ def build_request(route: Route, alert: Alert, playbooks: Playbooks) -> RunReques
                 raise BadInput(f"label {spec.label!r} is missing (route {route.name!r} needs it for {param!r})")
             continue
         value = spec.map.get(raw, raw)
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):  # fullmatch: `$` alone lets "main\n" through
             raise BadInput(f"label {spec.label}={_show(raw)} is not a valid name for {param!r}")
         if spec.inventory is not None:
             known = getattr(env, spec.inventory)

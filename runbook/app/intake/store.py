@@ -74,6 +74,9 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged alert survives a power cut
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        # kept up to date by every write below, so /healthz (unauthenticated) costs no query at all
+        self._pending = int(self._db.execute("SELECT count(*) FROM occurrences WHERE status = 'pending'"
+                                             ).fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
@@ -99,6 +102,8 @@ class Store:
                     )
                     out.append(cur.rowcount == 1)
                 self._db.execute("COMMIT")
+                self._pending += sum(new and status == "pending"
+                                     for new, (_, status, _) in zip(out, requests, strict=True))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -106,6 +111,7 @@ class Store:
 
     def mark_created(self, key: str, flow_run_id: str) -> None:
         with self._lock:
+            self._leaves_pending(key)
             self._db.execute(
                 "UPDATE occurrences SET status = 'created', flow_run_id = ?, created_at = ? WHERE key = ?",
                 (flow_run_id, time.time(), key),
@@ -113,11 +119,14 @@ class Store:
 
     def mark(self, key: str, status: str, reason: str = "") -> None:
         with self._lock:
+            if status != "pending":
+                self._leaves_pending(key)
             self._db.execute("UPDATE occurrences SET status = ?, reason = ? WHERE key = ?", (status, reason, key))
 
     def mark_resolved(self, key: str) -> Occurrence | None:
         """Record the resolution; a still-pending occurrence is cancelled before it ever becomes a run."""
         with self._lock:
+            self._leaves_pending(key)  # a resolved pending occurrence is cancelled
             self._db.execute(
                 """UPDATE occurrences SET resolved_at = ?,
                           status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
@@ -128,7 +137,17 @@ class Store:
             row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
         return _occ(row) if row else None
 
+    def _leaves_pending(self, key: str) -> None:
+        """Count an occurrence out of the pending ones (called under the lock, before its status changes)."""
+        row = self._db.execute("SELECT status FROM occurrences WHERE key = ?", (key,)).fetchone()
+        if row is not None and row[0] == "pending":
+            self._pending -= 1
+
     # -------------------------------------------------------------- reads
+
+    def pending_count(self) -> int:
+        """Occurrences waiting for their run, without a query (see __init__)."""
+        return self._pending
 
     def known(self, key: str) -> bool:
         with self._lock:
