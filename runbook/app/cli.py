@@ -510,7 +510,10 @@ _HANDED_BACK: list[str] = []
 def _drain(ex: Any, grace_s: float) -> None:
     """Stop an executor the way SIGTERM should: finish what can finish in ``grace_s``, hand back the rest."""
     err.print(f"stopping: running runs get {grace_s:g} s to finish", style="dim", highlight=False)
+    from runbook.engine.procedure import flush_run_records
+
     handed_back = ex.stop(grace_s=grace_s)
+    flush_run_records()  # while the Prefect server is still up: its log/event workers would retry a dead one at exit
     if handed_back:
         err.print(f"handed back to the pool (another executor, or this one restarted, runs them again): "
                   f"{', '.join(handed_back)}", style="yellow", highlight=False, markup=False, soft_wrap=True)
