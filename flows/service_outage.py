@@ -4,8 +4,14 @@ Diagnose: the service's health endpoint (``services.<service>.health_url``, else
 every project container's state, restarts and exit code, Prometheus `up` when configured, recent deployments
 (containers created or images built in the last ``deploy_hours``), host resources over SSH, and the service's recent
 ERROR log lines.
-Remediate (dry run unless dry_run=False): start the service's stopped containers; verify they run and the health
+Remediate (dry run unless dry_run=False): roll back a bad deployment (rollback-service: replicas created from
+another image within ``deploy_hours`` while the service is down, crash-looping or unhealthy are recreated from the
+last known good image, one at a time); start the service's stopped containers; verify they run and the health
 endpoint answers.
+Last known good: when the service is seen healthy (every replica running on one image for ``lkg_min_uptime_s``,
+the health endpoint answering), its replicas' image and configuration are recorded (tasks.last_known_good). That
+happens on a dry run too: it is the engine's memory of what it saw, not a change to the platform, and a rollback
+can only ever go back to a state a run saw healthy.
 Communicate: when the run finds the outage (a critical finding) and the environment has an ``incident_webhook``, it
 posts a summary there (the runbook's "Post in incident channel") after the remediation step, saying plainly whether
 anything was changed. That happens on a dry run too: a post is communication, not a change to the platform, and an
@@ -29,6 +35,7 @@ from runbook.engine.procedure import current_run, procedure, unreachable_as_find
 from runbook.engine.redact import redact
 from runbook.engine.steps import step
 from tasks.container_remediations import StartServiceContainers
+from tasks.container_rollback import RollbackService, unhealthy_replicas
 from tasks.containers import (
     ContainerInfo,
     ContainerLogs,
@@ -39,20 +46,24 @@ from tasks.containers import (
 )
 from tasks.hosts import collect_host_snapshots
 from tasks.http_checks import check_http
+from tasks.last_known_good import LastKnownGood, healthy_reason, load_last_known_good, record_last_known_good, short_id
 from tasks.metrics import PromQLError, instant_query
 from tasks.probes import HttpCheckRow
 
 
-@procedure("service-outage", remediations=(StartServiceContainers,), tags=('containers',),
-           summary="Service Outage: health, container states, up, deployments, hosts, errors; start; notify")
+@procedure("service-outage", remediations=(RollbackService, StartServiceContainers), tags=('containers',),
+           summary="Service Outage: health, container states, up, deployments, hosts, errors; roll back, start; "
+                   "notify")
 def service_outage(
     env: EnvName,
     service: ServiceName = "backend",
     dry_run: bool = True,
     deploy_hours: Annotated[float, Field(gt=0, le=24 * 30, description="'recent deployments' look-back")] = 24,
     notify: Annotated[bool, Field(description="post the summary to incident_webhook when an outage is found")] = True,
+    lkg_min_uptime_s: Annotated[float, Field(ge=0, le=86400, description="replicas up at least this long (and "
+                                             "healthy) are recorded as the last known good")] = 30,
 ) -> None:
-    """Health, container states, `up`, recent deployments, hosts and errors; start stopped containers; notify."""
+    """Health, container states, `up`, recent deployments, hosts and errors; roll back or start; notify."""
     run = current_run()
     report, environment = run.report, run.env
     if service not in environment.services:
@@ -63,6 +74,8 @@ def service_outage(
     health_url = environment.services[service].health_url or (health.url if health else None)
     health_f = check_service_health.submit(service, health_url) if health_url else None
 
+    mine: list[ContainerInfo] | None = None
+    changes: list[RecentChange] = []
     with unreachable_as_finding(report):
         if environment.docker is None:
             report.notes.append("no docker section in the playbook: containers not checked")
@@ -73,9 +86,11 @@ def service_outage(
             changes_f = get_recent_changes.submit(environment, containers, deploy_hours)
             assess_containers(report, service, containers)
             assess_error_logs(report, service, {n: f.result() for n, f in logs_f.items()})
-            assess_recent_changes(report, changes_f.result(), deploy_hours)
-    if health_f is not None:
-        assess_health(report, service, health_f.result())
+            changes = changes_f.result()
+            assess_recent_changes(report, changes, deploy_hours)
+    health_row = health_f.result() if health_f is not None else None
+    if health_row is not None:
+        assess_health(report, service, health_row)
     else:
         report.notes.append(f"neither services.{service}.health_url nor http_checks.{service}-health is set: "
                             "no health check")
@@ -86,8 +101,15 @@ def service_outage(
         with unreachable_as_finding(report):
             for finding in host_findings(hosts_f.result(), environment.thresholds):
                 report.add(finding)
+    roll_back: frozenset[str] = frozenset()
+    if mine is not None:
+        with unreachable_as_finding(report):
+            roll_back = last_known_good(report, environment, service, mine, health_row, changes,
+                                        lkg_min_uptime_s)
+    if roll_back:
+        run.offer(RollbackService(environment, service, deploy_hours))
     if environment.docker is not None:
-        run.offer(StartServiceContainers(environment, service))
+        run.offer(StartServiceContainers(environment, service, leave=roll_back))
     if environment.incident_webhook is not None and notify:
         run.on_finish(lambda r: post_incident(r, environment, service))
     elif environment.incident_webhook is not None:
@@ -101,6 +123,50 @@ def post_incident(report: Report, environment: Environment, service: str) -> Non
         return
     error = notify_incident(environment, incident_summary(report, service))
     report.notes.append(f"incident webhook: {'notified' if not error else 'NOT notified: ' + error}")
+
+
+def last_known_good(report: Report, environment: Environment, service: str, mine: list[ContainerInfo],
+                    health: HttpCheckRow | None, changes: list[RecentChange], min_uptime_s: float) -> frozenset[str]:
+    """Record the last known good when the service is healthy; when it is not and replicas run a recently deployed
+    image other than the last known good, say so and return their ids (rollback-service is offered for them)."""
+    health_ok = None if health is None else health.ok
+    reason = healthy_reason(mine, health_ok, min_uptime_s)
+    if not reason:
+        _, note = record_last_known_good(environment, service, mine, health_ok, min_uptime_s)
+        report.notes.append(note)
+        return frozenset()
+    report.notes.append(f"last known good of {service} not recorded: {reason}")
+    if health_ok is not False and not unhealthy_replicas(mine):
+        return frozenset()  # healthy but young, or mid-rollout: nothing to roll back either
+    recent = {c.name for c in changes}
+    lkg = get_last_known_good(environment.name, service)
+    deployed = [c for c in mine if c.name in recent and (lkg is None or c.image_id != lkg.image_id)]
+    if not deployed:
+        return frozenset()
+    images = ", ".join(sorted({f"{c.image} ({short_id(c.image_id)})" for c in deployed}))
+    if lkg is None:
+        report.add(Finding(
+            title=f"{service}: no last known good recorded: the recent deployment ({images}) cannot be rolled back",
+            severity=Severity.WARNING, subject=f"service {service}",
+            details={"replicas": ", ".join(c.name for c in deployed),
+                     "why": "no run has seen this service healthy yet; nothing is planned"},
+            aggregation_key=f"last-known-good:{service}"))
+        return frozenset()
+    report.add(Finding(
+        title=(f"{service}: {len(deployed)} replica(s) deployed recently from {images} and the service is down or "
+               f"unhealthy; last known good: {lkg.image} ({short_id(lkg.image_id)})"),
+        severity=Severity.WARNING, subject=f"service {service}",
+        details={"replicas": ", ".join(c.name for c in deployed), "last known good image": lkg.image,
+                 "last known good id": short_id(lkg.image_id),
+                 "recorded at": lkg.recorded_at.strftime("%Y-%m-%d %H:%M:%S UTC")},
+        aggregation_key=f"last-known-good:{service}"))
+    return frozenset(c.id for c in deployed)
+
+
+@step
+def get_last_known_good(env: str, service: str) -> LastKnownGood | None:
+    """The service's last known good record (a Prefect Secret block), None when none was recorded."""
+    return load_last_known_good(env, service)
 
 
 @step

@@ -59,7 +59,8 @@ def _service_config(env: Environment, service: str) -> ServiceConfig:
         raise BadInput(f"service {service!r} is not in environments.{env.name}.services (known: {known})") from None
 
 
-def _inspect(client: Any, ref: str) -> dict[str, Any] | None:
+def inspect_container(client: Any, ref: str) -> dict[str, Any] | None:
+    """`docker inspect` of a container, None when it does not exist (any more)."""
     try:
         attrs: dict[str, Any] = client.api.inspect_container(ref)
         return attrs
@@ -151,7 +152,7 @@ class ScaleService(Remediation[Replicas]):
                 if missing <= 0:
                     break
                 new = change.target_as(NewReplica)
-                if _inspect(client, new.name) is not None:
+                if inspect_container(client, new.name) is not None:
                     continue  # a container of that name already exists: never create a second one
                 try:
                     client.containers.run(**_replica_spec(template, new.name, new.number))
@@ -167,7 +168,7 @@ class ScaleService(Remediation[Replicas]):
 
         def converged() -> bool:
             with docker_client(self.env) as client:
-                states = {n: ((_inspect(client, n) or {}).get("State") or {}) for n in names}
+                states = {n: ((inspect_container(client, n) or {}).get("State") or {}) for n in names}
                 last[:] = [self._read(client)]
             return all(s.get("Running") for s in states.values()) and len(last[0].running) >= self.replicas
 
@@ -239,7 +240,7 @@ class RestartLeakers(Remediation[list[Leaker]]):
         out = []
         with docker_client(self.env) as client:
             for ref in self.containers:
-                attrs = _inspect(client, ref)
+                attrs = inspect_container(client, ref)
                 if attrs is None:
                     continue
                 row = summarize(attrs)
@@ -269,7 +270,7 @@ class RestartLeakers(Remediation[list[Leaker]]):
         with docker_client(self.env) as client:
             for change in plan:
                 planned = change.target_as(ContainerTarget)
-                attrs = _inspect(client, planned.id)
+                attrs = inspect_container(client, planned.id)
                 if attrs is None:
                     continue
                 now = summarize(attrs)
@@ -282,7 +283,7 @@ class RestartLeakers(Remediation[list[Leaker]]):
                     raise RemediationFailed(f"restarting {now.name}: {exc.explanation or exc}", done=done) from None
 
                 def back(cid: str = planned.id, before: datetime | None = planned.started_at) -> bool:
-                    s = summarize(_inspect(client, cid) or {"Id": cid})
+                    s = summarize(inspect_container(client, cid) or {"Id": cid})
                     return bool(s.running and s.started_at and before and s.started_at > before)
 
                 done.append(change)
@@ -297,7 +298,7 @@ class RestartLeakers(Remediation[list[Leaker]]):
         with docker_client(self.env) as client:
             for change in applied:
                 planned = change.target_as(ContainerTarget)
-                attrs = _inspect(client, planned.id)
+                attrs = inspect_container(client, planned.id)
                 row = summarize(attrs) if attrs else None
                 if row is None or not row.running or not row.started_at or row.started_at <= self.since:
                     ok = False
@@ -321,9 +322,11 @@ class StartServiceContainers(Remediation[list[ContainerInfo]]):
 
     name = "start-service-containers"
 
-    def __init__(self, env: Environment, service: str, verify_timeout_s: float = 20.0) -> None:
+    def __init__(self, env: Environment, service: str, verify_timeout_s: float = 20.0,
+                 leave: frozenset[str] = frozenset()) -> None:
         self.cfg = _service_config(env, service)
         self.env, self.service, self.verify_timeout_s = env, service, verify_timeout_s
+        self.leave = leave  # container ids another remediation replaces (rollback-service): never started here
 
     @property
     def target(self) -> str:
@@ -343,14 +346,14 @@ class StartServiceContainers(Remediation[list[ContainerInfo]]):
                    after={"state": "running"},
                    target=Change.target_of(ContainerTarget(id=c.id, name=c.name)))
             for c in sorted(state, key=lambda c: c.name)
-            if not c.running and c.state in STOPPED_STATES
+            if not c.running and c.state in STOPPED_STATES and c.id not in self.leave
         ]
 
     def apply(self, plan: list[Change]) -> list[Change]:
         done: list[Change] = []
         with docker_client(self.env) as client:
             for change in plan:
-                attrs = _inspect(client, change.target_as(ContainerTarget).id)
+                attrs = inspect_container(client, change.target_as(ContainerTarget).id)
                 if attrs is None:
                     continue
                 now = summarize(attrs)
@@ -368,22 +371,28 @@ class StartServiceContainers(Remediation[list[ContainerInfo]]):
 
         def running() -> bool:
             with docker_client(self.env) as client:
-                return all(summarize(_inspect(client, i) or {"Id": i}).running for i in ids)
+                return all(summarize(inspect_container(client, i) or {"Id": i}).running for i in ids)
 
         if not wait_until(running, self.verify_timeout_s):
             names = ", ".join(c.subject for c in applied)
             return False, f"not all of {names} running after {self.verify_timeout_s:g} s"
         detail = f"{len(applied)} container(s) of {self.service} running"
-        check = self.env.http_checks.get(f"{self.service}-health")
-        url = self.cfg.health_url or (check.url if check else None)
+        url = service_health_url(self.env, self.service)
         if url:
-            if not wait_until(lambda: _healthy(url), self.verify_timeout_s, 0.3):
+            if not wait_until(lambda: answers_2xx(url), self.verify_timeout_s, 0.3):
                 return False, f"{detail}, but {url} does not answer 2xx after {self.verify_timeout_s:g} s"
             detail += f"; {url} answers"
         return True, detail
 
 
-def _healthy(url: str) -> bool:
+def service_health_url(env: Environment, service: str) -> str | None:
+    """Where a service says it is healthy: ``services.<service>.health_url``, else ``http_checks.<service>-health``."""
+    check = env.http_checks.get(f"{service}-health")
+    return _service_config(env, service).health_url or (check.url if check else None)
+
+
+def answers_2xx(url: str) -> bool:
+    """One GET with its own 2 s timeout: does the health endpoint answer 2xx?"""
     try:
         return httpx.get(url, timeout=2.0, trust_env=False).is_success
     except httpx.HTTPError:

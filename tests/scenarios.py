@@ -19,6 +19,7 @@ from runbook.sandbox.incidents import DbIncident, docker_client
 from runbook.sandbox.podman import project_filter
 from tasks.backup_remediations import RestoreFromBackup, TakeBackup
 from tasks.container_remediations import RestartLeakers, ScaleService, StartServiceContainers
+from tasks.container_rollback import RollbackService
 from tasks.postgres_remediations import CancelLongQueries, TerminateIdleBlockers
 
 Scenario = Callable[[Environment, str], AbstractContextManager[tuple[Remediation[Any], Callable[[], Any]]]]
@@ -132,6 +133,35 @@ def _stopped_backend(env: Environment, app_dsn: str) -> Iterator[tuple[Remediati
             yield StartServiceContainers(env, "backend"), project_containers(url)
         finally:
             stopped.stop()
+
+
+@contextmanager
+def bad_deploy(env: Environment, service: str = "backend") -> Iterator[Any]:
+    """The service's healthy replicas recorded as last known good, then a "v2" whose health check fails deployed
+    over its first replica; afterwards the original image and command are back (whatever happened meanwhile)."""
+    from runbook.sandbox.incidents import BadDeploy
+    from tasks.container_remediations import answers_2xx, service_health_url
+    from tasks.containers import list_project_containers
+    from tasks.last_known_good import record_last_known_good
+
+    assert env.docker is not None, "the sandbox has no podman service"
+    seen = [c for c in list_project_containers.fn(env) if c.service == service]
+    url = service_health_url(env, service)
+    record, note = record_last_known_good.fn(env, service, seen, answers_2xx(url) if url else None, 0)
+    assert record is not None, note
+    bad = BadDeploy(env.docker.base_url, service=service).start()
+    try:
+        yield bad
+    finally:
+        bad.stop()
+
+
+@scenario("rollback-service")
+@contextmanager
+def _bad_backend_release(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[Any], Callable[[], Any]]]:
+    assert env.docker is not None
+    with bad_deploy(env):
+        yield RollbackService(env, "backend"), project_containers(env.docker.base_url)
 
 
 # ------------------------------------------------------------------ backups (issue 5): their own small database

@@ -7,6 +7,7 @@ them all, so an incident never outlives the test or demo that made it.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import docker.errors
 import psycopg
 
 from runbook.engine.clients import docker_api_version
+from tasks.last_known_good import create_kwargs, replica_spec
 
 from .podman import IMAGE, NETWORK, PROJECT, compose_labels, project_filter
 
@@ -228,3 +230,69 @@ def remove_containers_except(docker_url: str, keep_ids: set[str]) -> list[str]:
                 c.remove(force=True)
                 removed.append(c.name)
     return removed
+
+
+# A "v2" of the backend whose health check fails: its web server runs, but /health is gone and it logs an ERROR
+# line a second (a release that cannot reach its migrations). Built locally from the sandbox's image (no registry).
+BAD_IMAGE = "localhost/pafar-backend:v2"
+BAD_CMD = ["sh", "-c", 'trap "exit 0" TERM; mkdir -p /www && httpd -p 8000 -h /www && '
+           'while true; do echo "ERROR v2: migrations not applied, refusing requests"; sleep 1; done']
+
+
+def build_bad_image(client: docker.DockerClient, base: str = IMAGE) -> str:
+    """Commit ``base`` with v2's command as BAD_IMAGE (a local build through the Docker API); its image id."""
+    tmp = client.containers.create(base, ["true"])
+    try:
+        image = tmp.commit(repository=BAD_IMAGE.rsplit(":", 1)[0], tag=BAD_IMAGE.rsplit(":", 1)[1],
+                           changes=[f"CMD {json.dumps(BAD_CMD)}"])
+    finally:
+        tmp.remove(force=True)
+    return str(image.id)
+
+
+def replace_container(client: docker.DockerClient, name: str, image: str, command: list[str] | None) -> str:
+    """Recreate container ``name`` with its own configuration from ``image`` (``command`` None: the image's CMD),
+    as a deployment does; the new container's id."""
+    old = client.api.inspect_container(name)
+    spec = replica_spec(old).model_copy(update={"command": command})
+    client.api.remove_container(old["Id"], force=True)
+    new = client.containers.create(**create_kwargs(spec, image))
+    new.start()
+    return str(new.id)
+
+
+@dataclass
+class BadDeploy(ContainerIncident):
+    """Deploys BAD_IMAGE as pafar-<service>-1 with the same configuration; ``stop()`` puts the original image and
+    command back (whatever a rollback did meanwhile) and removes v2's image."""
+
+    number: int = 1
+    original_image_id: str = ""
+    original_command: list[str] = field(default_factory=list)
+    bad_image_id: str = ""
+
+    def start(self) -> BadDeploy:
+        self.name = f"{PROJECT}-{self.service}-{self.number}"
+        with self.client() as client:
+            attrs = client.api.inspect_container(self.name)
+            self.original_image_id = attrs["Image"]
+            self.original_command = list(attrs["Config"]["Cmd"] or [])
+            self.bad_image_id = build_bad_image(client)
+            self.container_id = replace_container(client, self.name, self.bad_image_id, None)
+        return self
+
+    def stop(self) -> None:
+        if not self.original_image_id:
+            return
+        with self.client() as client:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.api.remove_container(f"{self.name}-before-rollback", force=True)
+            attrs = client.api.inspect_container(self.name)
+            if attrs["Image"] != self.original_image_id or attrs["Config"]["Cmd"] != self.original_command:
+                ref = IMAGE if client.images.get(IMAGE).id == self.original_image_id else self.original_image_id
+                replace_container(client, self.name, ref, self.original_command)
+            elif not attrs["State"]["Running"]:
+                client.api.start(self.name)
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(self.bad_image_id, force=True)
+        self.container_id = self.original_image_id = ""
