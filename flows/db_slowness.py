@@ -1,6 +1,7 @@
 """Procedure: Database Performance Issues (the runbook's "check slow queries / check locks / analyze query plans").
 
-Diagnose: connections against max_connections and the DatabaseConnectionHigh threshold; long-running active
+Diagnose: connections against max_connections and the DatabaseConnectionHigh threshold, beside the application's
+connection pools (each service's ``pool_status_command``, the runbook's "Database Optimization"); long-running active
 queries; lock waits as a blocking tree naming the root blocker; the slowest statements from pg_stat_statements;
 their plans; index analysis of hot tables with a suggested index where a filter column has none.
 Remediate (dry run unless dry_run=False): cancel queries running past ``long_query_s``; terminate root blockers
@@ -13,10 +14,12 @@ from typing import Annotated
 
 from pydantic import Field
 
+from assessments.pools import pool_finding
 from assessments.postgres import assess_long_queries
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
 from runbook.engine.params import DbName, EnvName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
+from tasks.pool_status import get_pool_status
 from tasks.postgres import (
     ConnectionTotals,
     Explained,
@@ -48,10 +51,14 @@ def db_slowness(
     report, environment = run.report, run.env
     long_s = long_query_s or environment.thresholds.long_query_s
     idle_s = idle_in_transaction_s or environment.thresholds.idle_in_transaction_s
+    pools_f = ([get_pool_status.submit(environment, s) for s, c in environment.services.items()
+                if c.pool_status_command] if environment.docker is not None else [])
+    totals: list[ConnectionTotals] = []
     with unreachable_as_finding(report):
         snapshot_f = get_activity_snapshot.submit(environment, database)
         top_f = get_top_statements.submit(environment, database, top)
         snapshot, statements = snapshot_f.result(), top_f.result()
+        totals.append(snapshot.totals)
         assess_connections(report, snapshot.totals, environment.thresholds.db_connections)
         assess_long_queries(report, snapshot.sessions, long_s)
         assess_locks(report, snapshot.sessions, idle_s)
@@ -62,6 +69,10 @@ def db_slowness(
         assess_indexes(report, indexes)
         run.offer(CancelLongQueries(environment, database, long_s))
         run.offer(TerminateIdleBlockers(environment, database, idle_s))
+    with unreachable_as_finding(report):
+        pools = pool_finding([p for f in pools_f for p in f.result()], totals)
+        if pools is not None:
+            report.add(pools)
 
 
 # ------------------------------------------------------------------ assessments (pure: data in, findings out)

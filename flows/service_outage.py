@@ -3,7 +3,8 @@
 Diagnose: the service's health endpoint (``services.<service>.health_url``, else ``http_checks.<service>-health``),
 every project container's state, restarts and exit code, Prometheus `up` when configured, recent deployments
 (containers created or images built in the last ``deploy_hours``), host resources over SSH, and the service's recent
-ERROR log lines.
+ERROR log lines; the service's connection pools (its ``pool_status_command``) beside each playbook database's
+server-side connection counts.
 Remediate (dry run unless dry_run=False): roll back a bad deployment (rollback-service: replicas created from
 another image within ``deploy_hours`` while the service is down, crash-looping or unhealthy are recreated from the
 last known good image, one at a time); start the service's stopped containers; verify they run and the health
@@ -26,8 +27,9 @@ from typing import Annotated, Any
 from pydantic import Field
 
 from assessments.hosts import host_findings
+from assessments.pools import pool_finding
 from runbook.engine.config import Environment, HttpCheckConfig
-from runbook.engine.errors import BadInput
+from runbook.engine.errors import BadInput, TargetUnreachable
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
 from runbook.engine.notify import post_json
 from runbook.engine.params import EnvName, ServiceName
@@ -48,6 +50,8 @@ from tasks.hosts import collect_host_snapshots
 from tasks.http_checks import check_http
 from tasks.last_known_good import LastKnownGood, healthy_reason, load_last_known_good, record_last_known_good, short_id
 from tasks.metrics import PromQLError, instant_query
+from tasks.pool_status import PoolStatus, get_pool_status
+from tasks.postgres import get_connection_totals
 from tasks.probes import HttpCheckRow
 
 
@@ -73,6 +77,8 @@ def service_outage(
     health = environment.http_checks.get(f"{service}-health")
     health_url = environment.services[service].health_url or (health.url if health else None)
     health_f = check_service_health.submit(service, health_url) if health_url else None
+    pools_f = (get_pool_status.submit(environment, service)
+               if environment.docker is not None and environment.services[service].pool_status_command else None)
 
     mine: list[ContainerInfo] | None = None
     changes: list[RecentChange] = []
@@ -94,6 +100,9 @@ def service_outage(
     else:
         report.notes.append(f"neither services.{service}.health_url nor http_checks.{service}-health is set: "
                             "no health check")
+    if pools_f is not None:
+        with unreachable_as_finding(report):
+            report_pools(report, environment, pools_f.result())
     if environment.prometheus_url:
         with unreachable_as_finding(report):
             prometheus_up(report, environment)
@@ -161,6 +170,21 @@ def last_known_good(report: Report, environment: Environment, service: str, mine
                  "recorded at": lkg.recorded_at.strftime("%Y-%m-%d %H:%M:%S UTC")},
         aggregation_key=f"last-known-good:{service}"))
     return frozenset(c.id for c in deployed)
+
+
+def report_pools(report: Report, environment: Environment, pools: list[PoolStatus]) -> None:
+    """The pools beside every playbook database's server-side counts (an unreachable database is a row, not a
+    second outage finding: this procedure is about the service)."""
+    totals, errors = [], []
+    futures = {db: get_connection_totals.submit(environment, db) for db in environment.databases}
+    for db, future in futures.items():
+        try:
+            totals.append(future.result())
+        except TargetUnreachable as exc:
+            errors.append(f"{db}: {exc.reason}")
+    finding = pool_finding(pools, totals, errors)
+    if finding is not None:
+        report.add(finding)
 
 
 @step

@@ -114,18 +114,28 @@ def blocking_tree(sessions: Iterable[_Waiting]) -> dict[int, list[int]]:
     return {root: sorted(set(waiters)) for root, waiters in roots.items()}
 
 
+_TOTALS = """SELECT current_database() AS database,
+                     (SELECT numbackends FROM pg_stat_database WHERE datname = current_database()) AS numbackends,
+                     (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') AS total_clients,
+                     current_setting('max_connections')::int AS max_connections,
+                     current_setting('superuser_reserved_connections')::int AS reserved,
+                     current_setting('server_version') AS server_version"""
+
+
+@step(retries=0)
+def get_connection_totals(env: Environment, database: str) -> ConnectionTotals:
+    """The database's connections against the server's limits (one statement; the server-side side of a pool)."""
+    with postgres(env, database) as conn:
+        totals = conn.cursor(row_factory=class_row(ConnectionTotals)).execute(_TOTALS).fetchone()
+    assert totals is not None  # a SELECT without FROM returns its one row
+    return totals
+
+
 @step(retries=0)
 def get_activity_snapshot(env: Environment, database: str) -> ActivitySnapshot:
     """Connections against max_connections, and every client session of the database, in one consistent read."""
     with postgres(env, database) as conn:
-        totals = conn.cursor(row_factory=class_row(ConnectionTotals)).execute(
-            """SELECT current_database() AS database,
-                      (SELECT numbackends FROM pg_stat_database WHERE datname = current_database()) AS numbackends,
-                      (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') AS total_clients,
-                      current_setting('max_connections')::int AS max_connections,
-                      current_setting('superuser_reserved_connections')::int AS reserved,
-                      current_setting('server_version') AS server_version"""
-        ).fetchone()
+        totals = conn.cursor(row_factory=class_row(ConnectionTotals)).execute(_TOTALS).fetchone()
         sessions = conn.cursor(row_factory=class_row(Session)).execute(
             _SESSIONS + " ORDER BY a.query_start NULLS LAST").fetchall()
     assert totals is not None  # a SELECT without FROM returns its one row

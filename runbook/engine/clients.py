@@ -213,8 +213,10 @@ def postgres_program(env: Environment, database: str, *, admin: bool = False,
 
 
 @contextmanager
-def docker_client(env: Environment, *, max_pool_size: int = 10) -> Iterator[docker.DockerClient]:
-    """A Docker API client (Docker Engine or Podman's compatible service) with the playbook's timeout on every call.
+def docker_client(env: Environment, *, max_pool_size: int = 10,
+                  timeout_s: float | None = None) -> Iterator[docker.DockerClient]:
+    """A Docker API client (Docker Engine or Podman's compatible service) with the playbook's timeout on every call
+    (``timeout_s`` instead: e.g. an exec whose answer is its command's output, bounded by the command's own limit).
 
     The API version is negotiated once on connect (Podman 4.3 answers 1.41). Connection failures and calls that get
     no answer in time raise TargetUnreachable; API errors (404 for a container that went away, 409 ...) are left to
@@ -224,16 +226,17 @@ def docker_client(env: Environment, *, max_pool_size: int = 10) -> Iterator[dock
     if cfg is None:
         raise ConfigError(f"{env.source}: environments.{env.name}.docker: not configured")
     target = f"docker API of {env.name}"
+    timeout = timeout_s or cfg.timeout_s
     started = time.monotonic()
     try:
         client = docker.DockerClient(base_url=cfg.base_url, version=docker_api_version(cfg.base_url, cfg.timeout_s),
-                                     timeout=cfg.timeout_s, max_pool_size=max_pool_size)
+                                     timeout=timeout, max_pool_size=max_pool_size)
     except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
-        raise TargetUnreachable(target, _docker_reason(exc, cfg.timeout_s, started)) from None
+        raise TargetUnreachable(target, _docker_reason(exc, timeout, started)) from None
     try:
         yield client
     except (TimeoutError, requests.ConnectionError, requests.Timeout) as exc:
-        raise TargetUnreachable(target, _docker_reason(exc, cfg.timeout_s, started)) from None
+        raise TargetUnreachable(target, _docker_reason(exc, timeout, started)) from None
     finally:
         client.close()
 

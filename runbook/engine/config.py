@@ -178,15 +178,25 @@ class GrafanaConfig(Strict):
     timeout_s: float = Field(5.0, gt=0, le=60)
 
 
+Argv = Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"^[^\x00\n]+$")]],
+                 Field(min_length=1, max_length=64)]
+"""A command as an argument list (no shell ever sees it): 1-64 arguments, no NUL or newline in any."""
+
+
 class ServiceConfig(Strict):
     min_replicas: int = Field(1, ge=0, le=100)
     max_replicas: int = Field(1, ge=1, le=100)
     writer: bool = Field(False, description="writes to the database: stopped before a restore")
     health_url: str | None = Field(None, pattern=r"^https?://\S+$")
-    heap_profile_command: list[Annotated[str, StringConstraints(min_length=1, max_length=500,
-                                                                pattern=r"^[^\x00\n]+$")]] | None = Field(
-        None, min_length=1, description="memory-leak: argument list run in each leaking container (no shell); "
+    heap_profile_command: Argv | None = Field(
+        None, description="memory-leak: argument list run in each leaking container (no shell); "
         "its output is attached to the report, e.g. [python, -m, memory_profiler, app/main.py]")
+    pool_status_command: Argv | None = Field(
+        None, description="db-slowness, service-outage: argument list run in each running container through the "
+        "Docker exec API (no shell) that prints the application's connection-pool status: a JSON object "
+        "(pool_size, checked_out, checked_in, overflow) or SQLAlchemy's pool.status() line, e.g. "
+        "[python, -c, 'from app.core.database import engine; print(engine.pool.status())']")
+    pool_status_timeout_s: float = Field(5.0, gt=0, le=60, description="how long pool_status_command may take")
 
     @model_validator(mode="after")
     def _bounds(self) -> ServiceConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Service
+from .podman import POOL_STATUS
 from .state import SandboxState, write_atomic
 from .yaml_style import Flow, FlowList, dump_yaml
 
@@ -13,7 +14,7 @@ ENVIRONMENT = "sandbox"
 
 
 SERVICES = {
-    "backend": Flow(min_replicas=1, max_replicas=3, writer=True),
+    "backend": Flow(min_replicas=1, max_replicas=3, writer=True, pool_status_command=FlowList([POOL_STATUS])),
     "celery-worker": Flow(min_replicas=1, max_replicas=2, writer=True),
     "db": Flow(min_replicas=1, max_replicas=1),
     "redis": Flow(min_replicas=1, max_replicas=1),

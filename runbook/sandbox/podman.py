@@ -71,6 +71,17 @@ CONTAINERS: tuple[tuple[str, list[str], bool], ...] = (
                + _LOG_LOOP.format(what="nginx")], False),
 )
 MEM_LIMIT = "256m"
+# The backend's connection-pool status command (services.backend.pool_status_command): the stand-in for the
+# runbook's `python -c "from app.core.database import engine; print(engine.pool.status())"`, since the sandbox's
+# backend container runs busybox, not the Pafar application. A pool of 5; /tmp/pool-checked-out (which a test may
+# write through exec) says how many connections are checked out, 1 by default.
+POOL_STATUS = "/bin/pool-status"
+POOL_STATUS_SCRIPT = """#!/bin/sh
+out=$(cat /tmp/pool-checked-out 2>/dev/null || echo 1)
+size=5
+echo "{\\"pool_size\\": $size, \\"checked_out\\": $out, \\"checked_in\\": $((size > out ? size - out : 0)), \\
+\\"overflow\\": $((out > size ? out - size : 0))}"
+"""
 
 
 def compose_labels(service: str, number: int) -> dict[str, str]:
@@ -196,6 +207,8 @@ class Podman(Service):
                 (rootfs / "bin" / applet).symlink_to("busybox")
         (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
         (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+        (rootfs / POOL_STATUS.lstrip("/")).write_text(POOL_STATUS_SCRIPT)
+        (rootfs / POOL_STATUS.lstrip("/")).chmod(0o755)
         tar = base / "rootfs.tar"
         with tarfile.open(tar, "w") as tf:
             tf.add(rootfs, arcname=".")
