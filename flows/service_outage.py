@@ -48,7 +48,14 @@ from tasks.containers import (
 )
 from tasks.hosts import collect_host_snapshots
 from tasks.http_checks import check_http
-from tasks.last_known_good import LastKnownGood, healthy_reason, load_last_known_good, record_last_known_good, short_id
+from tasks.last_known_good import (
+    LastKnownGood,
+    healthy_reason,
+    image_exists,
+    load_last_known_good,
+    record_last_known_good,
+    short_id,
+)
 from tasks.metrics import PromQLError, instant_query
 from tasks.pool_status import PoolStatus, get_pool_status
 from tasks.postgres import get_connection_totals
@@ -159,6 +166,14 @@ def last_known_good(report: Report, environment: Environment, service: str, mine
             severity=Severity.WARNING, subject=f"service {service}",
             details={"replicas": ", ".join(c.name for c in deployed),
                      "why": "no run has seen this service healthy yet; nothing is planned"},
+            aggregation_key=f"last-known-good:{service}"))
+        return frozenset()
+    if not image_exists(environment, lkg.image_id):
+        report.add(Finding(
+            title=(f"{service}: the last known good image {lkg.image} ({short_id(lkg.image_id)}) is no longer on "
+                   f"the host: the recent deployment ({images}) cannot be rolled back"),
+            severity=Severity.WARNING, subject=f"service {service}",
+            details={"recorded at": lkg.recorded_at.strftime("%Y-%m-%d %H:%M:%S UTC")},
             aggregation_key=f"last-known-good:{service}"))
         return frozenset()
     report.add(Finding(

@@ -228,5 +228,16 @@ def record_last_known_good(env: Environment, service: str, seen: list[ContainerI
                     f"{len(replicas)} replica(s)")
 
 
+@step
+def image_exists(env: Environment, image_id: str) -> bool:
+    """Is the image still on the Docker host (a prune may have removed the last known good one)?"""
+    with docker_client(env) as client:
+        try:
+            client.api.inspect_image(image_id)
+        except docker.errors.NotFound:
+            return False
+    return True
+
+
 def short_id(image_id: str) -> str:
     return image_id.removeprefix("sha256:")[:12]

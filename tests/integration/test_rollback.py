@@ -24,7 +24,7 @@ from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import BAD_IMAGE, IMAGE, BadDeploy
 from tasks.container_remediations import answers_2xx, service_health_url
 from tasks.containers import list_project_containers
-from tasks.last_known_good import forget_last_known_good, load_last_known_good, short_id
+from tasks.last_known_good import forget_last_known_good, load_last_known_good, save_last_known_good, short_id
 from tests.intake_harness import alert, routes_yaml, running_intake
 from tests.integration.derived_env import derive
 from tests.scenarios import bad_deploy, project_containers
@@ -167,3 +167,22 @@ def test_alert_under_approve_waits_then_rolls_back_to_the_recorded_image(
 
         again = service_outage(env="sandbox", dry_run=False, notify=False)
         assert not any(a["changed"] or a["planned"] for a in again["actions"]), again["actions"]
+
+
+def test_a_last_known_good_image_gone_from_the_host_is_said_and_not_planned(no_record: str, sandbox_env: Any) -> None:
+    assert sandbox_env.docker is not None
+    url = sandbox_env.docker.base_url
+    service_outage(env=no_record, dry_run=True, notify=False, lkg_min_uptime_s=0)  # records the healthy backend
+    record = load_last_known_good(no_record, "backend")
+    assert record is not None
+    save_last_known_good(record.model_copy(update={"image_id": "sha256:" + "0" * 64}))  # as if pruned since
+    bad = BadDeploy(url).start()
+    try:
+        snapshot = project_containers(url)
+        before = snapshot()
+        doc = service_outage(env=no_record, dry_run=False, notify=False)
+        assert snapshot() == before
+        assert "rollback-service" not in _actions(doc)
+        assert any("is no longer on the host" in f["title"] for f in doc["findings"]), doc["findings"]
+    finally:
+        bad.stop()
