@@ -193,6 +193,37 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
             ex.stop(grace_s=0)
 
 
+@contextmanager
+def alerts_through(state: SandboxState, it: Intake, rules: dict[str, Any], work_dir: Path,
+                   scrape_jobs: list[dict[str, Any]] | None = None) -> Iterator[None]:
+    """The sandbox's Alertmanager posting to the intake (with its token, resending every 2 s) and its Prometheus
+    evaluating ``rules`` (plus ``scrape_jobs``) instead of the shipped ones; both configs restored afterwards."""
+    prom, am = state.services["prometheus"], state.services["alertmanager"]
+    am_path, prom_path = Path(am.paths["config"]), Path(prom.paths["config"])
+    original_am, original_prom = am_path.read_text(), prom_path.read_text()
+    am_cfg = yaml.safe_load(original_am)
+    for r in am_cfg["receivers"]:
+        r["webhook_configs"] = [{"url": f"{it.url}/alerts", "send_resolved": True, "max_alerts": 0,
+                                 "http_config": {"authorization": {"type": "Bearer", "credentials": it.token}}}]
+    am_cfg["route"]["repeat_interval"] = "2s"  # resend the firing alert often: each must be a duplicate
+    am_path.write_text(yaml.safe_dump(am_cfg))
+    rules_file = work_dir / "fast-rules.yml"
+    rules_file.write_text(yaml.safe_dump(rules))
+    prom_cfg = yaml.safe_load(original_prom)
+    prom_cfg["rule_files"] = [str(rules_file)]
+    prom_cfg["scrape_configs"] = [*prom_cfg.get("scrape_configs", []), *(scrape_jobs or [])]
+    prom_path.write_text(yaml.safe_dump(prom_cfg))
+    for port in (am.port, prom.port):
+        httpx.post(f"http://127.0.0.1:{port}/-/reload", timeout=10).raise_for_status()
+    try:
+        yield
+    finally:
+        am_path.write_text(original_am)
+        prom_path.write_text(original_prom)
+        for port in (am.port, prom.port):
+            httpx.post(f"http://127.0.0.1:{port}/-/reload", timeout=10)
+
+
 PARTIAL_HEADER = b"POST /alerts HTTP/1.1\r\nHost: intake\r\nContent-Type: appl"  # and then nothing more
 
 

@@ -64,7 +64,9 @@ network_config_dir = "{net}"
 # `trap` makes the shell (PID 1, which ignores SIGTERM by default) stop promptly on `docker stop`/restart.
 _LOG_LOOP = 'trap "exit 0" TERM; while true; do echo "INFO {what} heartbeat"; sleep 1; done'
 CONTAINERS: tuple[tuple[str, list[str], bool], ...] = (
-    ("backend", ["sh", "-c", "mkdir -p /www && echo ok > /www/health && httpd -p 8000 -h /www && "
+    # /metrics: one sample, so a Prometheus job can scrape the container itself (tests/e2e/test_rollback_alert.py)
+    ("backend", ["sh", "-c", "mkdir -p /www && echo ok > /www/health && echo 'pafar_backend_ready 1' > /www/metrics "
+                 "&& httpd -p 8000 -h /www && "
                  + _LOG_LOOP.format(what="backend")], True),
     ("celery-worker", ["sh", "-c", _LOG_LOOP.format(what="celery")], False),
     ("nginx", ["sh", "-c", "mkdir -p /www && echo ok > /www/index.html && httpd -p 80 -h /www && "

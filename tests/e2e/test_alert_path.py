@@ -9,11 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from runbook import sandbox
 from runbook.sandbox import SERVICES
-from tests.intake_harness import Intake, running_intake
+from tests.intake_harness import Intake, alerts_through, running_intake
 
 pytestmark = pytest.mark.integration
 
@@ -36,31 +35,11 @@ FAST_RULE = {"groups": [{"name": "e2e", "rules": [{
 @pytest.fixture
 def wired(sandbox_state, tmp_path: Path) -> Iterator[tuple[Intake, sandbox.SandboxState]]:  # noqa: ANN001
     """The intake, Alertmanager posting to it with its token, Prometheus evaluating a 2 s ServiceDown."""
-    prom, am = sandbox_state.services["prometheus"], sandbox_state.services["alertmanager"]
     with running_intake(sandbox_state, tmp_path, routes=ROUTES) as it:
-        am_cfg = yaml.safe_load(Path(am.paths["config"]).read_text())
-        original_am = yaml.safe_dump(am_cfg)
-        for r in am_cfg["receivers"]:
-            r["webhook_configs"] = [{"url": f"{it.url}/alerts", "send_resolved": True, "max_alerts": 0,
-                                     "http_config": {"authorization": {"type": "Bearer", "credentials": it.token}}}]
-        am_cfg["route"]["repeat_interval"] = "2s"  # resend the firing alert often: each must be a duplicate
-        Path(am.paths["config"]).write_text(yaml.safe_dump(am_cfg))
-        prom_cfg_path = Path(prom.paths["config"])
-        original_prom = prom_cfg_path.read_text()
-        rules = tmp_path / "fast-rules.yml"
-        rules.write_text(yaml.safe_dump(FAST_RULE))
-        prom_cfg = yaml.safe_load(original_prom)
-        prom_cfg["rule_files"] = [str(rules)]
-        prom_cfg_path.write_text(yaml.safe_dump(prom_cfg))
-        for port in (am.port, prom.port):
-            httpx.post(f"http://127.0.0.1:{port}/-/reload", timeout=10).raise_for_status()
         try:
-            yield it, sandbox_state
+            with alerts_through(sandbox_state, it, FAST_RULE, tmp_path):
+                yield it, sandbox_state
         finally:
-            Path(am.paths["config"]).write_text(original_am)
-            prom_cfg_path.write_text(original_prom)
-            for port in (am.port, prom.port):
-                httpx.post(f"http://127.0.0.1:{port}/-/reload", timeout=10)
             sandbox.up()  # brings the backend back (and whatever depended on it)
 
 
