@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,3 +40,20 @@ def run_state(http: httpx.Client, run_id: str) -> dict[str, Any]:
 def run_history(http: httpx.Client, run_id: str) -> list[dict[str, Any]]:
     states = http.get("/flow_run_states/", params={"flow_run_id": run_id}).raise_for_status().json()
     return sorted(states, key=lambda s: s["timestamp"])
+
+
+def runbook_cli(api_url: str, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
+    """`runbook ARGS` in a subprocess against the Prefect API at ``api_url`` (no terminal: stdin closed)."""
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    return subprocess.run([sys.executable, "-m", "runbook.app.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, check=False, stdin=subprocess.DEVNULL)
+
+
+def approve_seen_plan(api_url: str, run_id: str, change: str, reason: str) -> None:
+    """As a person would: `runbook approvals` must show ``change`` (a prefix) in the run's plan, then
+    `runbook approve RUN --yes`."""
+    listed = json.loads(runbook_cli(api_url, "approvals", "--output", "json").stdout)
+    mine = next(r for r in listed if r["run_id"] == run_id)
+    assert any(c.startswith(change) for c in mine["changes"]), mine["changes"]
+    approved = runbook_cli(api_url, "approve", run_id, "--yes", "--reason", reason)
+    assert approved.returncode == 0, approved.stdout + approved.stderr

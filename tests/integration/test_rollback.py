@@ -8,10 +8,7 @@ answers again. A second apply changes nothing, a dry run touches nothing, and wi
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from tasks.containers import list_project_containers
 from tasks.last_known_good import forget_last_known_good, load_last_known_good, save_last_known_good, short_id
 from tests.intake_harness import alert, routes_yaml, running_intake
 from tests.integration.derived_env import derive
+from tests.prefect_runs import approve_seen_plan
 from tests.scenarios import bad_deploy, project_containers
 
 pytestmark = pytest.mark.integration
@@ -127,12 +125,6 @@ def test_dry_run_plans_the_rollback_and_touches_nothing_then_apply_then_nothing(
         assert not [f for f in again["findings"] if f["severity"] == "critical" and f["subject"] == "service backend"]
 
 
-def _cli(state: SandboxState, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PREFECT_API_URL": state.prefect_api_url or ""}
-    return subprocess.run([sys.executable, "-m", "runbook.app.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=180, check=False, stdin=subprocess.DEVNULL)
-
-
 def test_alert_under_approve_waits_then_rolls_back_to_the_recorded_image(
     sandbox_state: SandboxState, sandbox_env: Any, tmp_path: Path,
 ) -> None:
@@ -149,14 +141,9 @@ def test_alert_under_approve_waits_then_rolls_back_to_the_recorded_image(
         [run] = it.wait_runs("rollback-approve", fp)
         assert it.wait_state(run["id"], {"PAUSED"}, 120) == "PAUSED"
         assert snapshot() == before, "something changed before the approval"
-        listed = json.loads(_cli(sandbox_state, "approvals", "--output", "json").stdout)
-        mine = next(r for r in listed if r["run_id"] == run["id"])
-        wanted = (f"rollback-service: roll back container pafar-backend-1 from {BAD_IMAGE} "
-                  f"({short_id(bad.bad_image_id)}) to {IMAGE} ({short_id(record.image_id)})")
-        assert any(c.startswith(wanted) for c in mine["changes"]), mine["changes"]
-
-        approved = _cli(sandbox_state, "approve", run["id"], "--yes", "--reason", "roll back v2")
-        assert approved.returncode == 0, approved.stdout + approved.stderr
+        approve_seen_plan(it.api_url, run["id"],
+                          f"rollback-service: roll back container pafar-backend-1 from {BAD_IMAGE} "
+                          f"({short_id(bad.bad_image_id)}) to {IMAGE} ({short_id(record.image_id)})", "roll back v2")
         assert it.wait_state(run["id"], {"COMPLETED", "FAILED", "CRASHED"}, 180) == "COMPLETED"
         state = httpx.get(f"{it.api_url}/flow_runs/{run['id']}", timeout=10).json()["state"]
         assert state["name"] == "Remediated", state
