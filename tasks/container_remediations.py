@@ -51,7 +51,8 @@ class NewReplica(BaseModel, frozen=True):
     number: int
 
 
-def _service_config(env: Environment, service: str) -> ServiceConfig:
+def service_config(env: Environment, service: str) -> ServiceConfig:
+    """The playbook's entry for ``service``; BadInput naming the known ones when there is none."""
     try:
         return env.services[service]
     except KeyError:
@@ -89,7 +90,7 @@ class ScaleService(Remediation[Replicas]):
     name = "scale-service"
 
     def __init__(self, env: Environment, service: str, replicas: int, verify_timeout_s: float = 20.0) -> None:
-        cfg = _service_config(env, service)
+        cfg = service_config(env, service)
         if replicas < 1 or replicas > cfg.max_replicas:
             raise BadInput(f"replicas={replicas}: must be between 1 and services.{service}.max_replicas "
                            f"({cfg.max_replicas})")
@@ -324,7 +325,7 @@ class StartServiceContainers(Remediation[list[ContainerInfo]]):
 
     def __init__(self, env: Environment, service: str, verify_timeout_s: float = 20.0,
                  leave: frozenset[str] = frozenset()) -> None:
-        self.cfg = _service_config(env, service)
+        self.cfg = service_config(env, service)
         self.env, self.service, self.verify_timeout_s = env, service, verify_timeout_s
         self.leave = leave  # container ids another remediation replaces (rollback-service): never started here
 
@@ -388,7 +389,7 @@ class StartServiceContainers(Remediation[list[ContainerInfo]]):
 def service_health_url(env: Environment, service: str) -> str | None:
     """Where a service says it is healthy: ``services.<service>.health_url``, else ``http_checks.<service>-health``."""
     check = env.http_checks.get(f"{service}-health")
-    return _service_config(env, service).health_url or (check.url if check else None)
+    return service_config(env, service).health_url or (check.url if check else None)
 
 
 def answers_2xx(url: str) -> bool:

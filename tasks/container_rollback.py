@@ -32,7 +32,7 @@ from runbook.engine.config import Environment
 from runbook.engine.errors import RemediationFailed, TargetUnreachable
 from runbook.engine.findings import Change
 from runbook.engine.remediation import Remediation, register, wait_until
-from tasks.container_remediations import _service_config, answers_2xx, inspect_container, service_health_url
+from tasks.container_remediations import answers_2xx, inspect_container, service_config, service_health_url
 from tasks.containers import NUMBER_LABEL, ContainerInfo, parse_time, project_filters, summarize
 from tasks.last_known_good import LastKnownGood, create_kwargs, load_last_known_good, short_id
 
@@ -83,7 +83,7 @@ class RollbackService(Remediation[RollbackState]):
 
     def __init__(self, env: Environment, service: str, deploy_hours: float = 24, wait_timeout_s: float = 30.0,
                  stop_timeout_s: int = 10) -> None:
-        _service_config(env, service)  # BadInput for a service the playbook does not know
+        service_config(env, service)  # BadInput for a service the playbook does not know
         self.env, self.service, self.deploy_hours = env, service, deploy_hours
         self.wait_timeout_s, self.stop_timeout_s = wait_timeout_s, stop_timeout_s
 
