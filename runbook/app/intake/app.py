@@ -202,9 +202,11 @@ class Intake:
             metrics.rejected.labels(r.code).inc()
             results.append({"index": r.index, "fingerprint": r.fingerprint, "outcome": "rejected", "code": r.code,
                             "reason": redact(r.detail)})
-        for index, alert in hook.alerts:
+        routed = [(index, alert, matching_routes(self.playbooks.routes, alert.labels)) for index, alert in hook.alerts]
+        resent = store.known_keys([occurrence_key(route.name, alert) for _, alert, routes in routed
+                                   if alert.status != "resolved" for route in routes])  # one query, not one each
+        for index, alert, routes in routed:
             metrics.received.labels(alert.status).inc()
-            routes = matching_routes(self.playbooks.routes, alert.labels)
             if not routes:
                 metrics.unrouted.inc()
                 results.append({"index": index, "fingerprint": alert.fingerprint, "outcome": "unrouted"})
@@ -220,7 +222,7 @@ class Intake:
                         resolves.append((entry, occ))
                     results.append(entry)
                     continue
-                if store.known(occurrence_key(route.name, alert)):  # a resend: nothing to validate or decide
+                if occurrence_key(route.name, alert) in resent:  # a resend: nothing to validate or decide
                     metrics.deduplicated.inc()
                     results.append({**entry, "outcome": "duplicate"})
                     continue

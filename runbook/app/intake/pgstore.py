@@ -239,6 +239,10 @@ class PostgresStore:
         with self._session() as conn:
             return conn.execute(f"SELECT 1 FROM {TABLE} WHERE key = %s", (key,)).fetchone() is not None
 
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        with self._session() as conn:
+            return _pg_known(conn, keys)
+
     def pending(self, limit: int = 200) -> list[Occurrence]:
         """Occurrences waiting for their run (claimed or not), oldest first."""
         with self._session() as conn:
@@ -266,8 +270,8 @@ class _PgDecider:
         self._conn = conn
         self.added = 0
 
-    def known(self, key: str) -> bool:
-        return self._conn.execute(f"SELECT 1 FROM {TABLE} WHERE key = %s", (key,)).fetchone() is not None
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        return _pg_known(self._conn, keys)
 
     def ran_for_target(self, target: str, since: float) -> bool:
         return self._conn.execute(
@@ -300,6 +304,12 @@ class _PgDecider:
             out.append(new)
             self.added += new and status == "pending"
         return out
+
+
+def _pg_known(conn: psycopg.Connection[DictRow], keys: Collection[str]) -> set[str]:
+    if not keys:
+        return set()
+    return {r["key"] for r in conn.execute(f"SELECT key FROM {TABLE} WHERE key = ANY(%s)", (list(keys),))}
 
 
 def _first_line(exc: BaseException) -> str:

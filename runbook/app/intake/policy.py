@@ -33,9 +33,11 @@ def decide(batch: list[tuple[RunRequest, Route]], store: Decider, now: float | N
     seen_keys: set[str] = set()
     targets: dict[str, float] = {}
     applying: Counter[str] = Counter()
+    stored: dict[str, int] = {}  # applying runs per route before this batch: one query per route, not per alert
+    known = store.known_keys([req.key for req, _ in batch])
     out: list[Decision] = []
     for req, route in batch:
-        if req.key in seen_keys or store.known(req.key):
+        if req.key in seen_keys or req.key in known:
             out.append(Decision(req, "duplicate", "this alert occurrence already has its run"))
             continue
         seen_keys.add(req.key)
@@ -48,7 +50,9 @@ def decide(batch: list[tuple[RunRequest, Route]], store: Decider, now: float | N
         targets[req.target] = now
         mode, reason, tripped = pol.mode, "", False
         if mode == "auto":
-            used = store.applying_runs(route.name, now - pol.breaker.window_s) + applying[route.name]
+            if route.name not in stored:
+                stored[route.name] = store.applying_runs(route.name, now - pol.breaker.window_s)
+            used = stored[route.name] + applying[route.name]
             if used >= pol.breaker.max_remediations:
                 mode, tripped = "dry_run", True
                 reason = (f"circuit breaker open: {used} applying runs of route {route.name!r} in the last "

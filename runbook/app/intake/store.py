@@ -89,7 +89,7 @@ class StoreUnavailable(RunbookError):
 class Decider(Protocol):
     """Reads and writes inside one decision transaction (see ``Store.deciding``)."""
 
-    def known(self, key: str) -> bool: ...
+    def known_keys(self, keys: Collection[str]) -> set[str]: ...
 
     def ran_for_target(self, target: str, since: float) -> bool: ...
 
@@ -124,6 +124,10 @@ class Store(Protocol):
     def pending_count(self) -> int: ...
 
     def known(self, key: str) -> bool: ...
+
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        """Which of ``keys`` are stored: one query for a webhook's resends, not one per alert."""
+        ...
 
     def pending(self, limit: int = 200) -> list[Occurrence]: ...
 
@@ -267,6 +271,10 @@ class SqliteStore:
         with self._lock:
             return self._db.execute("SELECT 1 FROM occurrences WHERE key = ?", (key,)).fetchone() is not None
 
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        with self._lock:
+            return _sqlite_known(self._db, keys)
+
     def pending(self, limit: int = 200) -> list[Occurrence]:
         """Occurrences waiting for their run (claimed or not), oldest first."""
         with self._lock:
@@ -296,8 +304,8 @@ class _SqliteDecider:
         self._db = db
         self.added = 0
 
-    def known(self, key: str) -> bool:
-        return self._db.execute("SELECT 1 FROM occurrences WHERE key = ?", (key,)).fetchone() is not None
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        return _sqlite_known(self._db, keys)
 
     def ran_for_target(self, target: str, since: float) -> bool:
         return self._db.execute(
@@ -320,6 +328,16 @@ class _SqliteDecider:
             out.append(new)
             self.added += new and status == "pending"
         return out
+
+
+def _sqlite_known(db: sqlite3.Connection, keys: Collection[str]) -> set[str]:
+    found: set[str] = set()
+    unique = list(set(keys))
+    for start in range(0, len(unique), 500):  # SQLite's bound on parameters
+        chunk = unique[start:start + 500]
+        found |= {r[0] for r in db.execute(
+            f"SELECT key FROM occurrences WHERE key IN ({', '.join('?' * len(chunk))})", chunk)}
+    return found
 
 
 def _open_checked(path: Path) -> sqlite3.Connection:
