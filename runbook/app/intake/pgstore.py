@@ -116,7 +116,8 @@ class PostgresStore:
             conn = psycopg.connect(
                 self._conninfo, autocommit=True, row_factory=dict_row,
                 connect_timeout=max(1, math.ceil(self._connect_timeout_s)), application_name=APPLICATION_NAME,
-                options=(f"-c statement_timeout={self._statement_timeout_ms} "
+                # synchronous_commit=on whatever the server's default: an acknowledged alert survives a crash
+                options=(f"-c synchronous_commit=on -c statement_timeout={self._statement_timeout_ms} "
                          f"-c lock_timeout={self._statement_timeout_ms} "
                          f"-c idle_in_transaction_session_timeout={self._statement_timeout_ms * 2}"),
                 keepalives=1, keepalives_idle=5, tcp_user_timeout=self._connect_timeout_s * 1000,
