@@ -262,7 +262,9 @@ def start_cluster(root: Path, pg: ServiceRecord, playbooks: list[Path], executor
         lb.start()
         _wait("nginx", lb, lambda: daemon.http_ok(f"{cluster.api_url}/health"))
         env = {**cluster.client_env(), "RUNBOOK_PLAYBOOKS": os.pathsep.join(str(p) for p in playbooks),
-               "RUNBOOK_INTAKE_TOKEN": cluster.token}
+               "RUNBOOK_INTAKE_TOKEN": cluster.token,
+               # the intakes share one state (dedup, cooldown, breaker) in the cluster's database
+               "RUNBOOK_INTAKE_STATE_DSN": admin_conninfo(pg, database)}
         runbook = [sys.executable, "-m", "runbook.app.cli"]
         deploy = subprocess.run([*runbook, "deploy"], env=env, capture_output=True, text=True, timeout=300,
                                 cwd=PROJECT_ROOT)

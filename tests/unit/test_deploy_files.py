@@ -116,4 +116,6 @@ def test_the_cluster_description_uses_the_prefect_settings_the_test_starts() -> 
     assert "server database upgrade -y" in units["prefect-migrate.service"]
     assert "runbook intake --host 0.0.0.0 --port %i" in units["runbook-intake@.service"]
     assert "runbook worker --grace" in units["runbook-worker.service"]
-    assert _env_file("runbook.env")["PREFECT_API_URL"].endswith(":4200/api")
+    runbook_env = _env_file("runbook.env")
+    assert runbook_env["PREFECT_API_URL"].endswith(":4200/api")
+    assert runbook_env["RUNBOOK_INTAKE_STATE_DSN"].startswith("postgresql://"), "the intakes share one state"
