@@ -36,9 +36,10 @@ from runbook.app.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnav
 from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
 from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
+from runbook.app.intake.pgstore import PostgresStore
 from runbook.app.intake.policy import Decision, decide
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
-from runbook.app.intake.store import Occurrence, Store, StoreUnavailable, open_store
+from runbook.app.intake.store import Occurrence, SqliteStore, Store, StoreUnavailable
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
 from runbook.engine.notify import notify_route
@@ -56,6 +57,14 @@ class IntakeSettings:
     playbook_dirs: list[Path] | None = None
     on_created: Callable[[str], None] | None = None
     limits: Limits = field(default_factory=Limits)
+
+
+def open_store(state_dir: Path, dsn: str | None = None) -> Store:
+    """PostgreSQL when a state DSN is configured (several replicas share it), else the SQLite file in
+    ``state_dir`` (one intake). Here, where the intake is wired, so the two stores need not import each other."""
+    if dsn:
+        return PostgresStore(dsn)
+    return SqliteStore(state_dir / "intake.sqlite")
 
 
 def create_app(settings: IntakeSettings) -> FastAPI:

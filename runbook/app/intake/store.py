@@ -136,16 +136,6 @@ class Store(Protocol):
     def get(self, key: str) -> Occurrence | None: ...
 
 
-def open_store(state_dir: Path, dsn: str | None = None) -> Store:
-    """PostgreSQL when a state DSN is configured (several replicas share it), else the SQLite file in
-    ``state_dir`` (one intake)."""
-    if dsn:
-        from runbook.app.intake.pgstore import PostgresStore
-
-        return PostgresStore(dsn)
-    return SqliteStore(state_dir / "intake.sqlite")
-
-
 def insert_values(req: RunRequest, status: str, reason: str, now: float) -> tuple[Any, ...]:
     """One row's values in ``INSERT_COLUMNS`` order."""
     return (req.key, req.route, req.procedure, req.env, req.target, json.dumps(req.params, default=str),
