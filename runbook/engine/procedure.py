@@ -67,6 +67,8 @@ from runbook.engine.progress import run_logger
 from runbook.engine.redact import install_log_redaction, masked_exceptions, redact
 from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
+from runbook.engine.status_updates import StatusPageDriver
+from runbook.engine.statuspage import subject_of
 from runbook.engine.steps import step
 
 log = logging.getLogger(__name__)
@@ -279,6 +281,7 @@ class Run:
     approval_timeout_s: float
     offers: list[_Offer] = field(default_factory=list)
     finishers: list[Callable[[Report], None]] = field(default_factory=list)
+    status_page: StatusPageDriver | None = None
 
     def offer(self, rem: Remediation[StateT], *, after: Callable[[Report, ActionResult], None] | None = None,
               state: StateT = _UNSET) -> None:
@@ -347,11 +350,15 @@ def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, .
     route = _tag(tags, ROUTE_PREFIX)
     run = Run(spec, environment, report, dry_run, _tag(tags, MODE_PREFIX) or "manual", route,
               next((r for r in playbooks.routes if r.name == route), None) if route else None, _timeout(tags))
+    run.status_page = StatusPageDriver.for_run(
+        environment, report, run.route_config, tags, ctx.flow_run.id if ctx and ctx.flow_run else None,
+        subject_of(bound.arguments, env_name), run.decide)
     token = _CURRENT.set(run)
     try:
         body(*bound.args, **bound.kwargs)
     finally:
         _CURRENT.reset(token)
+    run.status_page.diagnosed()
     _remediate(run)
     for fn in run.finishers:
         fn(report)
@@ -400,6 +407,8 @@ def _remediate(run: Run) -> None:
     planned = [p for p in plans if p.planned and not p.error]
     for p in plans:
         run.decide(f"planned {p.name} on {p.target}: " + (p.error or f"{len(p.planned)} change(s)"))
+    if run.status_page is not None:
+        run.status_page.planned(sum(len(p.planned) for p in planned))
     if not applying or not planned:
         _finish_actions(run, plans)
         return
@@ -427,6 +436,9 @@ def _remediate(run: Run) -> None:
             results.append(r)
         else:
             results.append(p)
+    changed = [r for r in results if r.changed]
+    if run.status_page is not None:
+        run.status_page.applied(bool(changed), all(r.verified for r in changed))
     _finish_actions(run, results)
 
 

@@ -24,9 +24,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
@@ -37,8 +39,10 @@ from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
 from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
 from runbook.app.intake.policy import Decision, decide
+from runbook.app.intake.resolve import record_resolve
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
 from runbook.app.intake.store import Occurrence, Store
+from runbook.app.remote_run import api_client
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
 from runbook.engine.notify import notify_route
@@ -172,6 +176,7 @@ class Intake:
         results, resolves, tripped = await asyncio.to_thread(self._route_and_store, hook)
         for entry, occ in resolves:  # the cancellations talk to Prefect: back on the loop, through the dispatcher
             entry["detail"] = await self._cancel(occ)
+            self._later(self._after_resolve, occ, datetime.now(UTC))
         for d in tripped:
             self._notify_later(d.request, "breaker", d.reason)
         if any(r["outcome"] == "run" for r in results):
@@ -250,6 +255,21 @@ class Intake:
                     tripped.append(d)
                 results.append(entry)
         return results, resolves, tripped
+
+    def _later(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn`` in a thread after the acknowledgement: Alertmanager never waits for it."""
+        task = asyncio.create_task(asyncio.to_thread(fn, *args))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _after_resolve(self, occ: Occurrence, at: datetime) -> None:
+        """The resolve recorded with the occurrence's run and its status-page incident resolved."""
+        try:
+            with api_client(self.dispatcher.api_url) as http:
+                detail = record_resolve(http, self.playbooks, occ, at)
+        except httpx.HTTPError as exc:
+            detail = f"Prefect API: {type(exc).__name__}"
+        log.info("alert resolved (%s, run %s): %s", occ.route, occ.flow_run_id, detail)
 
     def _notify_later(self, req: RunRequest, event: str, text: str) -> None:
         """Deliver in a thread after the acknowledgement: a slow webhook must not delay Alertmanager."""

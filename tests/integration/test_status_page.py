@@ -1,0 +1,117 @@
+"""The status page, driven by an alert through the intake: a ServiceDown-style alert for the stopped backend opens
+one incident on the sandbox's Statuspage stand-in (investigating), the run's plan and its verified start move it on
+(identified, monitoring), a resent alert changes nothing, and the alert's resolve closes it (resolved), in that
+order. The key never appears in what was sent; a page that refuses the key is a warning, not a failed run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from runbook.engine.clients import docker_api_version
+from runbook.engine.statuspage import RECORD_KEY, IncidentRecord, parse_record
+from runbook.sandbox import SandboxState
+from runbook.sandbox.incidents import StoppedService, remove_containers_except
+from tests.intake_harness import alert, routes_yaml, running_intake
+from tests.integration.derived_env import derive
+from tests.prefect_runs import wait_for
+
+pytestmark = pytest.mark.integration
+
+ROUTE = {"name": "outage-status", "match": {"alertname": "StatusPageOutageTest"}, "procedure": "service-outage",
+         "env": "sandbox", "labels": {"service": {"label": "service", "inventory": "services"}},
+         "params": {"deploy_hours": 1}, "policy": {"mode": "auto", "cooldown_s": 0}}
+
+
+@pytest.fixture
+def project(sandbox_env) -> Iterator[str]:  # noqa: ANN001
+    """The Docker URL; afterwards added containers are removed and stopped ones started again."""
+    url = sandbox_env.docker.base_url
+    client = docker.DockerClient(base_url=url, version=docker_api_version(url, 30), timeout=30)
+    label = {"label": "com.docker.compose.project=pafar"}
+    keep = {c.id for c in client.containers.list(all=True, filters=label)}
+    try:
+        yield url
+    finally:
+        remove_containers_except(url, keep)
+        for c in client.containers.list(all=True, filters=label):
+            if c.status != "running":
+                c.start()
+        client.close()
+
+
+def comms_requests(state: SandboxState) -> list[dict[str, Any]]:
+    """Everything the sandbox's status-page and Slack stand-in accepted, in order."""
+    port = state.services["comms"].port
+    return httpx.get(f"http://127.0.0.1:{port}/_requests", timeout=10, trust_env=False).json()  # type: ignore[no-any-return]
+
+
+def incident_of(api: str, run_id: str) -> IncidentRecord | None:
+    resp = httpx.get(f"{api}/flow_runs/{run_id}/input/{RECORD_KEY}", timeout=10, trust_env=False)
+    return parse_record(resp.text, IncidentRecord) if resp.status_code == 200 else None
+
+
+def stored_report(api: str, run_id: str) -> dict[str, Any]:
+    """The report the engine stored with the run (run input ``runbook-report``)."""
+    value = json.loads(httpx.get(f"{api}/flow_runs/{run_id}/input/runbook-report", timeout=10).text)
+    return json.loads(value) if isinstance(value, str) else value  # type: ignore[no-any-return]
+
+
+def test_alert_opens_moves_on_and_resolves_one_incident(
+    sandbox_state: SandboxState, project: str, tmp_path: Path,
+) -> None:
+    StoppedService(project, service="backend").start()
+    firing = alert("StatusPageOutageTest", {"service": "backend"}, fingerprint="5a9e01")
+    resolved = alert("StatusPageOutageTest", {"service": "backend"}, fingerprint="5a9e01", status="resolved",
+                     starts_at=firing["alerts"][0]["startsAt"])
+    with running_intake(sandbox_state, tmp_path, routes=routes_yaml(ROUTE)) as it:
+        assert it.post(firing).json()["results"][0]["outcome"] == "run"
+        (run,) = it.wait_runs("outage-status", "5a9e01")
+        assert it.wait_state(run["id"], {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=180) == "COMPLETED"
+        assert it.post(firing).json()["results"][0]["outcome"] == "duplicate"  # a resend: no second incident
+        record = incident_of(it.api_url, run["id"])
+        assert record is not None, "no incident recorded with the run"
+        assert it.post(resolved).json()["results"][0]["outcome"] == "resolved"
+        wait_for(lambda: any(r["kind"] == "resolve" and r["incident_id"] == record.incident_id
+                             for r in comms_requests(sandbox_state)), 60, "the incident's resolve")
+        assert it.post(resolved).json()["results"][0]["outcome"] == "resolved"  # a resent resolve
+    mine = [r for r in comms_requests(sandbox_state) if r["incident_id"] == record.incident_id]
+    assert [(r["kind"], r["body"]["status"]) for r in mine] == [
+        ("create", "investigating"), ("update", "identified"), ("update", "monitoring"), ("resolve", "resolved")]
+    assert all(r["body"]["components"] == {"backend-api": s} for r, s in zip(
+        mine, ["major_outage", "major_outage", "degraded_performance", "operational"], strict=True))
+    assert mine[0]["body"]["name"] == "Service disruption: backend"
+    creates = [r for r in comms_requests(sandbox_state) if r["kind"] == "create" and r["path"].endswith("/incidents")
+               and r["incident_id"] == record.incident_id]
+    assert len(creates) == 1
+    key = sandbox_state.env_vars()["RUNBOOK_SANDBOX_STATUSPAGE_KEY"]
+    assert key not in json.dumps(comms_requests(sandbox_state))
+
+
+def test_a_page_that_refuses_the_key_is_a_warning_and_the_outage_is_still_remediated(
+    sandbox_state: SandboxState, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    envdir = tmp_path / "env"
+    envdir.mkdir()
+    monkeypatch.setenv("TEST_WRONG_STATUSPAGE_KEY", "wrong-key-0123456789")
+    derive(sandbox_state, envdir, monkeypatch, "badpage",
+           {"status_page": {"api_key": {"env": "TEST_WRONG_STATUSPAGE_KEY"}}})
+    StoppedService(project, service="backend").start()
+    route = {**ROUTE, "name": "outage-badpage", "env": "badpage", "match": {"alertname": "BadPageTest"}}
+    with running_intake(sandbox_state, tmp_path, routes=routes_yaml(route), playbook_dirs=[envdir]) as it:
+        it.post(alert("BadPageTest", {"service": "backend"}, fingerprint="bad0a9e"))
+        (run,) = it.wait_runs("outage-badpage", "bad0a9e")
+        assert it.wait_state(run["id"], {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=180) == "COMPLETED"
+        final = httpx.get(f"{it.api_url}/flow_runs/{run['id']}", timeout=10).json()["state"]["name"]
+        report = stored_report(it.api_url, run["id"])
+    assert final == "Remediated", report["outcome"]
+    warnings = [f["title"] for f in report["findings"] if f["subject"] == "status page"]
+    assert warnings == ["status page not updated (investigating): POST /incidents: HTTP 401"], warnings
+    assert incident_of(it.api_url, run["id"]) is None
+    assert "wrong-key-0123456789" not in json.dumps(report)
