@@ -62,7 +62,14 @@ from runbook.engine.findings import (
     report_to_json,
     report_to_markdown,
 )
-from runbook.engine.notify import annotate_grafana, notify_route
+from runbook.engine.notify import (
+    MAX_CHANGES,
+    annotate_grafana,
+    findings_lines,
+    incident_detail,
+    notify_route,
+    one_line,
+)
 from runbook.engine.progress import run_logger
 from runbook.engine.redact import install_log_redaction, masked_exceptions, redact
 from runbook.engine.remediation import Remediation, StateT
@@ -79,6 +86,7 @@ OUTCOME_OK, OUTCOME_REMEDIATED, OUTCOME_ATTENTION, OUTCOME_NOT_APPLIED = (
 MODE_PREFIX = "mode:"
 TIMEOUT_PREFIX = "approval-timeout-s:"
 ROUTE_PREFIX = "route:"
+ALERT_PREFIX = "alert:"  # the alert's name, on runs the intake creates
 RESERVED_PARAMS = frozenset({"env", "dry_run"})
 
 
@@ -500,7 +508,9 @@ def _ask(run: Run, planned: list[ActionResult]) -> decisions.Decision:
     def waiting(v: decisions.PlanView) -> None:
         _notify(run, "waiting", f"{report.procedure} on {report.env} is WAITING FOR APPROVAL "
                 f"(up to {run.approval_timeout_s:g} s): " + "; ".join(v.changes[:10]),
-                {"changes": len(v.changes)})
+                {"changes": len(v.changes)},
+                "\n".join(["Findings (worst first):", *findings_lines(report), "Plan (waiting for approval):",
+                           *[f"- {one_line(c)}" for c in v.changes[:MAX_CHANGES]]]))
 
     decision = approval.ask(view, run.approval_timeout_s, waiting)
     if decision.approved:
@@ -551,12 +561,15 @@ def _announce_finished(run: Run) -> None:
             {"worst": report.worst.value, "outcome": report.outcome})
 
 
-def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
+def _notify(run: Run, event: str, text: str, fields: dict[str, Any], detail: str | None = None) -> None:
     route = run.route_config
     if route is None or not route.notify:
         return
     try:
-        errors = notify_route(route, run.env, event, text, fields, _run_link(run.report))
+        alert = _tag(_run_tags(), ALERT_PREFIX)
+        detail = incident_detail(run.report) if detail is None else detail
+        errors = notify_route(route, run.env, event, text, fields, _run_link(run.report),
+                              f"Alert: {one_line(alert)}\n{detail}" if alert else detail)
     except ConfigError as exc:
         errors = [str(exc)]
     for error in errors:

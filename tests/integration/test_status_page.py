@@ -6,6 +6,9 @@ order. The key never appears in what was sent; a page that refuses the key is a 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ import httpx
 import pytest
 
 from runbook.engine.clients import docker_api_version
+from runbook.engine.config import PROJECT_ROOT
 from runbook.engine.statuspage import RECORD_KEY, IncidentRecord, parse_record
 from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import StoppedService, remove_containers_except
@@ -24,9 +28,12 @@ from tests.prefect_runs import wait_for
 
 pytestmark = pytest.mark.integration
 
-ROUTE = {"name": "outage-status", "match": {"alertname": "StatusPageOutageTest"}, "procedure": "service-outage",
+ALERTNAME = "Outage <!channel> |x| `c` *b* & [l](http://e)\n## injected"  # an alert name any sender may use
+HOSTILE = "<script>alert(1)</script> | ## x\n\u2028`rm -rf /` ${HOME} %s {0}"
+ROUTE = {"name": "outage-status", "match": {"alertname": ALERTNAME}, "procedure": "service-outage",
          "env": "sandbox", "labels": {"service": {"label": "service", "inventory": "services"}},
-         "params": {"deploy_hours": 1}, "policy": {"mode": "auto", "cooldown_s": 0}}
+         "params": {"deploy_hours": 1}, "policy": {"mode": "approve", "cooldown_s": 0, "approval_timeout_s": 300},
+         "notify": [{"kind": "slack", "url": {"env": "RUNBOOK_SANDBOX_INCIDENT_WEBHOOK"}}]}
 
 
 @pytest.fixture
@@ -63,16 +70,45 @@ def stored_report(api: str, run_id: str) -> dict[str, Any]:
     return json.loads(value) if isinstance(value, str) else value  # type: ignore[no-any-return]
 
 
-def test_alert_opens_moves_on_and_resolves_one_incident(
-    sandbox_state: SandboxState, project: str, tmp_path: Path,
+def approve(api: str, run_id: str) -> None:
+    """Approve a paused run as `runbook approve RUN --yes` does (the OS user and host are the approver)."""
+    env = {**os.environ, "PREFECT_API_URL": api}
+    proc = subprocess.run([sys.executable, "-m", "runbook.app.cli", "approve", run_id, "--yes", "--reason",
+                           "backend down <!channel> | `x`"], env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def slack_messages(state: SandboxState, run_id: str) -> list[str]:
+    return [r["body"]["text"] for r in comms_requests(state) if r["kind"] == "slack" and run_id in r["body"]["text"]]
+
+
+def routes_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *routes: dict[str, Any]) -> Path:
+    """The routes where both the intake and the run read them (the run finds its route's notifiers by name)."""
+    d = tmp_path / "routes-for-runs"
+    d.mkdir()
+    (d / "routes.yaml").write_text(routes_yaml(*routes))
+    monkeypatch.setenv("RUNBOOK_PLAYBOOKS", os.pathsep.join([os.environ["RUNBOOK_PLAYBOOKS"], str(d)]))
+    return d
+
+
+def test_alert_opens_moves_on_and_resolves_one_incident_and_tells_the_channel(
+    sandbox_state: SandboxState, project: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    StoppedService(project, service="backend").start()
-    firing = alert("StatusPageOutageTest", {"service": "backend"}, fingerprint="5a9e01")
-    resolved = alert("StatusPageOutageTest", {"service": "backend"}, fingerprint="5a9e01", status="resolved",
+    routes = routes_dir(tmp_path, monkeypatch, ROUTE)
+    stopped = StoppedService(project, service="backend").start()
+    labels = {"service": "backend", "instance": HOSTILE, "job": "x" * 4000}
+    firing = alert(ALERTNAME, labels, fingerprint="5a9e01")
+    resolved = alert(ALERTNAME, labels, fingerprint="5a9e01", status="resolved",
                      starts_at=firing["alerts"][0]["startsAt"])
-    with running_intake(sandbox_state, tmp_path, routes=routes_yaml(ROUTE)) as it:
+    with running_intake(sandbox_state, tmp_path, routes="routes: []\n",
+                        playbook_dirs=[PROJECT_ROOT / "playbooks" / "pafar.yaml", sandbox_state.playbook_dir,
+                                       routes]) as it:
         assert it.post(firing).json()["results"][0]["outcome"] == "run"
         (run,) = it.wait_runs("outage-status", "5a9e01")
+        wait_for(lambda: it.wait_state(run["id"], {"PAUSED", "COMPLETED", "FAILED"}) == "PAUSED", 120,
+                 "the run to wait for approval")
+        approve(it.api_url, run["id"])
         assert it.wait_state(run["id"], {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=180) == "COMPLETED"
         assert it.post(firing).json()["results"][0]["outcome"] == "duplicate"  # a resend: no second incident
         record = incident_of(it.api_url, run["id"])
@@ -81,17 +117,31 @@ def test_alert_opens_moves_on_and_resolves_one_incident(
         wait_for(lambda: any(r["kind"] == "resolve" and r["incident_id"] == record.incident_id
                              for r in comms_requests(sandbox_state)), 60, "the incident's resolve")
         assert it.post(resolved).json()["results"][0]["outcome"] == "resolved"  # a resent resolve
-    mine = [r for r in comms_requests(sandbox_state) if r["incident_id"] == record.incident_id]
+    everything = comms_requests(sandbox_state)
+    mine = [r for r in everything if r["incident_id"] == record.incident_id]
     assert [(r["kind"], r["body"]["status"]) for r in mine] == [
         ("create", "investigating"), ("update", "identified"), ("update", "monitoring"), ("resolve", "resolved")]
     assert all(r["body"]["components"] == {"backend-api": s} for r, s in zip(
         mine, ["major_outage", "major_outage", "degraded_performance", "operational"], strict=True))
     assert mine[0]["body"]["name"] == "Service disruption: backend"
-    creates = [r for r in comms_requests(sandbox_state) if r["kind"] == "create" and r["path"].endswith("/incidents")
-               and r["incident_id"] == record.incident_id]
-    assert len(creates) == 1
+
+    # the incident channel: the route's waiting and finished messages and service-outage's own summary
+    texts = slack_messages(sandbox_state, run["id"])
+    waiting = next(t for t in texts if "WAITING FOR APPROVAL" in t)
+    finished = next(t for t in texts if "finished: Remediated" in t)
+    summary = next(t for t in texts if t.startswith("[runbook] service outage: backend on sandbox"))
+    for text in (waiting, finished, summary):
+        assert "Findings (worst first):" in text
+        assert "- CRITICAL: backend: none of its 1 container(s) is running (service backend)" in text
+        assert "<!channel>" not in text, "a label value reached Slack unescaped"
+    assert f"- start-service-containers: start container {stopped.name}" in waiting
+    assert f"- changed: start-service-containers: start container {stopped.name}" in finished
+    assert "verified: yes" in finished and "verified: yes" in summary
+    assert "Alert: Outage &lt;!channel&gt; |x| `c` *b* &amp; [l](http://e) ## injected" in finished
+    assert "## injected" not in waiting.split("\n", 2)[2], "a label value added a line"
     key = sandbox_state.env_vars()["RUNBOOK_SANDBOX_STATUSPAGE_KEY"]
-    assert key not in json.dumps(comms_requests(sandbox_state))
+    token = sandbox_state.env_vars()["RUNBOOK_SANDBOX_INCIDENT_WEBHOOK"].rsplit("/", 1)[1]
+    assert key not in json.dumps(everything) and token not in json.dumps(everything)
 
 
 def test_a_page_that_refuses_the_key_is_a_warning_and_the_outage_is_still_remediated(
@@ -103,7 +153,8 @@ def test_a_page_that_refuses_the_key_is_a_warning_and_the_outage_is_still_remedi
     derive(sandbox_state, envdir, monkeypatch, "badpage",
            {"status_page": {"api_key": {"env": "TEST_WRONG_STATUSPAGE_KEY"}}})
     StoppedService(project, service="backend").start()
-    route = {**ROUTE, "name": "outage-badpage", "env": "badpage", "match": {"alertname": "BadPageTest"}}
+    route = {**ROUTE, "name": "outage-badpage", "env": "badpage", "match": {"alertname": "BadPageTest"},
+             "policy": {"mode": "auto", "cooldown_s": 0}, "notify": []}
     with running_intake(sandbox_state, tmp_path, routes=routes_yaml(route), playbook_dirs=[envdir]) as it:
         it.post(alert("BadPageTest", {"service": "backend"}, fingerprint="bad0a9e"))
         (run,) = it.wait_runs("outage-badpage", "bad0a9e")
