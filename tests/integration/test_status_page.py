@@ -17,14 +17,16 @@ import docker
 import httpx
 import pytest
 
+from runbook.app.review import Review, parse_time
 from runbook.engine.clients import docker_api_version
 from runbook.engine.config import PROJECT_ROOT
+from runbook.engine.decisions import operator_identity
 from runbook.engine.statuspage import RECORD_KEY, IncidentRecord, parse_record
 from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import StoppedService, remove_containers_except
 from tests.intake_harness import alert, routes_yaml, running_intake
 from tests.integration.derived_env import derive
-from tests.prefect_runs import wait_for
+from tests.prefect_runs import run_history, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +119,12 @@ def test_alert_opens_moves_on_and_resolves_one_incident_and_tells_the_channel(
         wait_for(lambda: any(r["kind"] == "resolve" and r["incident_id"] == record.incident_id
                              for r in comms_requests(sandbox_state)), 60, "the incident's resolve")
         assert it.post(resolved).json()["results"][0]["outcome"] == "resolved"  # a resent resolve
+        occurrence = next(t for t in run["tags"] if t.startswith("occurrence:")).removeprefix("occurrence:")
+        review_json = tmp_path / "intake" / "reviews" / f"incident-review-{occurrence}.json"
+        wait_for(review_json.is_file, 120, "the post-incident review")
+        wait_for(lambda: it.metric("runbook_incident_time_to_recover_seconds_count") > 0, 30, "the review's figures")
+        remediate_count = it.metric('runbook_incident_time_to_remediate_seconds_count{procedure="service-outage"}')
+        recover_count = it.metric('runbook_incident_time_to_recover_seconds_count{procedure="service-outage"}')
     everything = comms_requests(sandbox_state)
     mine = [r for r in everything if r["incident_id"] == record.incident_id]
     assert [(r["kind"], r["body"]["status"]) for r in mine] == [
@@ -142,6 +150,44 @@ def test_alert_opens_moves_on_and_resolves_one_incident_and_tells_the_channel(
     key = sandbox_state.env_vars()["RUNBOOK_SANDBOX_STATUSPAGE_KEY"]
     token = sandbox_state.env_vars()["RUNBOOK_SANDBOX_INCIDENT_WEBHOOK"].rsplit("/", 1)[1]
     assert key not in json.dumps(everything) and token not in json.dumps(everything)
+
+    # the post-incident review the intake wrote on resolve: its timeline is the run's own story
+    review = Review.model_validate_json(review_json.read_text())
+    api = httpx.Client(base_url=sandbox_state.prefect_api_url, timeout=10, trust_env=False)
+    states = [(s["name"], parse_time(s["timestamp"])) for s in run_history(api, run["id"])]
+    assert [(e.state, e.at) for e in review.timeline if e.kind == "state"] == states
+    assert [s for s, _ in states].count("Suspended") == 1 and states[-1][0] == "Remediated"
+    kinds = [e.kind for e in review.timeline]
+    for earlier, later in [("alert", "diagnosis"), ("diagnosis", "approval-asked"), ("approval-asked", "approval"),
+                           ("approval", "change"), ("change", "verify"), ("verify", "resolved")]:
+        assert kinds.index(earlier) < kinds.index(later), (earlier, later, kinds)
+    decided = next(e for e in review.timeline if e.kind == "approval")
+    assert decided.text.startswith(f"approved by {operator_identity()} (") and "&lt;" not in decided.text
+    resumed = next(at for (name, at), (prev, _) in zip(states[1:], states, strict=False) if prev == "Suspended")
+    assert decided.at == resumed
+    assert f"start-service-containers: start container {stopped.name}" in [
+        e.text for e in review.timeline if e.kind == "change"]
+    assert review.status_page_incident == record.incident_id and review.recovery == f"verified by run {run['id']}"
+    f = review.figures
+    assert None not in (f.time_to_first_diagnosis_s, f.time_to_remediate_s, f.time_to_recover_s, f.time_to_resolve_s)
+    assert 0 <= f.time_to_first_diagnosis_s <= f.time_to_remediate_s <= f.time_to_recover_s <= f.time_to_resolve_s
+    markdown = review_json.with_suffix(".md").read_text()
+    artifact = api.post("/artifacts/filter", json={"artifacts": {"key": {"any_": [review.name]}}}).json()
+    assert artifact and artifact[0]["data"] == markdown and artifact[0]["flow_run_id"] == run["id"]
+    assert "<!channel>" not in markdown and "<script>" not in markdown
+    assert not [line for line in markdown.splitlines() if line.startswith("## injected")], "a label made a heading"
+    assert key not in markdown and key not in review_json.read_text()
+    assert remediate_count == recover_count == 1  # this intake's state dir is new: one review, one observation
+
+    # the same review from the CLI, by the alert's fingerprint
+    env = {**os.environ, "PREFECT_API_URL": sandbox_state.prefect_api_url}
+    cli = subprocess.run([sys.executable, "-m", "runbook.app.cli", "incident", "review", "5a9e01", "--output", "json",
+                          "--out", str(tmp_path / "cli"), "--no-artifact"], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert cli.returncode == 0, cli.stderr
+    again = Review.model_validate_json(cli.stdout)
+    assert [(e.kind, e.at, e.text) for e in again.timeline] == [(e.kind, e.at, e.text) for e in review.timeline]
+    assert (tmp_path / "cli" / f"{review.name}.md").is_file()
 
 
 def test_a_page_that_refuses_the_key_is_a_warning_and_the_outage_is_still_remediated(

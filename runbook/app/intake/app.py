@@ -39,16 +39,27 @@ from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
 from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
 from runbook.app.intake.policy import Decision, decide
-from runbook.app.intake.resolve import record_resolve
+from runbook.app.intake.resolve import ALREADY_RESOLVED, record_resolve
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
 from runbook.app.intake.store import Occurrence, Store
 from runbook.app.remote_run import api_client
+from runbook.app.review import (
+    Review,
+    ReviewError,
+    build_review,
+    find_runs,
+    load_reviews,
+    publish_artifact,
+    runs_final,
+    write_files,
+)
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
 from runbook.engine.notify import notify_route
 from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
+REVIEW_WAIT_S = 600.0  # a review waits this long for the occurrence's runs to finish, then describes them as they are
 
 
 @dataclass
@@ -67,7 +78,8 @@ def create_app(settings: IntakeSettings) -> FastAPI:
     _check_routes(playbooks)
     store = Store(settings.state_dir / "intake.sqlite")
     intake = Intake(settings.token, playbooks, store,
-                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits)
+                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits,
+                    reviews_dir=settings.state_dir / "reviews")
     app = FastAPI(title="runbook alert intake", lifespan=intake.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.store, app.state.dispatcher, app.state.metrics = store, intake.dispatcher, intake.metrics
@@ -87,6 +99,7 @@ class Intake:
     dispatcher: Dispatcher
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
+    reviews_dir: Path | None = None  # post-incident reviews written on resolve (None: none written)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -95,6 +108,10 @@ class Intake:
         self._deciding = threading.Lock()  # decide + accept of one webhook at a time: cooldowns see each other
         self._in_flight = 0
         self._notes = RateLimitedLog(log)
+        self._stopping = threading.Event()  # a review waiting for its runs gives up when the intake stops
+        if self.reviews_dir is not None:  # /metrics' incident histograms start from the reviews already written
+            for review in load_reviews(self.reviews_dir):
+                self._observe(review)
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
@@ -102,6 +119,7 @@ class Intake:
         try:
             yield
         finally:
+            self._stopping.set()
             await self.dispatcher.stop()
             self.store.close()
 
@@ -263,13 +281,31 @@ class Intake:
         task.add_done_callback(self._background.discard)
 
     def _after_resolve(self, occ: Occurrence, at: datetime) -> None:
-        """The resolve recorded with the occurrence's run and its status-page incident resolved."""
+        """The resolve recorded with the occurrence's run, its status-page incident resolved, and (the first time)
+        the post-incident review written once the occurrence's runs are finished."""
         try:
             with api_client(self.dispatcher.api_url) as http:
                 detail = record_resolve(http, self.playbooks, occ, at)
-        except httpx.HTTPError as exc:
-            detail = f"Prefect API: {type(exc).__name__}"
-        log.info("alert resolved (%s, run %s): %s", occ.route, occ.flow_run_id, detail)
+                log.info("alert resolved (%s, run %s): %s", occ.route, occ.flow_run_id, detail)
+                if occ.flow_run_id and self.reviews_dir is not None and detail != ALREADY_RESOLVED:
+                    self._review(http, occ.key, self.reviews_dir)
+        except (httpx.HTTPError, ReviewError) as exc:
+            log.warning("alert resolved (%s, run %s): %s", occ.route, occ.flow_run_id, redact(str(exc))[:300])
+
+    def _review(self, http: httpx.Client, occurrence: str, directory: Path) -> None:
+        deadline = time.monotonic() + REVIEW_WAIT_S
+        runs = find_runs(http, occurrence)
+        while not runs_final(runs) and time.monotonic() < deadline and not self._stopping.wait(1.0):
+            runs = find_runs(http, occurrence)
+        review = build_review(http, runs)
+        md_path, _ = write_files(review, directory)
+        self._observe(review)
+        publish_artifact(http, review)
+        log.info("post-incident review of %s written to %s", occurrence, md_path)
+
+    def _observe(self, review: Review) -> None:
+        self.metrics.observe_review(review.procedure, review.figures.time_to_remediate_s,
+                                    review.figures.time_to_recover_s)
 
     def _notify_later(self, req: RunRequest, event: str, text: str) -> None:
         """Deliver in a thread after the acknowledgement: a slow webhook must not delay Alertmanager."""

@@ -31,6 +31,7 @@ from runbook.engine.statuspage import (
 )
 
 log = logging.getLogger(__name__)
+ALREADY_RESOLVED = "resolve already recorded"
 
 
 def record_resolve(http: httpx.Client, playbooks: Playbooks, occ: Occurrence, at: datetime) -> str:
@@ -40,7 +41,7 @@ def record_resolve(http: httpx.Client, playbooks: Playbooks, occ: Occurrence, at
     resp = http.post(f"/flow_runs/{occ.flow_run_id}/input",
                      json={"key": RESOLVED_KEY, "value": ResolvedRecord(at=at).model_dump_json()})
     if resp.status_code == 409:
-        return "resolve already recorded"
+        return ALREADY_RESOLVED
     if resp.status_code >= 300:
         return f"could not record the resolve: HTTP {resp.status_code}"
     got = http.get(f"/flow_runs/{occ.flow_run_id}/input/{RECORD_KEY}")
