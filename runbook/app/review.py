@@ -131,7 +131,7 @@ def find_runs(http: httpx.Client, ident: str) -> list[dict[str, Any]]:
             return [r for r in runs if _tag(r.get("tags") or [], OCCURRENCE_PREFIX) == occurrence]
     if not (_UUID.fullmatch(ident) or _OCCURRENCE.fullmatch(ident) or _FINGERPRINT.fullmatch(ident)):
         raise BadInput(f"{one_line(ident, 80)!r} is not a flow run id, an occurrence key or an alert fingerprint")
-    raise ReviewError(f"no run found for {ident}")
+    raise BadInput(f"no run found for {ident} (an occurrence key, an alert fingerprint or a flow run id)")
 
 
 def _by_tag(http: httpx.Client, tag: str) -> list[dict[str, Any]]:
@@ -393,7 +393,7 @@ def _call(http: httpx.Client, method: str, path: str, body: dict[str, Any] | Non
 def _get(http: httpx.Client, path: str, what: str) -> dict[str, Any]:
     resp = _call(http, "GET", path, ok=(200, 404))
     if resp.status_code == 404:
-        raise ReviewError(f"no {what}")
+        raise BadInput(f"no {what}")
     doc: dict[str, Any] = resp.json()
     return doc
 

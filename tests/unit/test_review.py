@@ -39,3 +39,14 @@ def test_written_reviews_feed_the_histograms(tmp_path: Path) -> None:
     assert 'runbook_incident_time_to_remediate_seconds_count{procedure="service-outage"} 1.0' in text
     assert 'runbook_incident_time_to_recover_seconds_count{procedure="service-outage"} 2.0' in text
     assert 'runbook_incident_time_to_recover_seconds_bucket{le="600.0",procedure="service-outage"} 1.0' in text
+
+
+def test_cli_refuses_what_is_not_an_id_before_asking_anyone(monkeypatch) -> None:  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    from runbook.app.cli import app
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: nothing may be asked
+    result = CliRunner().invoke(app, ["incident", "review", "main; rm -rf / [x]"])
+    assert result.exit_code == 2
+    assert "is not a flow run id, an occurrence key or an alert fingerprint" in result.output

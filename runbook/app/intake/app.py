@@ -45,7 +45,6 @@ from runbook.app.intake.store import Occurrence, Store
 from runbook.app.remote_run import api_client
 from runbook.app.review import (
     Review,
-    ReviewError,
     build_review,
     find_runs,
     load_reviews,
@@ -54,7 +53,7 @@ from runbook.app.review import (
     write_files,
 )
 from runbook.engine.config import Playbooks, Route, load_playbooks
-from runbook.engine.errors import BadInput, ConfigError
+from runbook.engine.errors import BadInput, ConfigError, RunbookError
 from runbook.engine.notify import notify_route
 from runbook.engine.redact import redact
 
@@ -289,7 +288,7 @@ class Intake:
                 log.info("alert resolved (%s, run %s): %s", occ.route, occ.flow_run_id, detail)
                 if occ.flow_run_id and self.reviews_dir is not None and detail != ALREADY_RESOLVED:
                     self._review(http, occ.key, self.reviews_dir)
-        except (httpx.HTTPError, ReviewError) as exc:
+        except (httpx.HTTPError, RunbookError) as exc:  # the review's own errors, or no run to review
             log.warning("alert resolved (%s, run %s): %s", occ.route, occ.flow_run_id, redact(str(exc))[:300])
 
     def _review(self, http: httpx.Client, occurrence: str, directory: Path) -> None:
