@@ -28,37 +28,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
 from runbook.app.catalog import PROCEDURES
+from runbook.app.intake.aftermath import Aftermath
 from runbook.app.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnavailable
 from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
 from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
 from runbook.app.intake.policy import Decision, decide
-from runbook.app.intake.resolve import ALREADY_RESOLVED, record_resolve
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
 from runbook.app.intake.store import Occurrence, Store
-from runbook.app.remote_run import api_client
-from runbook.app.review import (
-    Review,
-    build_review,
-    find_runs,
-    load_reviews,
-    publish_artifact,
-    runs_final,
-    write_files,
-)
+from runbook.app.review import Review, load_reviews
 from runbook.engine.config import Playbooks, Route, load_playbooks
-from runbook.engine.errors import BadInput, ConfigError, RunbookError
+from runbook.engine.errors import BadInput, ConfigError
 from runbook.engine.notify import notify_route
 from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
-REVIEW_WAIT_S = 600.0  # a review waits this long for the occurrence's runs to finish, then describes them as they are
 
 
 @dataclass
@@ -107,7 +96,7 @@ class Intake:
         self._deciding = threading.Lock()  # decide + accept of one webhook at a time: cooldowns see each other
         self._in_flight = 0
         self._notes = RateLimitedLog(log)
-        self._stopping = threading.Event()  # a review waiting for its runs gives up when the intake stops
+        self._aftermath = Aftermath(self.dispatcher.api_url, self.playbooks, self.reviews_dir, self._observe)
         if self.reviews_dir is not None:  # /metrics' incident histograms start from the reviews already written
             for review in load_reviews(self.reviews_dir):
                 self._observe(review)
@@ -115,10 +104,11 @@ class Intake:
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await self.dispatcher.start()
+        self._aftermath.start()
         try:
             yield
         finally:
-            self._stopping.set()
+            await asyncio.to_thread(self._aftermath.stop)
             await self.dispatcher.stop()
             self.store.close()
 
@@ -193,7 +183,7 @@ class Intake:
         results, resolves, tripped = await asyncio.to_thread(self._route_and_store, hook)
         for entry, occ in resolves:  # the cancellations talk to Prefect: back on the loop, through the dispatcher
             entry["detail"] = await self._cancel(occ)
-            self._later(self._after_resolve, occ, datetime.now(UTC))
+            self._aftermath.resolved(occ, datetime.now(UTC))  # status page, review: on a thread of their own
         for d in tripped:
             self._notify_later(d.request, "breaker", d.reason)
         if any(r["outcome"] == "run" for r in results):
@@ -272,35 +262,6 @@ class Intake:
                     tripped.append(d)
                 results.append(entry)
         return results, resolves, tripped
-
-    def _later(self, fn: Callable[..., object], *args: object) -> None:
-        """Run ``fn`` in a thread after the acknowledgement: Alertmanager never waits for it."""
-        task = asyncio.create_task(asyncio.to_thread(fn, *args))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _after_resolve(self, occ: Occurrence, at: datetime) -> None:
-        """The resolve recorded with the occurrence's run, its status-page incident resolved, and (the first time)
-        the post-incident review written once the occurrence's runs are finished."""
-        try:
-            with api_client(self.dispatcher.api_url) as http:
-                detail = record_resolve(http, self.playbooks, occ, at)
-                log.info("alert resolved (%s, run %s): %s", occ.route, occ.flow_run_id, detail)
-                if occ.flow_run_id and self.reviews_dir is not None and detail != ALREADY_RESOLVED:
-                    self._review(http, occ.key, self.reviews_dir)
-        except (httpx.HTTPError, RunbookError) as exc:  # the review's own errors, or no run to review
-            log.warning("alert resolved (%s, run %s): %s", occ.route, occ.flow_run_id, redact(str(exc))[:300])
-
-    def _review(self, http: httpx.Client, occurrence: str, directory: Path) -> None:
-        deadline = time.monotonic() + REVIEW_WAIT_S
-        runs = find_runs(http, occurrence)
-        while not runs_final(runs) and time.monotonic() < deadline and not self._stopping.wait(1.0):
-            runs = find_runs(http, occurrence)
-        review = build_review(http, runs)
-        md_path, _ = write_files(review, directory)
-        self._observe(review)
-        publish_artifact(http, review)
-        log.info("post-incident review of %s written to %s", occurrence, md_path)
 
     def _observe(self, review: Review) -> None:
         self.metrics.observe_review(review.procedure, review.figures.time_to_remediate_s,
