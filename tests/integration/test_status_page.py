@@ -179,6 +179,10 @@ def test_alert_opens_moves_on_and_resolves_one_incident_and_tells_the_channel(
     assert key not in markdown and key not in review_json.read_text()
     assert remediate_count == recover_count == 1  # this intake's state dir is new: one review, one observation
 
+    # a restarted intake starts its histograms from the reviews in its state directory
+    with running_intake(sandbox_state, tmp_path, routes="routes: []\n", executor=False) as restarted:
+        assert restarted.metric('runbook_incident_time_to_recover_seconds_count{procedure="service-outage"}') == 1
+
     # the same review from the CLI, by the alert's fingerprint
     env = {**os.environ, "PREFECT_API_URL": sandbox_state.prefect_api_url}
     cli = subprocess.run([sys.executable, "-m", "runbook.app.cli", "incident", "review", "5a9e01", "--output", "json",
