@@ -531,20 +531,32 @@ def _exit_if_handed_back() -> None:
         os._exit(0)
 
 
+STATE_DSN_HELP = ("env var holding a PostgreSQL DSN for the intake's state (shared by replicas behind a load "
+                  "balancer); unset or empty: the SQLite file in --state")
+
+
 @app.command()
 def intake(
     host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="listen port")] = 9095,
     token_env: Annotated[str, typer.Option(help="env var holding the bearer token")] = "RUNBOOK_INTAKE_TOKEN",
     state: Annotated[Path, typer.Option(help="directory for the intake's durable store")] = Path(".runbook"),
+    state_dsn_env: Annotated[str, typer.Option(help=STATE_DSN_HELP)] = "RUNBOOK_INTAKE_STATE_DSN",
 ) -> None:
     """Serve the Alertmanager webhook alone (POST /alerts, GET /healthz, GET /metrics)."""
     from runbook.app.serve import run_intake
 
     try:
-        run_intake(_api_url(), _token(token_env), host, port, state)
+        run_intake(_api_url(), _token(token_env), host, port, state, state_dsn=_state_dsn(state_dsn_env))
     except ConfigError as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except RunbookError as exc:  # the state database unreachable at start
+        raise _fail(EXIT_ENGINE, str(exc)) from None
+
+
+def _state_dsn(state_dsn_env: str) -> str | None:
+    """The state DSN from its environment variable: a secret, so never a command-line value (``ps`` shows those)."""
+    return os.environ.get(state_dsn_env) or None
 
 
 @app.command()
@@ -553,6 +565,7 @@ def serve(
     prefect_port: Annotated[int, typer.Option(help="port of the local Prefect server")] = 4200,
     token_env: Annotated[str, typer.Option(help="env var holding the bearer token")] = "RUNBOOK_INTAKE_TOKEN",
     state: Annotated[Path, typer.Option(help="state directory (Prefect home, intake store)")] = Path(".runbook"),
+    state_dsn_env: Annotated[str, typer.Option(help=STATE_DSN_HELP)] = "RUNBOOK_INTAKE_STATE_DSN",
     no_intake: Annotated[bool, typer.Option("--no-intake", help="no alert intake: server, deployments and "
                                             "executor only (what `runbook run` starts in the background)")] = False,
     grace: Annotated[float, typer.Option(help="on SIGTERM/Ctrl-C: seconds running runs get to finish before they "
@@ -589,7 +602,13 @@ def serve(
                     _wait_forever()
                 else:
                     step(f"intake on http://127.0.0.1:{port}/alerts; Ctrl-C stops everything")
-                    run_intake(api_url, token, "127.0.0.1", port, state, executor=ex)
+                    try:
+                        run_intake(api_url, token, "127.0.0.1", port, state, executor=ex,
+                                   state_dsn=_state_dsn(state_dsn_env))
+                    except ConfigError as exc:
+                        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+                    except RunbookError as exc:
+                        raise _fail(EXIT_ENGINE, str(exc)) from None
             finally:
                 _drain(ex, grace)
     _exit_if_handed_back()

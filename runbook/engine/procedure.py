@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import re
+import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,12 +38,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args, get_origin
 from uuid import UUID
 
+import httpx
 from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
+from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 from prefect.states import Completed
@@ -260,9 +263,32 @@ def _send_together(calls: list[Callable[[], object]]) -> None:
     each is a round trip to the Prefect server (30-150 ms here) and the run is not finished until all are done.
     Each runs in a copy of this context, so it finds the run and its API client; the first error is raised."""
     with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="publish") as pool:
-        futures = [pool.submit(contextvars.copy_context().run, call) for call in calls]
+        futures = [pool.submit(contextvars.copy_context().run, _published, call) for call in calls]
     for future in futures:
         future.result()
+
+
+PUBLISH_ATTEMPTS = 4
+
+
+def _published(call: Callable[[], object]) -> None:
+    """One closing call, retried on a server error or a lost connection (a busy or restarting API replica answers
+    500 on a database timeout; Prefect's client retries only 429/502/503). When the server still fails, the run
+    keeps its outcome and says in its log that the UI lacks this record: a remediation that was applied must not
+    be reported as a failed run because its artifact could not be stored."""
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            call()
+            return
+        except (PrefectHTTPStatusError, httpx.TransportError) as exc:
+            status = exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
+            if status is not None and status < 500:
+                raise
+            if attempt == PUBLISH_ATTEMPTS:
+                run_logger().warning("could not publish to the Prefect UI after %d attempts (the run state keeps "
+                                     "its outcome and summary): %s", attempt, redact(str(exc))[:200])
+                return
+            time.sleep(0.5 * attempt)
 
 
 # ------------------------------------------------------------------ the run a body works with
@@ -388,8 +414,13 @@ def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, .
 def _store_report(run_id: UUID, doc: dict[str, Any]) -> None:
     """Keep the report with the run (run input ``runbook-report``): `runbook run` on the warm path reads it back,
     since a flow's return value is not kept on the server. Best effort: the run's outcome does not depend on it."""
-    try:  # the run's own client (its SyncClientContext), not entered: this may run beside other publishing calls
-        get_client(sync_client=True).create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
+    client = get_client(sync_client=True)  # the run's own client, not entered: this runs beside other publishing
+    try:
+        try:
+            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
+        except ObjectAlreadyExists:  # a retried run (its executor died) replaces its first attempt's report
+            client.delete_flow_run_input(run_id, decisions.REPORT_INPUT_KEY)
+            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
     except Exception as exc:  # noqa: BLE001 - a storage hiccup must not turn a finished run into a failed one
         run_logger().warning("could not store the report with the run: %s", redact(str(exc))[:200])
 
@@ -433,6 +464,13 @@ def _remediate(run: Run) -> None:
             for offer, p in zip(run.offers, plans, strict=True):
                 if p in planned:
                     _keep_approved(run, offer, p, set(decision.approved_changes))
+    taken_over = _taken_over()
+    if taken_over:
+        for p in planned:
+            p.skipped_reason = f"not applied: {taken_over}"
+        run.decide(f"not applied: {taken_over}")
+        _finish_actions(run, plans)
+        return
     results = []
     for offer, p in zip(run.offers, plans, strict=True):
         if p.planned and not p.error:
@@ -448,6 +486,25 @@ def _remediate(run: Run) -> None:
     if run.status_page is not None:
         run.status_page.applied(bool(changed), all(r.verified for r in changed))
     _finish_actions(run, results)
+
+
+def _taken_over() -> str | None:
+    """Why this run must not apply, if its flow run is no longer Running on the server: a reconciler that took this
+    executor for dead (silent past its heartbeat deadline: a long stall, a partition) marked it Crashed and may
+    have rescheduled it elsewhere, or somebody cancelled it. One read, only before applying: the fence that keeps a
+    remediation from running twice at once. Unreadable state is no reason to stop (the server's own orchestration
+    still refuses a finished run)."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return None
+    try:
+        state = get_client(sync_client=True).read_flow_run(ctx.flow_run.id).state
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        run_logger().warning("could not re-read this run's state before applying: %s", redact(str(exc))[:200])
+        return None
+    if state is None or state.is_running():
+        return None
+    return f"this run is {state.name} on the server ({redact(state.message or '')[:200]}): another executor may hold it"
 
 
 def _approval_identity(plan: ActionResult, change: Change) -> str:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
 from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
 from runbook.app.intake.policy import Decision, decide
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
-from runbook.app.intake.store import Occurrence, Store
+from runbook.app.intake.store import Occurrence, Store, StoreUnavailable, open_store
 from runbook.app.review import Review, load_reviews
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
@@ -55,6 +55,7 @@ class IntakeSettings:
     token: str
     prefect_api_url: str
     state_dir: Path
+    state_dsn: str | None = field(default=None, repr=False)  # PostgreSQL shared by replicas; a secret
     playbook_dirs: list[Path] | None = None
     on_created: Callable[[str], None] | None = None
     limits: Limits = field(default_factory=Limits)
@@ -64,7 +65,7 @@ def create_app(settings: IntakeSettings) -> FastAPI:
     """Wire the intake: its playbooks (routes checked against the catalog), store, dispatcher, metrics, endpoints."""
     playbooks = load_playbooks(settings.playbook_dirs)
     _check_routes(playbooks)
-    store = Store(settings.state_dir / "intake.sqlite")
+    store = open_store(settings.state_dir, settings.state_dsn)
     intake = Intake(settings.token, playbooks, store,
                     Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits,
                     reviews_dir=settings.state_dir / "reviews")
@@ -177,7 +178,10 @@ class Intake:
             return self._refuse(request, 400, "malformed_json", f"not JSON: {str(exc)[:200]}")
         if not self.dispatcher.healthy and not await self.dispatcher.check_health():
             return self._refuse(request, 503, "prefect_unavailable", "Prefect API unreachable; retry later")
-        return JSONResponse(await self._process(hook))
+        try:
+            return JSONResponse(await self._process(hook))
+        except StoreUnavailable as exc:  # nothing was acknowledged: Alertmanager sends it again
+            return self._refuse(request, 503, "store_unavailable", str(exc))
 
     async def _process(self, hook: ParsedWebhook) -> dict[str, Any]:
         results, resolves, tripped = await asyncio.to_thread(self._route_and_store, hook)
@@ -210,9 +214,11 @@ class Intake:
             metrics.rejected.labels(r.code).inc()
             results.append({"index": r.index, "fingerprint": r.fingerprint, "outcome": "rejected", "code": r.code,
                             "reason": redact(r.detail)})
-        for index, alert in hook.alerts:
+        routed = [(index, alert, matching_routes(self.playbooks.routes, alert.labels)) for index, alert in hook.alerts]
+        resent = store.known_keys([occurrence_key(route.name, alert) for _, alert, routes in routed
+                                   if alert.status != "resolved" for route in routes])  # one query, not one each
+        for index, alert, routes in routed:
             metrics.received.labels(alert.status).inc()
-            routes = matching_routes(self.playbooks.routes, alert.labels)
             if not routes:
                 metrics.unrouted.inc()
                 results.append({"index": index, "fingerprint": alert.fingerprint, "outcome": "unrouted"})
@@ -228,7 +234,7 @@ class Intake:
                         resolves.append((entry, occ))
                     results.append(entry)
                     continue
-                if store.known(occurrence_key(route.name, alert)):  # a resend: nothing to validate or decide
+                if occurrence_key(route.name, alert) in resent:  # a resend: nothing to validate or decide
                     metrics.deduplicated.inc()
                     results.append({**entry, "outcome": "duplicate"})
                     continue
@@ -240,11 +246,14 @@ class Intake:
                                     "reason": redact(str(exc))})
         tripped: list[Decision] = []
         if firing:
-            with self._deciding:
-                decisions = decide([(req, route) for req, route, _ in firing], store)
-                to_store = [(d.request, "pending", d.reason) for d in decisions if d.outcome == "run"]
-                to_store += [(d.request, "suppressed", d.reason) for d in decisions if d.outcome == "cooldown"]
-                store.accept(to_store)
+            with self._deciding, store.deciding({req.procedure for req, _, _ in firing}) as tx:
+                decisions = decide([(req, route) for req, route, _ in firing], tx)
+                rows = [(i, (d.request, "pending" if d.outcome == "run" else "suppressed", d.reason))
+                        for i, d in enumerate(decisions) if d.outcome in ("run", "cooldown")]
+                for (i, _), new in zip(rows, tx.accept([row for _, row in rows]), strict=True):
+                    if not new:  # another writer stored it first (the store's locks make this a safety net)
+                        decisions[i] = replace(decisions[i], outcome="duplicate", breaker_tripped=False,
+                                               reason="this alert occurrence already has its run")
             for d, (_, _, index) in zip(decisions, firing, strict=True):
                 entry = {"index": index, "fingerprint": d.request.fingerprint, "route": d.request.route,
                          "outcome": d.outcome}
