@@ -113,13 +113,18 @@ def _suspend_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable
 
 
 def _stored_plan(client: SyncPrefectClient, run_id: UUID) -> PlanView | None:
+    raw = read_run_input(client, run_id, PLAN_INPUT_KEY)
+    return None if raw is None else parse_plan_input(raw)
+
+
+def read_run_input(client: SyncPrefectClient, run_id: UUID, key: str) -> str | None:
+    """A run input's stored value, or None when the run has none under ``key``."""
     try:
-        raw = client.read_flow_run_input(run_id, PLAN_INPUT_KEY)
+        return client.read_flow_run_input(run_id, key)
     except PrefectHTTPStatusError as exc:
         if exc.response.status_code == 404:
             return None
         raise
-    return parse_plan_input(raw)
 
 
 def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[PlanView], None]) -> Decision:

@@ -65,11 +65,20 @@ from runbook.engine.findings import (
     report_to_json,
     report_to_markdown,
 )
-from runbook.engine.notify import annotate_grafana, notify_route
+from runbook.engine.notify import (
+    MAX_CHANGES,
+    annotate_grafana,
+    findings_lines,
+    incident_detail,
+    notify_route,
+    one_line,
+)
 from runbook.engine.progress import run_logger
 from runbook.engine.redact import install_log_redaction, masked_exceptions, redact
 from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
+from runbook.engine.status_updates import StatusPageDriver
+from runbook.engine.statuspage import subject_of
 from runbook.engine.steps import step
 
 log = logging.getLogger(__name__)
@@ -80,6 +89,7 @@ OUTCOME_OK, OUTCOME_REMEDIATED, OUTCOME_ATTENTION, OUTCOME_NOT_APPLIED = (
 MODE_PREFIX = "mode:"
 TIMEOUT_PREFIX = "approval-timeout-s:"
 ROUTE_PREFIX = "route:"
+ALERT_PREFIX = "alert:"  # the alert's name, on runs the intake creates
 RESERVED_PARAMS = frozenset({"env", "dry_run"})
 
 
@@ -305,6 +315,7 @@ class Run:
     approval_timeout_s: float
     offers: list[_Offer] = field(default_factory=list)
     finishers: list[Callable[[Report], None]] = field(default_factory=list)
+    status_page: StatusPageDriver | None = None
 
     def offer(self, rem: Remediation[StateT], *, after: Callable[[Report, ActionResult], None] | None = None,
               state: StateT = _UNSET) -> None:
@@ -373,11 +384,15 @@ def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, .
     route = _tag(tags, ROUTE_PREFIX)
     run = Run(spec, environment, report, dry_run, _tag(tags, MODE_PREFIX) or "manual", route,
               next((r for r in playbooks.routes if r.name == route), None) if route else None, _timeout(tags))
+    run.status_page = StatusPageDriver.for_run(
+        environment, report, run.route_config, tags, ctx.flow_run.id if ctx and ctx.flow_run else None,
+        subject_of(bound.arguments, env_name), run.decide)
     token = _CURRENT.set(run)
     try:
         body(*bound.args, **bound.kwargs)
     finally:
         _CURRENT.reset(token)
+    run.status_page.diagnosed()
     _remediate(run)
     for fn in run.finishers:
         fn(report)
@@ -431,6 +446,8 @@ def _remediate(run: Run) -> None:
     planned = [p for p in plans if p.planned and not p.error]
     for p in plans:
         run.decide(f"planned {p.name} on {p.target}: " + (p.error or f"{len(p.planned)} change(s)"))
+    if run.status_page is not None:
+        run.status_page.planned(sum(len(p.planned) for p in planned))
     if not applying or not planned:
         _finish_actions(run, plans)
         return
@@ -465,6 +482,9 @@ def _remediate(run: Run) -> None:
             results.append(r)
         else:
             results.append(p)
+    changed = [r for r in results if r.changed]
+    if run.status_page is not None:
+        run.status_page.applied(bool(changed), all(r.verified for r in changed))
     _finish_actions(run, results)
 
 
@@ -545,7 +565,9 @@ def _ask(run: Run, planned: list[ActionResult]) -> decisions.Decision:
     def waiting(v: decisions.PlanView) -> None:
         _notify(run, "waiting", f"{report.procedure} on {report.env} is WAITING FOR APPROVAL "
                 f"(up to {run.approval_timeout_s:g} s): " + "; ".join(v.changes[:10]),
-                {"changes": len(v.changes)})
+                {"changes": len(v.changes)},
+                "\n".join(["Findings (worst first):", *findings_lines(report), "Plan (waiting for approval):",
+                           *[f"- {one_line(c)}" for c in v.changes[:MAX_CHANGES]]]))
 
     decision = approval.ask(view, run.approval_timeout_s, waiting)
     if decision.approved:
@@ -596,12 +618,15 @@ def _announce_finished(run: Run) -> None:
             {"worst": report.worst.value, "outcome": report.outcome})
 
 
-def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
+def _notify(run: Run, event: str, text: str, fields: dict[str, Any], detail: str | None = None) -> None:
     route = run.route_config
     if route is None or not route.notify:
         return
     try:
-        errors = notify_route(route, run.env, event, text, fields, _run_link(run.report))
+        alert = _tag(_run_tags(), ALERT_PREFIX)
+        detail = incident_detail(run.report) if detail is None else detail
+        errors = notify_route(route, run.env, event, text, fields, _run_link(run.report),
+                              f"Alert: {one_line(alert)}\n{detail}" if alert else detail)
     except ConfigError as exc:
         errors = [str(exc)]
     for error in errors:

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
 from runbook.app.catalog import PROCEDURES
+from runbook.app.intake.aftermath import Aftermath
 from runbook.app.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnavailable
 from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -40,6 +42,7 @@ from runbook.app.intake.pgstore import PostgresStore
 from runbook.app.intake.policy import Decision, decide
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
 from runbook.app.intake.store import Occurrence, SqliteStore, Store, StoreUnavailable
+from runbook.app.review import Review, load_reviews
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
 from runbook.engine.notify import notify_route
@@ -73,7 +76,8 @@ def create_app(settings: IntakeSettings) -> FastAPI:
     _check_routes(playbooks)
     store = open_store(settings.state_dir, settings.state_dsn)
     intake = Intake(settings.token, playbooks, store,
-                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits)
+                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits,
+                    reviews_dir=settings.state_dir / "reviews")
     app = FastAPI(title="runbook alert intake", lifespan=intake.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.store, app.state.dispatcher, app.state.metrics = store, intake.dispatcher, intake.metrics
@@ -93,6 +97,7 @@ class Intake:
     dispatcher: Dispatcher
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
+    reviews_dir: Path | None = None  # post-incident reviews written on resolve (None: none written)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -101,13 +106,19 @@ class Intake:
         self._deciding = threading.Lock()  # decide + accept of one webhook at a time: cooldowns see each other
         self._in_flight = 0
         self._notes = RateLimitedLog(log)
+        self._aftermath = Aftermath(self.dispatcher.api_url, self.playbooks, self.reviews_dir, self._observe)
+        if self.reviews_dir is not None:  # /metrics' incident histograms start from the reviews already written
+            for review in load_reviews(self.reviews_dir):
+                self._observe(review)
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await self.dispatcher.start()
+        self._aftermath.start()
         try:
             yield
         finally:
+            await asyncio.to_thread(self._aftermath.stop)
             await self.dispatcher.stop()
             self.store.close()
 
@@ -185,6 +196,7 @@ class Intake:
         results, resolves, tripped = await asyncio.to_thread(self._route_and_store, hook)
         for entry, occ in resolves:  # the cancellations talk to Prefect: back on the loop, through the dispatcher
             entry["detail"] = await self._cancel(occ)
+            self._aftermath.resolved(occ, datetime.now(UTC))  # status page, review: on a thread of their own
         for d in tripped:
             self._notify_later(d.request, "breaker", d.reason)
         if any(r["outcome"] == "run" for r in results):
@@ -268,6 +280,10 @@ class Intake:
                     tripped.append(d)
                 results.append(entry)
         return results, resolves, tripped
+
+    def _observe(self, review: Review) -> None:
+        self.metrics.observe_review(review.procedure, review.figures.time_to_remediate_s,
+                                    review.figures.time_to_recover_s)
 
     def _notify_later(self, req: RunRequest, event: str, text: str) -> None:
         """Deliver in a thread after the acknowledgement: a slow webhook must not delay Alertmanager."""

@@ -18,6 +18,8 @@ from runbook.engine.config import Route
 
 MODE_TAG = "mode:"
 TIMEOUT_TAG = "approval-timeout-s:"
+FINGERPRINT_TAG = "fingerprint:"  # `runbook incident review FINGERPRINT` finds an alert's runs by it
+STARTS_AT_TAG = "alert-starts-at:"  # the post-incident review's timeline starts here
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ def decide(batch: list[tuple[RunRequest, Route]], store: Decider, now: float | N
                           f"{pol.breaker.window_s:g} s (limit {pol.breaker.max_remediations}); dry run only")
             else:
                 applying[route.name] += 1
-        tags = [f"route:{route.name}", f"{MODE_TAG}{mode}", f"alert:{req.alertname}"[:100]]
+        tags = [f"route:{route.name}", f"{MODE_TAG}{mode}", f"alert:{req.alertname}"[:100],
+                f"{FINGERPRINT_TAG}{req.fingerprint}", f"{STARTS_AT_TAG}{req.starts_at}"]
         if mode == "approve":
             tags.append(f"{TIMEOUT_TAG}{int(pol.approval_timeout_s)}")
         out.append(Decision(replace(req, mode=mode, tags=tags), "run", reason, tripped))
