@@ -3,6 +3,8 @@ plain Prefect worker.
 
 1. Storm: 10,000 alerts in batches of 100 over 100 distinct fingerprints, to the real intake backed by the
    sandbox Prefect server: acknowledgement latency p50/p99 per batch, alerts per second, runs created (must be 100).
+   Twice in the same run (issue 11): the intake's state in its SQLite file (the baseline) and in PostgreSQL (a
+   database of its own on the sandbox's server, what replicas behind a load balancer share).
 2. Siege (issue 12): `runbook intake` under LimitNOFILE=1024 (soft and hard, as systemd sets it): a real alert's
    acknowledgement latency with 2,000 stalled connections (half a request header each) opened just before it,
    against the same alerts with none (the baseline, same process, same run). Goal: answered within 1 s.
@@ -61,6 +63,7 @@ HOSTILE_ROUTES = harness.routes_yaml(
                      labels={}),
 )
 SIEGE_ROUNDS, SIEGE_STALLED, SIEGE_ALERTS = 3, 2000, 10
+STORM_ROUNDS = int(os.environ.get("BENCH_STORM_ROUNDS", "2"))
 
 
 def pct(values: list[float], p: float) -> float:
@@ -79,13 +82,16 @@ def first_task_start(http: httpx.Client, run_id: str, timeout_s: float = 120) ->
     raise TimeoutError(f"no task of run {run_id} started within {timeout_s} s")
 
 
-def storm(state: sandbox.SandboxState, work: Path) -> None:
+def storm(state: sandbox.SandboxState, work: Path, state_dsn: str | None = None) -> list[float]:
+    """One storm; the acknowledgement latencies per batch."""
     fingerprints = [secrets.token_hex(8) for _ in range(100)]
     doc = alert("BenchStorm", {"db": "main"})  # one startsAt: every batch resends the same 100 occurrences
     template = doc["alerts"][0]
     doc["alerts"] = [{**template, "fingerprint": fp} for fp in fingerprints]
     batches = [doc] * 100
-    with running_intake(state, work / "storm", routes=STORM_ROUTES, executor=False) as it:
+    backend = "PostgreSQL" if state_dsn else "SQLite"
+    with running_intake(state, work / f"storm-{backend}", routes=STORM_ROUTES, executor=False,
+                        state_dsn=state_dsn) as it:
         it.post(alert("Warmup", {}))
         acks: list[float] = []
         started = time.perf_counter()
@@ -103,12 +109,34 @@ def storm(state: sandbox.SandboxState, work: Path) -> None:
         with httpx.Client(base_url=it.api_url, timeout=10) as http:
             for r in runs:  # leave the server as we found it
                 http.delete(f"/flow_runs/{r['id']}")
-    print("storm: 10,000 alerts, batches of 100, 100 distinct fingerprints")
+    print(f"storm, state in {backend}: 10,000 alerts, batches of 100, 100 distinct fingerprints")
     print(f"  ack latency per batch: p50 {pct(acks, 50) * 1000:.1f} ms, p99 {pct(acks, 99) * 1000:.1f} ms "
           f"(goal p99 <= 50 ms: {'met' if pct(acks, 99) <= 0.05 else 'NOT met'})")
     rate = 10_000 / elapsed
     print(f"  throughput: {rate:,.0f} alerts/s (goal >= 1,000: {'met' if rate >= 1000 else 'NOT met'})")
     print(f"  runs created: {len(runs)} (must be exactly 100: {'ok' if len(runs) == 100 else 'WRONG'})")
+    return acks
+
+
+def storms(state: sandbox.SandboxState, work: Path) -> None:
+    """The storm with the SQLite store (baseline) and with the PostgreSQL store, in the same run: STORM_ROUNDS
+    rounds in alternating order (SQLite first, then PostgreSQL first ...), so a busy machine or a warming
+    server weighs on both alike; the comparison pools each store's acknowledgements."""
+    acks: dict[str, list[float]] = {"SQLite": [], "PostgreSQL": []}
+    for n in range(STORM_ROUNDS):
+        for backend in (("SQLite", "PostgreSQL") if n % 2 == 0 else ("PostgreSQL", "SQLite")):
+            if backend == "SQLite":
+                acks[backend] += storm(state, work / f"round{n}")
+                continue
+            with harness.state_database(state) as dsn:  # a fresh database: each round starts empty
+                acks[backend] += storm(state, work / f"round{n}", state_dsn=dsn)
+    base, shared = acks["SQLite"], acks["PostgreSQL"]
+    print(f"storm, both stores over {STORM_ROUNDS} rounds ({len(base)} batches each):")
+    for name, values in acks.items():
+        print(f"  {name}: ack p50 {pct(values, 50) * 1000:.1f} ms, p99 {pct(values, 99) * 1000:.1f} ms")
+    print(f"  PostgreSQL / SQLite: ack p50 {pct(shared, 50) / pct(base, 50):.2f}x, "
+          f"p99 {pct(shared, 99) / pct(base, 99):.2f}x (the sandbox's PostgreSQL runs with fsync=off: its "
+          "commits flush nothing to disk, SQLite's do; a production server's commits cost more)")
 
 
 def _ack(post, doc) -> float:  # noqa: ANN001
@@ -252,21 +280,37 @@ def latency_plain_worker(state: sandbox.SandboxState, work: Path) -> list[float]
     return samples
 
 
+SECTIONS = ("storm", "siege", "redos", "latency")
+
+
 def main() -> None:
+    """All sections, or those named on the command line (e.g. `bench/bench_intake.py storm`)."""
+    wanted = sys.argv[1:] or list(SECTIONS)
+    if unknown := set(wanted) - set(SECTIONS):
+        raise SystemExit(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     was_running = set(sandbox.status().running())
     state = sandbox.up(["postgres", "prefect"])
     os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            storm(state, work)
-            siege(state, work)
-            redos(state, work)
-            ours = latency_ours(state, work)
-            plain = latency_plain_worker(state, work)
+            if "storm" in wanted:
+                storms(state, work)
+            if "siege" in wanted:
+                siege(state, work)
+            if "redos" in wanted:
+                redos(state, work)
+            if "latency" in wanted:
+                ours = latency_ours(state, work)
+                plain = latency_plain_worker(state, work)
     finally:
         if not was_running:
             sandbox.down()
+    if "latency" in wanted:
+        latency_report(ours, plain)
+
+
+def latency_report(ours: list[float], plain: list[float]) -> None:
     p50, base = statistics.median(ours), statistics.median(plain)
     print("alert receipt -> first task running")
     print(f"  intake + warm executor: p50 {p50:.2f} s, p90 {pct(ours, 90):.2f} s over {len(ours)} alerts "

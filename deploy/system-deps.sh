@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the sandbox needs (PostgreSQL 15 with pg_stat_statements, Redis).
+# Installs the Debian packages the sandbox needs (PostgreSQL 15 with pg_stat_statements, Redis, nginx for the
+# multi-node test's load balancer, ...).
 # Run by `make demo`, `make test` and `make bench`; as root it uses apt-get, otherwise it names the command to run.
 set -euo pipefail
 
@@ -20,6 +21,7 @@ declare -A NEED=(
   [/usr/bin/busybox]=busybox-static
   [/usr/sbin/sshd]=openssh-server
   [/usr/bin/ssh-keygen]=openssh-client
+  [/usr/sbin/nginx]=nginx-light
 )
 missing=()
 for path in "${!NEED[@]}"; do

@@ -31,7 +31,7 @@ from assessments.pools import pool_finding
 from runbook.engine.config import Environment, HttpCheckConfig
 from runbook.engine.errors import BadInput, TargetUnreachable
 from runbook.engine.findings import Finding, Report, Severity, TableBlock
-from runbook.engine.notify import post_json
+from runbook.engine.notify import incident_detail, post_json, slack_escape
 from runbook.engine.params import EnvName, ServiceName
 from runbook.engine.procedure import current_run, procedure, unreachable_as_finding
 from runbook.engine.redact import redact
@@ -321,11 +321,11 @@ def incident_summary(report: Report, service: str) -> dict[str, Any]:
         action = (f"applied: {', '.join(done) or 'nothing'}"
                   + (f"; verified: {all(a.verified for a in report.actions if a.changed)}" if done else "")
                   + (f"; FAILED: {'; '.join(failed)}" if failed else ""))
-    lines = [f"[runbook] service outage: {service} on {report.env}", *[f"- {f.title}" for f in critical[:8]], action]
+    lines = [f"[runbook] service outage: {service} on {report.env}", action, incident_detail(report)]
     if report.flow_run_id:
         lines.append(f"flow run {report.flow_run_id}")
     return redact_payload({
-        "text": "\n".join(lines), "source": "runbook", "procedure": report.procedure, "env": report.env,
+        "text": slack_escape("\n".join(lines)), "source": "runbook", "procedure": report.procedure, "env": report.env,
         "service": service, "dry_run": report.dry_run, "severity": report.worst.value,
         "critical": [f.title for f in critical], "actions": acted, "flow_run_id": report.flow_run_id,
     })

@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import yaml
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from runbook.app.executor import Executor
 from runbook.app.intake.app import IntakeSettings, create_app
@@ -102,8 +105,7 @@ class Intake:
 
     def runs_for(self, route: str, fingerprint: str) -> list[dict[str, Any]]:
         """The runs of one alert (by fingerprint) on one route, through the intake's own record of occurrences."""
-        keys = [row[0] for row in self.app.state.store._db.execute(
-            "SELECT key FROM occurrences WHERE route = ? AND fingerprint = ?", (route, fingerprint)).fetchall()]
+        keys = [o.key for o in self.app.state.store.find(fingerprint, route)]
         return [r for k in keys for r in self.runs(f"occurrence:{k}")]
 
     def wait_runs(self, route: str, fingerprint: str, timeout_s: float = 30) -> list[dict[str, Any]]:
@@ -150,7 +152,8 @@ def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str
 @contextmanager
 def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, executor: bool = True,
                    api_url: str | None = None, playbook_dirs: list[Path] | None = None,
-                   limits: Limits | None = None) -> Iterator[Intake]:
+                   limits: Limits | None = None, state_dsn: str | None = None) -> Iterator[Intake]:
+    """The intake app on a free loopback port; its state in ``state_dsn``'s PostgreSQL when given, else SQLite."""
     from runbook.app.serve import register_deployments
 
     api = api_url or state.prefect_api_url
@@ -167,7 +170,7 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
             ex.start()  # its threads keep this settings context
     token = secrets.token_urlsafe(24)
     app = create_app(IntakeSettings(
-        token=token, prefect_api_url=api, state_dir=work_dir / "intake",
+        token=token, prefect_api_url=api, state_dir=work_dir / "intake", state_dsn=state_dsn,
         # the platform (pafar.yaml) but not the production routes: only this test's routes may match
         playbook_dirs=[*(playbook_dirs or [PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir]),
                        routes_dir],
@@ -224,6 +227,25 @@ def alerts_through(state: SandboxState, it: Intake, rules: dict[str, Any], work_
             httpx.post(f"http://127.0.0.1:{port}/-/reload", timeout=10)
 
 
+@contextmanager
+def state_database(state: SandboxState) -> Iterator[str]:
+    """A dedicated database and login role on the sandbox's PostgreSQL for an intake's shared state; the DSN (TCP
+    on 127.0.0.1, with a password) is yielded, and both are dropped afterwards."""
+    name = f"intake_state_{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(18)
+    rec = state.services["postgres"]
+    admin = make_conninfo(host=rec.paths["socket_dir"], port=rec.port, user="postgres", dbname="postgres")
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name), sql.Literal(password)))
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(name)))
+    try:
+        yield f"postgresql://{name}:{password}@127.0.0.1:{rec.port}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
 PARTIAL_HEADER = b"POST /alerts HTTP/1.1\r\nHost: intake\r\nContent-Type: appl"  # and then nothing more
 
 
@@ -272,8 +294,8 @@ class IntakeProcess:
 
 
 @contextmanager
-def intake_subprocess(state: SandboxState, work_dir: Path, routes: str, nofile: int | None = None
-                      ) -> Iterator[IntakeProcess]:
+def intake_subprocess(state: SandboxState, work_dir: Path, routes: str, nofile: int | None = None,
+                      state_dsn: str | None = None) -> Iterator[IntakeProcess]:
     """`runbook intake` in its own process against the sandbox's Prefect server, optionally under an open-file
     limit it cannot raise (``nofile`` soft and hard, as systemd's LimitNOFILE sets both)."""
     from runbook.app.serve import register_deployments
@@ -286,6 +308,8 @@ def intake_subprocess(state: SandboxState, work_dir: Path, routes: str, nofile: 
     playbooks = [PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir, routes_dir]
     env = {**os.environ, "PREFECT_API_URL": state.prefect_api_url, "RUNBOOK_INTAKE_TOKEN": token,
            "RUNBOOK_PLAYBOOKS": os.pathsep.join(map(str, playbooks))}
+    if state_dsn:
+        env["RUNBOOK_INTAKE_STATE_DSN"] = state_dsn
 
     def limit_files() -> None:
         if nofile:

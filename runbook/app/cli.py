@@ -45,6 +45,8 @@ app.add_typer(backups_app, name="backups")
 local_app = typer.Typer(no_args_is_help=True, help="The background Prefect server and executor `runbook run` starts "
                                                     "when PREFECT_API_URL is not set.")
 app.add_typer(local_app, name="local")
+incident_app = typer.Typer(no_args_is_help=True, help="What an alert's runs did: the post-incident review.")
+app.add_typer(incident_app, name="incident")
 
 # No markup on either console: errors and reports quote user text (a pattern such as ^[a-z][a-z0-9_-]{0,62}$, a
 # path, a server's message) that rich would otherwise read as style tags and drop. Styles go in as Text.
@@ -529,20 +531,32 @@ def _exit_if_handed_back() -> None:
         os._exit(0)
 
 
+STATE_DSN_HELP = ("env var holding a PostgreSQL DSN for the intake's state (shared by replicas behind a load "
+                  "balancer); unset or empty: the SQLite file in --state")
+
+
 @app.command()
 def intake(
     host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="listen port")] = 9095,
     token_env: Annotated[str, typer.Option(help="env var holding the bearer token")] = "RUNBOOK_INTAKE_TOKEN",
     state: Annotated[Path, typer.Option(help="directory for the intake's durable store")] = Path(".runbook"),
+    state_dsn_env: Annotated[str, typer.Option(help=STATE_DSN_HELP)] = "RUNBOOK_INTAKE_STATE_DSN",
 ) -> None:
     """Serve the Alertmanager webhook alone (POST /alerts, GET /healthz, GET /metrics)."""
     from runbook.app.serve import run_intake
 
     try:
-        run_intake(_api_url(), _token(token_env), host, port, state)
+        run_intake(_api_url(), _token(token_env), host, port, state, state_dsn=_state_dsn(state_dsn_env))
     except ConfigError as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except RunbookError as exc:  # the state database unreachable at start
+        raise _fail(EXIT_ENGINE, str(exc)) from None
+
+
+def _state_dsn(state_dsn_env: str) -> str | None:
+    """The state DSN from its environment variable: a secret, so never a command-line value (``ps`` shows those)."""
+    return os.environ.get(state_dsn_env) or None
 
 
 @app.command()
@@ -551,6 +565,7 @@ def serve(
     prefect_port: Annotated[int, typer.Option(help="port of the local Prefect server")] = 4200,
     token_env: Annotated[str, typer.Option(help="env var holding the bearer token")] = "RUNBOOK_INTAKE_TOKEN",
     state: Annotated[Path, typer.Option(help="state directory (Prefect home, intake store)")] = Path(".runbook"),
+    state_dsn_env: Annotated[str, typer.Option(help=STATE_DSN_HELP)] = "RUNBOOK_INTAKE_STATE_DSN",
     no_intake: Annotated[bool, typer.Option("--no-intake", help="no alert intake: server, deployments and "
                                             "executor only (what `runbook run` starts in the background)")] = False,
     grace: Annotated[float, typer.Option(help="on SIGTERM/Ctrl-C: seconds running runs get to finish before they "
@@ -587,7 +602,13 @@ def serve(
                     _wait_forever()
                 else:
                     step(f"intake on http://127.0.0.1:{port}/alerts; Ctrl-C stops everything")
-                    run_intake(api_url, token, "127.0.0.1", port, state, executor=ex)
+                    try:
+                        run_intake(api_url, token, "127.0.0.1", port, state, executor=ex,
+                                   state_dsn=_state_dsn(state_dsn_env))
+                    except ConfigError as exc:
+                        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+                    except RunbookError as exc:
+                        raise _fail(EXIT_ENGINE, str(exc)) from None
             finally:
                 _drain(ex, grace)
     _exit_if_handed_back()
@@ -701,6 +722,39 @@ def approve(
     except (httpx.HTTPError, RunbookError) as exc:
         raise _fail(EXIT_ENGINE, f"cannot reach the Prefect API: {type(exc).__name__}: {exc}") from None
     out.print(f"{'rejected' if reject else 'approved'} {uid} as {who}", highlight=False)
+
+
+@incident_app.command("review")
+def incident_review(
+    ident: Annotated[str, typer.Argument(help="an alert's occurrence key, fingerprint (its latest occurrence) or a "
+                                         "flow run id")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where the .md and .json go (default: "
+                                                 "$RUNBOOK_STATE_DIR/reviews)")] = None,
+    output: Annotated[str, typer.Option("--output", help="print text (markdown) or json")] = "text",
+    artifact: Annotated[bool, typer.Option(help="also publish it as a Prefect markdown artifact")] = True,
+) -> None:
+    """Build the post-incident review of an alert's runs: timeline, approvals, changes, figures."""
+    import httpx
+
+    from runbook.app import local_server, review
+
+    if output not in {"text", "json"}:
+        raise _fail(EXIT_BAD_INPUT, f"--output {output!r}: expected 'text' or 'json'")
+    try:
+        with _prefect_http() as http:
+            built = review.build_review(http, review.find_runs(http, ident))
+            if artifact:
+                review.publish_artifact(http, built)
+    except BadInput as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except (httpx.HTTPError, RunbookError) as exc:
+        raise _fail(EXIT_ENGINE, f"cannot build the review: {exc}") from None
+    md_path, json_path = review.write_files(built, out_dir or local_server.state_dir() / "reviews")
+    if output == "json":
+        print(built.model_dump_json(indent=2))
+        return
+    out.print(review.to_markdown(built), markup=False, highlight=False)
+    out.print(f"written: {md_path} and {json_path}", markup=False, highlight=False)
 
 
 # ------------------------------------------------------------------ backups

@@ -87,7 +87,8 @@ class Executor:
         _without_suspension_observer()
         with temporary_settings(updates=run_settings(self._api_url)):
             ctx = contextvars.copy_context()
-        loops = [self._handoff_loop, self._poll_loop] + ([self._event_loop] if self._events else [])
+        loops = [self._handoff_loop, self._heartbeat_loop, self._poll_loop] + (
+            [self._event_loop] if self._events else [])
         for target in loops:
             t = threading.Thread(target=ctx.copy().run, args=(target,), daemon=True, name=target.__name__)
             t.start()
@@ -156,12 +157,22 @@ class Executor:
                 break
             self._pool.submit(ctx.copy().run, self._claim_and_run, run_id)
 
+    def _heartbeat_loop(self) -> None:
+        """Heartbeats on a thread of their own: a slow poll or reconcile (hundreds of runs, a busy API) must not
+        make the other executors take this one for dead and retry its runs while it still runs them."""
+        while not self._stop.is_set():
+            try:
+                with get_client(sync_client=True) as client:
+                    client.send_worker_heartbeat(self.work_pool, self.name, heartbeat_interval_seconds=self.poll_s)
+            except Exception as exc:  # a Prefect outage: beat again next interval
+                log.warning("work pool %r heartbeat failed: %s", self.work_pool, redact(str(exc))[:200])
+            self._stop.wait(self.poll_s)
+
     def _poll_loop(self) -> None:
         ctx = contextvars.copy_context()
         while not self._stop.is_set():
             try:
                 with get_client(sync_client=True) as client:
-                    client.send_worker_heartbeat(self.work_pool, self.name, heartbeat_interval_seconds=self.poll_s)
                     due = client.get_scheduled_flow_runs_for_work_pool(
                         self.work_pool, scheduled_before=datetime.now(UTC) + timedelta(seconds=1))
                     self.recovered.extend(self.reconciler.reconcile(client))

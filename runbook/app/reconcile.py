@@ -48,7 +48,10 @@ log = logging.getLogger(__name__)
 
 CLAIM_PREFIX = "claimed by "  # the message of an executor's PENDING claim
 OCCURRENCE_TAG = "occurrence:"  # on every run the intake creates for an alert
-MISSED_BEATS = 3  # an executor that missed three heartbeats is gone
+MISSED_BEATS = 3  # an executor that missed three heartbeats is gone...
+# ...and never sooner than this: a live executor starved of CPU or stuck behind a slow API (seen in the multi-node
+# storm with 1 s heartbeats: both executors took each other for dead) must not lose its runs to a retry elsewhere
+MIN_SILENCE_S = 30.0
 
 
 def claim_message(executor: str) -> str:
@@ -63,7 +66,7 @@ def executor_name(pid: int | None = None) -> str:
 def heartbeat_fresh(worker: Worker, now: datetime, default_interval_s: float) -> bool:
     beat = worker.last_heartbeat_time
     interval = worker.heartbeat_interval_seconds or default_interval_s
-    return beat is not None and (now - beat).total_seconds() <= MISSED_BEATS * interval
+    return beat is not None and (now - beat).total_seconds() <= max(MISSED_BEATS * interval, MIN_SILENCE_S)
 
 
 def process_gone(executor: str) -> bool:

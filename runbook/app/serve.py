@@ -103,15 +103,17 @@ def _verify_params(env: str) -> dict[str, Any]:
 
 
 def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, executor: Any = None,
-               playbook_dirs: list[Path] | None = None, limits: Limits | None = None) -> None:
+               playbook_dirs: list[Path] | None = None, limits: Limits | None = None,
+               state_dsn: str | None = None) -> None:
     """Serve the intake with uvicorn until interrupted; created runs go straight to ``executor`` when given.
+    With ``state_dsn`` its state is in PostgreSQL (shared by replicas), else in SQLite under ``state_dir``.
 
     The open-file soft limit is raised to the hard limit first (where allowed): it caps how many connections the
     intake can hold, and the connection cap is derived from it (see runbook.app.intake.server)."""
     raise_open_files_limit()
     limits = limits or Limits()
     app = create_app(IntakeSettings(
-        token=token, prefect_api_url=api_url, state_dir=state_dir, playbook_dirs=playbook_dirs,
+        token=token, prefect_api_url=api_url, state_dir=state_dir, state_dsn=state_dsn, playbook_dirs=playbook_dirs,
         on_created=executor.submit if executor else None, limits=limits,
     ))
     config = server_config(app, host, port, limits, on_close=app.state.metrics.connection_closed,

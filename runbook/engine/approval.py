@@ -87,7 +87,8 @@ def _suspend_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable
     with get_client(sync_client=True) as client:
         shown = _stored_plan(client, run_id)
         if shown is None:  # first time asked: the plan is stored before the run shows PAUSED
-            view.run_id, view.deadline = str(run_id), datetime.now(UTC) + timedelta(seconds=timeout_s)
+            view.run_id, view.asked_at = str(run_id), datetime.now(UTC)  # asked now: the deadline counts from here
+            view.deadline = view.asked_at + timedelta(seconds=timeout_s)
             client.create_flow_run_input(run_id, PLAN_INPUT_KEY, view.model_dump_json())
         try:
             new = propose_state_sync(client=client, state=state, flow_run_id=run_id)
@@ -112,13 +113,18 @@ def _suspend_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable
 
 
 def _stored_plan(client: SyncPrefectClient, run_id: UUID) -> PlanView | None:
+    raw = read_run_input(client, run_id, PLAN_INPUT_KEY)
+    return None if raw is None else parse_plan_input(raw)
+
+
+def read_run_input(client: SyncPrefectClient, run_id: UUID, key: str) -> str | None:
+    """A run input's stored value, or None when the run has none under ``key``."""
     try:
-        raw = client.read_flow_run_input(run_id, PLAN_INPUT_KEY)
+        return client.read_flow_run_input(run_id, key)
     except PrefectHTTPStatusError as exc:
         if exc.response.status_code == 404:
             return None
         raise
-    return parse_plan_input(raw)
 
 
 def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[PlanView], None]) -> Decision:
@@ -131,7 +137,8 @@ def _pause_for_approval(view: PlanView, timeout_s: float, on_waiting: Callable[[
     ctx = FlowRunContext.get()
     assert ctx is not None and ctx.flow_run is not None
     run_id = ctx.flow_run.id
-    view.run_id, view.deadline = str(run_id), datetime.now(UTC) + timedelta(seconds=timeout_s)
+    view.run_id, view.asked_at = str(run_id), datetime.now(UTC)
+    view.deadline = view.asked_at + timedelta(seconds=timeout_s)
     form = ApprovalInput.with_initial_data(approve=False)
     # the server's own pause expiry comes a little after ours, so this loop always decides first
     state: State[None] = Paused(timeout_seconds=int(timeout_s) + 60, reschedule=False, pause_key=PAUSE_KEY)

@@ -126,14 +126,20 @@ def parse_dsn(env: Environment, where: str, value: str) -> dict[str, Any]:
     """A PostgreSQL DSN (URL or keyword form) as libpq reads it. One it cannot parse is a ConfigError naming the
     playbook, the environment and the key, with a fixed description of the mistake: never the value or a part of
     it (libpq's own message quotes it)."""
+    return conninfo_parts(value, f"{env.source}: environments.{env.name}.{where}")
+
+
+def conninfo_parts(value: str, where: str) -> dict[str, Any]:
+    """``value`` parsed by libpq; one it cannot parse is a ConfigError saying ``where`` it came from and a fixed
+    description of the mistake, never the value or a part of it (libpq's own message quotes it)."""
     try:
         return conninfo_to_dict(value)
     except psycopg.Error as exc:
         message = str(exc)
         problem = next((text for start, text in _DSN_PROBLEMS if message.startswith(start)),
                        "libpq cannot parse it")
-        raise ConfigError(f"{env.source}: environments.{env.name}.{where}: not a valid PostgreSQL connection "
-                          f"string: {problem} (the value is not shown)") from None
+        raise ConfigError(f"{where}: not a valid PostgreSQL connection string: {problem} "
+                          "(the value is not shown)") from None
 
 
 def check_secrets(env: Environment, everything: bool = False) -> None:

@@ -231,6 +231,28 @@ class IncidentWebhookConfig(Strict):
     timeout_s: float = Field(5.0, gt=0, le=60)
 
 
+class StatusPageConfig(Strict):
+    """Where incidents are published for customers (the runbook's "Update status page"): a status-page API.
+
+    ``provider: statuspage`` speaks Atlassian Statuspage's REST API (``POST/PATCH /v1/pages/{page_id}/incidents``,
+    ``Authorization: OAuth <key>``); other providers fit runbook.engine.statuspage's ``StatusPage`` protocol.
+    Runs started by an alert open one incident per occurrence; the alert's resolve closes it.
+    """
+
+    provider: Literal["statuspage"] = "statuspage"
+    url: str = Field("https://api.statuspage.io", pattern=r"^https?://[^\s?#]+$", description="the API's base URL")
+    page_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    api_key: SecretRef = Field(description="the API key: a secret, sent only in the Authorization header")
+    components: dict[Name, Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] = Field(
+        default_factory=dict, description="service -> the page's component id, marked down while the incident lasts")
+    incident_name: Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$")] = \
+        Field("Service disruption", description="the public title; the service name is appended")
+    procedures: list[Name] = Field(default_factory=lambda: ["service-outage"],
+                                   description="procedures whose alert runs update the page (a route's status_page "
+                                               "overrides)")
+    timeout_s: float = Field(5.0, gt=0, le=60, description="per API request")
+
+
 class Environment(Strict):
     description: str = ""
     env_file: Path | None = Field(None, description="KEY=VALUE file (relative to the playbook) consulted for secrets")
@@ -250,6 +272,7 @@ class Environment(Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     grafana: GrafanaConfig | None = None
     incident_webhook: IncidentWebhookConfig | None = None
+    status_page: StatusPageConfig | None = None
     approvals: dict[Name, Literal["required", "optional"]] = Field(
         default_factory=dict, description="procedure -> whether an operator's apply needs a person's approval "
                                           "(default: the procedure's own; data-corruption: required)")
@@ -357,6 +380,8 @@ class Route(Strict):
     labels: dict[Name, LabelParam] = Field(default_factory=dict, description="procedure parameter <- alert label")
     policy: Policy = Field(default_factory=Policy)
     notify: list[Notifier] = Field(default_factory=list)
+    status_page: bool | None = Field(None, description="update the environment's status page from this route's "
+                                                       "runs (default: its procedure in status_page.procedures)")
 
     @field_validator("match")
     @classmethod
@@ -681,3 +706,5 @@ def iter_secret_refs(env: Environment, everything: bool = False) -> Iterable[tup
         yield "grafana.token", env.grafana.token
     if env.incident_webhook:
         yield "incident_webhook.url", env.incident_webhook.url
+    if everything and env.status_page:  # a missing key is a warning in the run's report, never a refused run
+        yield "status_page.api_key", env.status_page.api_key

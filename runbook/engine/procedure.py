@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import re
+import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,12 +38,14 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, get_args, get_origin
 from uuid import UUID
 
+import httpx
 from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
+from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 from prefect.states import Completed
@@ -62,11 +65,20 @@ from runbook.engine.findings import (
     report_to_json,
     report_to_markdown,
 )
-from runbook.engine.notify import annotate_grafana, notify_route
+from runbook.engine.notify import (
+    MAX_CHANGES,
+    annotate_grafana,
+    findings_lines,
+    incident_detail,
+    notify_route,
+    one_line,
+)
 from runbook.engine.progress import run_logger
 from runbook.engine.redact import install_log_redaction, masked_exceptions, redact
 from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
+from runbook.engine.status_updates import StatusPageDriver
+from runbook.engine.statuspage import subject_of
 from runbook.engine.steps import step
 
 log = logging.getLogger(__name__)
@@ -77,6 +89,7 @@ OUTCOME_OK, OUTCOME_REMEDIATED, OUTCOME_ATTENTION, OUTCOME_NOT_APPLIED = (
 MODE_PREFIX = "mode:"
 TIMEOUT_PREFIX = "approval-timeout-s:"
 ROUTE_PREFIX = "route:"
+ALERT_PREFIX = "alert:"  # the alert's name, on runs the intake creates
 RESERVED_PARAMS = frozenset({"env", "dry_run"})
 
 
@@ -250,9 +263,32 @@ def _send_together(calls: list[Callable[[], object]]) -> None:
     each is a round trip to the Prefect server (30-150 ms here) and the run is not finished until all are done.
     Each runs in a copy of this context, so it finds the run and its API client; the first error is raised."""
     with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="publish") as pool:
-        futures = [pool.submit(contextvars.copy_context().run, call) for call in calls]
+        futures = [pool.submit(contextvars.copy_context().run, _published, call) for call in calls]
     for future in futures:
         future.result()
+
+
+PUBLISH_ATTEMPTS = 4
+
+
+def _published(call: Callable[[], object]) -> None:
+    """One closing call, retried on a server error or a lost connection (a busy or restarting API replica answers
+    500 on a database timeout; Prefect's client retries only 429/502/503). When the server still fails, the run
+    keeps its outcome and says in its log that the UI lacks this record: a remediation that was applied must not
+    be reported as a failed run because its artifact could not be stored."""
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        try:
+            call()
+            return
+        except (PrefectHTTPStatusError, httpx.TransportError) as exc:
+            status = exc.response.status_code if isinstance(exc, PrefectHTTPStatusError) else None
+            if status is not None and status < 500:
+                raise
+            if attempt == PUBLISH_ATTEMPTS:
+                run_logger().warning("could not publish to the Prefect UI after %d attempts (the run state keeps "
+                                     "its outcome and summary): %s", attempt, redact(str(exc))[:200])
+                return
+            time.sleep(0.5 * attempt)
 
 
 # ------------------------------------------------------------------ the run a body works with
@@ -279,6 +315,7 @@ class Run:
     approval_timeout_s: float
     offers: list[_Offer] = field(default_factory=list)
     finishers: list[Callable[[Report], None]] = field(default_factory=list)
+    status_page: StatusPageDriver | None = None
 
     def offer(self, rem: Remediation[StateT], *, after: Callable[[Report, ActionResult], None] | None = None,
               state: StateT = _UNSET) -> None:
@@ -347,11 +384,15 @@ def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, .
     route = _tag(tags, ROUTE_PREFIX)
     run = Run(spec, environment, report, dry_run, _tag(tags, MODE_PREFIX) or "manual", route,
               next((r for r in playbooks.routes if r.name == route), None) if route else None, _timeout(tags))
+    run.status_page = StatusPageDriver.for_run(
+        environment, report, run.route_config, tags, ctx.flow_run.id if ctx and ctx.flow_run else None,
+        subject_of(bound.arguments, env_name), run.decide)
     token = _CURRENT.set(run)
     try:
         body(*bound.args, **bound.kwargs)
     finally:
         _CURRENT.reset(token)
+    run.status_page.diagnosed()
     _remediate(run)
     for fn in run.finishers:
         fn(report)
@@ -373,8 +414,13 @@ def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, .
 def _store_report(run_id: UUID, doc: dict[str, Any]) -> None:
     """Keep the report with the run (run input ``runbook-report``): `runbook run` on the warm path reads it back,
     since a flow's return value is not kept on the server. Best effort: the run's outcome does not depend on it."""
-    try:  # the run's own client (its SyncClientContext), not entered: this may run beside other publishing calls
-        get_client(sync_client=True).create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
+    client = get_client(sync_client=True)  # the run's own client, not entered: this runs beside other publishing
+    try:
+        try:
+            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
+        except ObjectAlreadyExists:  # a retried run (its executor died) replaces its first attempt's report
+            client.delete_flow_run_input(run_id, decisions.REPORT_INPUT_KEY)
+            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
     except Exception as exc:  # noqa: BLE001 - a storage hiccup must not turn a finished run into a failed one
         run_logger().warning("could not store the report with the run: %s", redact(str(exc))[:200])
 
@@ -400,6 +446,8 @@ def _remediate(run: Run) -> None:
     planned = [p for p in plans if p.planned and not p.error]
     for p in plans:
         run.decide(f"planned {p.name} on {p.target}: " + (p.error or f"{len(p.planned)} change(s)"))
+    if run.status_page is not None:
+        run.status_page.planned(sum(len(p.planned) for p in planned))
     if not applying or not planned:
         _finish_actions(run, plans)
         return
@@ -416,6 +464,13 @@ def _remediate(run: Run) -> None:
             for offer, p in zip(run.offers, plans, strict=True):
                 if p in planned:
                     _keep_approved(run, offer, p, set(decision.approved_changes))
+    taken_over = _taken_over()
+    if taken_over:
+        for p in planned:
+            p.skipped_reason = f"not applied: {taken_over}"
+        run.decide(f"not applied: {taken_over}")
+        _finish_actions(run, plans)
+        return
     results = []
     for offer, p in zip(run.offers, plans, strict=True):
         if p.planned and not p.error:
@@ -427,7 +482,29 @@ def _remediate(run: Run) -> None:
             results.append(r)
         else:
             results.append(p)
+    changed = [r for r in results if r.changed]
+    if run.status_page is not None:
+        run.status_page.applied(bool(changed), all(r.verified for r in changed))
     _finish_actions(run, results)
+
+
+def _taken_over() -> str | None:
+    """Why this run must not apply, if its flow run is no longer Running on the server: a reconciler that took this
+    executor for dead (silent past its heartbeat deadline: a long stall, a partition) marked it Crashed and may
+    have rescheduled it elsewhere, or somebody cancelled it. One read, only before applying: the fence that keeps a
+    remediation from running twice at once. Unreadable state is no reason to stop (the server's own orchestration
+    still refuses a finished run)."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return None
+    try:
+        state = get_client(sync_client=True).read_flow_run(ctx.flow_run.id).state
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        run_logger().warning("could not re-read this run's state before applying: %s", redact(str(exc))[:200])
+        return None
+    if state is None or state.is_running():
+        return None
+    return f"this run is {state.name} on the server ({redact(state.message or '')[:200]}): another executor may hold it"
 
 
 def _approval_identity(plan: ActionResult, change: Change) -> str:
@@ -488,7 +565,9 @@ def _ask(run: Run, planned: list[ActionResult]) -> decisions.Decision:
     def waiting(v: decisions.PlanView) -> None:
         _notify(run, "waiting", f"{report.procedure} on {report.env} is WAITING FOR APPROVAL "
                 f"(up to {run.approval_timeout_s:g} s): " + "; ".join(v.changes[:10]),
-                {"changes": len(v.changes)})
+                {"changes": len(v.changes)},
+                "\n".join(["Findings (worst first):", *findings_lines(report), "Plan (waiting for approval):",
+                           *[f"- {one_line(c)}" for c in v.changes[:MAX_CHANGES]]]))
 
     decision = approval.ask(view, run.approval_timeout_s, waiting)
     if decision.approved:
@@ -539,12 +618,15 @@ def _announce_finished(run: Run) -> None:
             {"worst": report.worst.value, "outcome": report.outcome})
 
 
-def _notify(run: Run, event: str, text: str, fields: dict[str, Any]) -> None:
+def _notify(run: Run, event: str, text: str, fields: dict[str, Any], detail: str | None = None) -> None:
     route = run.route_config
     if route is None or not route.notify:
         return
     try:
-        errors = notify_route(route, run.env, event, text, fields, _run_link(run.report))
+        alert = _tag(_run_tags(), ALERT_PREFIX)
+        detail = incident_detail(run.report) if detail is None else detail
+        errors = notify_route(route, run.env, event, text, fields, _run_link(run.report),
+                              f"Alert: {one_line(alert)}\n{detail}" if alert else detail)
     except ConfigError as exc:
         errors = [str(exc)]
     for error in errors:

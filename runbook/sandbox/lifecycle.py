@@ -22,6 +22,7 @@ from .alertmanager import SERVICE as ALERTMANAGER
 from .backend import SERVICE as BACKEND
 from .backups import SERVICE as BACKUPS
 from .base import Service, ServiceRecord
+from .comms import SERVICE as COMMS
 from .errors import SandboxError
 from .node_exporter import SERVICE as NODE_EXPORTER
 from .opensearch import SERVICE as OPENSEARCH
@@ -39,6 +40,7 @@ SERVICES: dict[str, Service] = {svc.name: svc for svc in (
     BACKEND, NODE_EXPORTER, ALERTMANAGER, PROMETHEUS, OPENSEARCH,  # issue 4: metrics and logs
     PODMAN, SSHD,  # issue 3: containers (Podman's Docker API) and hosts (sshd)
     BACKUPS,  # issue 5: backup directory, restore role (after postgres and sshd)
+    COMMS,  # issue 13: status-page and incident-channel stand-ins
 )}
 ALL_SERVICES: tuple[str, ...] = tuple(SERVICES)
 LOCK_FILE = ".lock"

@@ -33,7 +33,7 @@ from .base import Requirement, Service, ServiceRecord
 from .errors import SandboxError
 from .postgres import admin_conninfo
 
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 120.0  # a cold start on a busy 2-core machine (CI beside other work) took over 60 s
 PG_DATABASE = "prefect"
 
 

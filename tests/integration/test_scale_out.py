@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +16,16 @@ import pytest
 from runbook.app.remote_run import deployment
 
 pytestmark = pytest.mark.integration
+
+
+def _wait_until_serving(log: Path, proc: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if "serving work pool" in log.read_text(errors="replace"):
+            return
+        assert proc.poll() is None, f"worker exited early:\n{log.read_text(errors='replace')[-2000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"worker never started serving:\n{log.read_text(errors='replace')[-2000:]}")
 
 
 def test_two_workers_share_runs_and_each_run_executes_once(sandbox_state, tmp_path) -> None:  # noqa: ANN001
@@ -30,6 +41,9 @@ def test_two_workers_share_runs_and_each_run_executes_once(sandbox_state, tmp_pa
         for i in range(2)
     ]
     try:
+        # Both must be serving before the runs exist: a worker still importing would leave them all to the other.
+        for i in range(2):
+            _wait_until_serving(tmp_path / f"w{i}.log", workers[i])
         with httpx.Client(base_url=api, timeout=10) as http:
             dep = deployment(http, "db-slowness")
             runs = [http.post(f"/deployments/{dep['id']}/create_flow_run",

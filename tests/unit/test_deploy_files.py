@@ -88,3 +88,34 @@ def test_the_committed_playbook_schema_is_the_generated_one() -> None:
 
     committed = json.loads((PROJECT_ROOT / "deploy" / "playbook.schema.json").read_text())
     assert committed == json.loads(json.dumps(playbook_json_schema()))
+
+
+CLUSTER = PROJECT_ROOT / "deploy" / "cluster"
+
+
+def _env_file(path: object) -> dict[str, str]:
+    lines = [ln for ln in CLUSTER.joinpath(str(path)).read_text().splitlines() if ln and not ln.startswith("#")]
+    return dict(ln.split("=", 1) for ln in lines)
+
+
+def test_the_cluster_description_uses_the_prefect_settings_the_test_starts() -> None:
+    """deploy/cluster/ is what tests/e2e/test_cluster.py runs: the same multi-replica settings, nginx config and
+    commands, so the description cannot drift from what is tested."""
+    from runbook.sandbox.cluster import HA_SETTINGS, nginx_conf
+
+    env = _env_file("prefect.env")
+    assert {k: env[k] for k in HA_SETTINGS} == HA_SETTINGS
+    assert {"PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_REDIS_MESSAGING_HOST", "PREFECT_SERVER_DOCKET_URL",
+            "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK"} <= set(env)
+    body = CLUSTER.joinpath("nginx.conf").read_text().split("\n", 3)[3]  # after the three comment lines
+    assert body == nginx_conf(4200, ["prefect-api-1.internal:4200", "prefect-api-2.internal:4200"],
+                              9095, ["intake-1.internal:9095", "intake-2.internal:9095"], listen_host="0.0.0.0")
+    units = {p.name: p.read_text() for p in CLUSTER.glob("*.service")}
+    assert "server start --host 0.0.0.0 --port %i --no-services" in units["prefect-api@.service"]
+    assert "server services start" in units["prefect-services.service"]
+    assert "server database upgrade -y" in units["prefect-migrate.service"]
+    assert "runbook intake --host 0.0.0.0 --port %i" in units["runbook-intake@.service"]
+    assert "runbook worker --grace" in units["runbook-worker.service"]
+    runbook_env = _env_file("runbook.env")
+    assert runbook_env["PREFECT_API_URL"].endswith(":4200/api")
+    assert runbook_env["RUNBOOK_INTAKE_STATE_DSN"].startswith("postgresql://"), "the intakes share one state"

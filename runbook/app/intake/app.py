@@ -23,7 +23,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.requests import ClientDisconnect
 
 from runbook.app.catalog import PROCEDURES
+from runbook.app.intake.aftermath import Aftermath
 from runbook.app.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnavailable
 from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
 from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
+from runbook.app.intake.pgstore import PostgresStore
 from runbook.app.intake.policy import Decision, decide
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
-from runbook.app.intake.store import Occurrence, Store
+from runbook.app.intake.store import Occurrence, SqliteStore, Store, StoreUnavailable
+from runbook.app.review import Review, load_reviews
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
 from runbook.engine.notify import notify_route
@@ -52,18 +56,28 @@ class IntakeSettings:
     token: str
     prefect_api_url: str
     state_dir: Path
+    state_dsn: str | None = field(default=None, repr=False)  # PostgreSQL shared by replicas; a secret
     playbook_dirs: list[Path] | None = None
     on_created: Callable[[str], None] | None = None
     limits: Limits = field(default_factory=Limits)
+
+
+def open_store(state_dir: Path, dsn: str | None = None) -> Store:
+    """PostgreSQL when a state DSN is configured (several replicas share it), else the SQLite file in
+    ``state_dir`` (one intake). Here, where the intake is wired, so the two stores need not import each other."""
+    if dsn:
+        return PostgresStore(dsn)
+    return SqliteStore(state_dir / "intake.sqlite")
 
 
 def create_app(settings: IntakeSettings) -> FastAPI:
     """Wire the intake: its playbooks (routes checked against the catalog), store, dispatcher, metrics, endpoints."""
     playbooks = load_playbooks(settings.playbook_dirs)
     _check_routes(playbooks)
-    store = Store(settings.state_dir / "intake.sqlite")
+    store = open_store(settings.state_dir, settings.state_dsn)
     intake = Intake(settings.token, playbooks, store,
-                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits)
+                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits,
+                    reviews_dir=settings.state_dir / "reviews")
     app = FastAPI(title="runbook alert intake", lifespan=intake.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.store, app.state.dispatcher, app.state.metrics = store, intake.dispatcher, intake.metrics
@@ -83,6 +97,7 @@ class Intake:
     dispatcher: Dispatcher
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=Metrics)
+    reviews_dir: Path | None = None  # post-incident reviews written on resolve (None: none written)
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -91,13 +106,19 @@ class Intake:
         self._deciding = threading.Lock()  # decide + accept of one webhook at a time: cooldowns see each other
         self._in_flight = 0
         self._notes = RateLimitedLog(log)
+        self._aftermath = Aftermath(self.dispatcher.api_url, self.playbooks, self.reviews_dir, self._observe)
+        if self.reviews_dir is not None:  # /metrics' incident histograms start from the reviews already written
+            for review in load_reviews(self.reviews_dir):
+                self._observe(review)
 
     @asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await self.dispatcher.start()
+        self._aftermath.start()
         try:
             yield
         finally:
+            await asyncio.to_thread(self._aftermath.stop)
             await self.dispatcher.stop()
             self.store.close()
 
@@ -166,12 +187,16 @@ class Intake:
             return self._refuse(request, 400, "malformed_json", f"not JSON: {str(exc)[:200]}")
         if not self.dispatcher.healthy and not await self.dispatcher.check_health():
             return self._refuse(request, 503, "prefect_unavailable", "Prefect API unreachable; retry later")
-        return JSONResponse(await self._process(hook))
+        try:
+            return JSONResponse(await self._process(hook))
+        except StoreUnavailable as exc:  # nothing was acknowledged: Alertmanager sends it again
+            return self._refuse(request, 503, "store_unavailable", str(exc))
 
     async def _process(self, hook: ParsedWebhook) -> dict[str, Any]:
         results, resolves, tripped = await asyncio.to_thread(self._route_and_store, hook)
         for entry, occ in resolves:  # the cancellations talk to Prefect: back on the loop, through the dispatcher
             entry["detail"] = await self._cancel(occ)
+            self._aftermath.resolved(occ, datetime.now(UTC))  # status page, review: on a thread of their own
         for d in tripped:
             self._notify_later(d.request, "breaker", d.reason)
         if any(r["outcome"] == "run" for r in results):
@@ -198,9 +223,11 @@ class Intake:
             metrics.rejected.labels(r.code).inc()
             results.append({"index": r.index, "fingerprint": r.fingerprint, "outcome": "rejected", "code": r.code,
                             "reason": redact(r.detail)})
-        for index, alert in hook.alerts:
+        routed = [(index, alert, matching_routes(self.playbooks.routes, alert.labels)) for index, alert in hook.alerts]
+        resent = store.known_keys([occurrence_key(route.name, alert) for _, alert, routes in routed
+                                   if alert.status != "resolved" for route in routes])  # one query, not one each
+        for index, alert, routes in routed:
             metrics.received.labels(alert.status).inc()
-            routes = matching_routes(self.playbooks.routes, alert.labels)
             if not routes:
                 metrics.unrouted.inc()
                 results.append({"index": index, "fingerprint": alert.fingerprint, "outcome": "unrouted"})
@@ -216,7 +243,7 @@ class Intake:
                         resolves.append((entry, occ))
                     results.append(entry)
                     continue
-                if store.known(occurrence_key(route.name, alert)):  # a resend: nothing to validate or decide
+                if occurrence_key(route.name, alert) in resent:  # a resend: nothing to validate or decide
                     metrics.deduplicated.inc()
                     results.append({**entry, "outcome": "duplicate"})
                     continue
@@ -228,11 +255,14 @@ class Intake:
                                     "reason": redact(str(exc))})
         tripped: list[Decision] = []
         if firing:
-            with self._deciding:
-                decisions = decide([(req, route) for req, route, _ in firing], store)
-                to_store = [(d.request, "pending", d.reason) for d in decisions if d.outcome == "run"]
-                to_store += [(d.request, "suppressed", d.reason) for d in decisions if d.outcome == "cooldown"]
-                store.accept(to_store)
+            with self._deciding, store.deciding({req.procedure for req, _, _ in firing}) as tx:
+                decisions = decide([(req, route) for req, route, _ in firing], tx)
+                rows = [(i, (d.request, "pending" if d.outcome == "run" else "suppressed", d.reason))
+                        for i, d in enumerate(decisions) if d.outcome in ("run", "cooldown")]
+                for (i, _), new in zip(rows, tx.accept([row for _, row in rows]), strict=True):
+                    if not new:  # another writer stored it first (the store's locks make this a safety net)
+                        decisions[i] = replace(decisions[i], outcome="duplicate", breaker_tripped=False,
+                                               reason="this alert occurrence already has its run")
             for d, (_, _, index) in zip(decisions, firing, strict=True):
                 entry = {"index": index, "fingerprint": d.request.fingerprint, "route": d.request.route,
                          "outcome": d.outcome}
@@ -250,6 +280,10 @@ class Intake:
                     tripped.append(d)
                 results.append(entry)
         return results, resolves, tripped
+
+    def _observe(self, review: Review) -> None:
+        self.metrics.observe_review(review.procedure, review.figures.time_to_remediate_s,
+                                    review.figures.time_to_recover_s)
 
     def _notify_later(self, req: RunRequest, event: str, text: str) -> None:
         """Deliver in a thread after the acknowledgement: a slow webhook must not delay Alertmanager."""

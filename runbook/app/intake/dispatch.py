@@ -5,11 +5,14 @@ keys per flow, not per deployment, so the route is part of the key; a retry afte
 replica gets the same run back instead of a new one.
 Latency: the request handler wakes the dispatcher directly (no polling); a created run is handed to the local
 executor, when there is one, so its first task starts within a fraction of a second.
+Replicas sharing a PostgreSQL store: each dispatcher claims the occurrences it creates runs for (store.claim), so
+two never create one run twice; a sweep every SWEEP_S picks up what a replica that died had accepted or claimed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -20,13 +23,14 @@ import httpx
 
 from runbook.app.intake.policy import run_parameters
 from runbook.app.intake.routing import RunRequest
-from runbook.app.intake.store import Occurrence, Store
+from runbook.app.intake.store import Occurrence, Store, StoreUnavailable
 from runbook.app.remote_run import deployment_filter
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CANCELLABLE = {"SCHEDULED", "PENDING", "PAUSED"}
+SWEEP_S = 15.0
 
 
 class Dispatcher:
@@ -125,14 +129,29 @@ class Dispatcher:
     async def _run(self) -> None:
         sem = asyncio.Semaphore(self.concurrency)
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SWEEP_S)
             self._wake.clear()
-            while batch := self.store.pending():
-                results = await asyncio.gather(*(self._create(o, sem) for o in batch))
+            while batch := self._claim():
+                results = await asyncio.gather(*(self._create_recorded(o, sem) for o in batch))
                 if not all(results):
                     await asyncio.sleep(1.0)  # Prefect is away: the watcher wakes us when it is back
                     if not self.healthy:
                         break
+
+    def _claim(self) -> list[Occurrence]:
+        try:
+            return self.store.claim()
+        except StoreUnavailable as exc:  # the next wake or sweep tries again
+            log.warning("cannot read pending occurrences: %s", exc)
+            return []
+
+    async def _create_recorded(self, occ: Occurrence, sem: asyncio.Semaphore) -> bool:
+        try:
+            return await self._create(occ, sem)
+        except StoreUnavailable as exc:  # its claim expires, and the same run (idempotency key) is recorded then
+            log.warning("the run for %s is not recorded yet: %s", occ.key, exc)
+            return False
 
     async def _create(self, occ: Occurrence, sem: asyncio.Semaphore) -> bool:
         async with sem:
@@ -153,6 +172,8 @@ class Dispatcher:
             except PrefectUnavailable as exc:
                 self.healthy = False
                 log.warning("cannot create the run for %s yet: %s", occ.key, exc)
+                with contextlib.suppress(StoreUnavailable):  # else its claim expires
+                    self.store.release(occ.key)
                 return False
             except PrefectRejected as exc:
                 self.store.mark(occ.key, "failed", str(exc)[:500])

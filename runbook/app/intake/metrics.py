@@ -7,6 +7,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
+INCIDENT_BUCKETS = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -34,6 +36,21 @@ class Metrics:
         self.cancelled = Counter("runbook_intake_runs_cancelled", "runs cancelled on resolve", registry=r)
         self.latency = Histogram("runbook_intake_request_seconds", "webhook handling time", registry=r,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+        # post-incident reviews (runbook.app.review): one observation per reviewed alert occurrence and procedure
+        self.time_to_remediate = Histogram(
+            "runbook_incident_time_to_remediate_seconds", "alert start to the first change a run made", ["procedure"],
+            registry=r, buckets=INCIDENT_BUCKETS)
+        self.time_to_recover = Histogram(
+            "runbook_incident_time_to_recover_seconds", "alert start to a verified change, else to the alert's "
+            "resolve", ["procedure"], registry=r, buckets=INCIDENT_BUCKETS)
+
+    def observe_review(self, procedure: str, remediate_s: float | None, recover_s: float | None) -> None:
+        """A review's figures (a figure it does not have, e.g. nothing was changed, is not observed)."""
+        if remediate_s is not None:
+            self.time_to_remediate.labels(procedure or "unknown").observe(max(0.0, remediate_s))
+        if recover_s is not None:
+            self.time_to_recover.labels(procedure or "unknown").observe(max(0.0, recover_s))
 
     def connection_closed(self, reason: str) -> None:
         self.connections_closed.labels(reason).inc()

@@ -3,8 +3,14 @@
 An occurrence is written (and fsynced) before Alertmanager gets its 200, so an intake crash never loses one: the
 dispatcher picks up whatever is still pending when it starts. The occurrence key is the primary key, so a resend
 is recognised even after a restart; cooldown and circuit-breaker decisions read the same table.
-SQLite (stdlib) because the intake must not need another server to be safe; a scaled-out deployment still gets
-exactly-once from Prefect's idempotency keys, which include the route.
+
+Two implementations of one ``Store`` protocol:
+- ``SqliteStore`` (stdlib, the single-node default): the intake needs no other server to be safe.
+- ``PostgresStore`` (pgstore.py, when a state DSN is configured): one state for every replica behind a load
+  balancer, so dedup, cooldowns, the breaker's count and dispatch claims hold across them.
+Both decide a webhook's batch inside one transaction that holds a lock per procedure (``deciding``): what the
+policy reads and what it writes cannot interleave with another replica's decision for the same procedure.
+A store that cannot be read is an error naming it, never silently replaced by an empty one (history lost).
 """
 
 from __future__ import annotations
@@ -13,11 +19,19 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runbook.app.intake.routing import RunRequest
+from runbook.engine.errors import ConfigError, RunbookError
+
+# a claimed occurrence whose dispatcher has not recorded its run by then (it died) is claimed again; well above
+# the dispatcher's HTTP timeout, and Prefect's idempotency key makes a second creation return the same run
+CLAIM_LEASE_S = 60.0
+WAITING = ("pending", "dispatching")  # accepted, no run yet
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS occurrences (
@@ -33,17 +47,21 @@ CREATE TABLE IF NOT EXISTS occurrences (
     starts_at TEXT NOT NULL,
     alertname TEXT NOT NULL,
     summary TEXT NOT NULL,
-    status TEXT NOT NULL,          -- pending | created | suppressed | cancelled | failed
+    status TEXT NOT NULL,          -- pending | dispatching | created | suppressed | cancelled | failed
     reason TEXT NOT NULL DEFAULT '',
     flow_run_id TEXT,
     received_at REAL NOT NULL,
     created_at REAL,
-    resolved_at REAL
+    resolved_at REAL,
+    claimed_at REAL
 );
 CREATE INDEX IF NOT EXISTS occ_status ON occurrences(status);
 CREATE INDEX IF NOT EXISTS occ_target ON occurrences(target, received_at);
 CREATE INDEX IF NOT EXISTS occ_route ON occurrences(route, mode, received_at);
 """
+
+INSERT_COLUMNS = ("key", "route", "procedure", "env", "target", "params", "mode", "tags", "fingerprint",
+                  "starts_at", "alertname", "summary", "status", "reason", "received_at")
 
 
 @dataclass(frozen=True)
@@ -61,19 +79,91 @@ class Occurrence:
     summary: str
     received_at: float
     reason: str
+    fingerprint: str = ""
 
 
-class Store:
-    """A small synchronous store; one connection guarded by a lock (each call is a few hundred microseconds)."""
+class StoreUnavailable(RunbookError):
+    """The state database cannot be reached or answered in time: the webhook gets a 503 (Alertmanager retries)."""
+
+
+class Decider(Protocol):
+    """Reads and writes inside one decision transaction (see ``Store.deciding``)."""
+
+    def known_keys(self, keys: Collection[str]) -> set[str]: ...
+
+    def ran_for_target(self, target: str, since: float) -> bool: ...
+
+    def applying_runs(self, route: str, since: float) -> int: ...
+
+    def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]: ...
+
+
+class Store(Protocol):
+    """What the intake and its dispatcher need from durable state, whichever database holds it."""
+
+    def close(self) -> None: ...
+
+    def deciding(self, procedures: Collection[str]) -> AbstractContextManager[Decider]:
+        """A transaction holding the lock of each procedure: decide, accept, commit on exit."""
+        ...
+
+    def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]: ...
+
+    def claim(self, limit: int = 200) -> list[Occurrence]:
+        """Occurrences waiting for their run, now this dispatcher's alone (until it records or releases them)."""
+        ...
+
+    def release(self, key: str) -> None: ...
+
+    def mark_created(self, key: str, flow_run_id: str) -> None: ...
+
+    def mark(self, key: str, status: str, reason: str = "") -> None: ...
+
+    def mark_resolved(self, key: str) -> Occurrence | None: ...
+
+    def pending_count(self) -> int: ...
+
+    def known(self, key: str) -> bool: ...
+
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        """Which of ``keys`` are stored: one query for a webhook's resends, not one per alert."""
+        ...
+
+    def pending(self, limit: int = 200) -> list[Occurrence]: ...
+
+    def find(self, fingerprint: str, route: str | None = None) -> list[Occurrence]: ...
+
+    def get(self, key: str) -> Occurrence | None: ...
+
+
+def insert_values(req: RunRequest, status: str, reason: str, now: float) -> tuple[Any, ...]:
+    """One row's values in ``INSERT_COLUMNS`` order."""
+    return (req.key, req.route, req.procedure, req.env, req.target, json.dumps(req.params, default=str),
+            req.mode, json.dumps(req.tags), req.fingerprint, req.starts_at, req.alertname, req.summary,
+            status, reason, now)
+
+
+def to_occurrence(row: Mapping[str, Any]) -> Occurrence:
+    return Occurrence(
+        key=row["key"], route=row["route"], procedure=row["procedure"], env=row["env"],
+        params=json.loads(row["params"]), mode=row["mode"], tags=json.loads(row["tags"]),
+        status=row["status"], flow_run_id=row["flow_run_id"],
+        alertname=row["alertname"], summary=row["summary"], received_at=row["received_at"], reason=row["reason"],
+        fingerprint=row["fingerprint"],
+    )
+
+
+class SqliteStore:
+    """One intake's store: a SQLite file, one connection guarded by a lock (each call is a few hundred
+    microseconds). ``BEGIN IMMEDIATE`` makes a decision transaction exclusive, which is the per-procedure lock."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged alert survives a power cut
-        self._db.executescript(SCHEMA)
+        self.path = path
+        self._db = _open_checked(path)
         self._lock = threading.Lock()
+        # a claim left by a process that died: this is the only process using the file, so it is stale
+        self._db.execute("UPDATE occurrences SET status = 'pending', claimed_at = NULL WHERE status = 'dispatching'")
         # kept up to date by every write below, so /healthz (unauthenticated) costs no query at all
         self._pending = int(self._db.execute("SELECT count(*) FROM occurrences WHERE status = 'pending'"
                                              ).fetchone()[0])
@@ -84,30 +174,45 @@ class Store:
 
     # -------------------------------------------------------------- writes
 
-    def accept(self, requests: list[tuple[RunRequest, str, str]]) -> list[bool]:
-        """Insert (request, status, reason) rows in one transaction; False where the key was already known."""
-        now = time.time()
-        out: list[bool] = []
+    @contextmanager
+    def deciding(self, procedures: Collection[str]) -> Iterator[Decider]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            tx = _SqliteDecider(self._db)
             try:
-                for req, status, reason in requests:
-                    cur = self._db.execute(
-                        """INSERT OR IGNORE INTO occurrences (key, route, procedure, env, target, params, mode, tags,
-                               fingerprint, starts_at, alertname, summary, status, reason, received_at)
-                           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                        (req.key, req.route, req.procedure, req.env, req.target, json.dumps(req.params, default=str),
-                         req.mode, json.dumps(req.tags), req.fingerprint, req.starts_at, req.alertname, req.summary,
-                         status, reason, now),
-                    )
-                    out.append(cur.rowcount == 1)
+                yield tx
                 self._db.execute("COMMIT")
-                self._pending += sum(new and status == "pending"
-                                     for new, (_, status, _) in zip(out, requests, strict=True))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return out
+            self._pending += tx.added
+
+    def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]:
+        """Insert (request, status, reason) rows in one transaction; False where the key was already known."""
+        with self.deciding({req.procedure for req, _, _ in rows}) as tx:
+            return tx.accept(rows)
+
+    def claim(self, limit: int = 200) -> list[Occurrence]:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute(
+                    """SELECT * FROM occurrences WHERE status = 'pending'
+                           OR (status = 'dispatching' AND claimed_at < ?) ORDER BY received_at LIMIT ?""",
+                    (now - CLAIM_LEASE_S, limit)).fetchall()
+                self._db.executemany("UPDATE occurrences SET status = 'dispatching', claimed_at = ? WHERE key = ?",
+                                     [(now, r["key"]) for r in rows])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return [to_occurrence(r) for r in rows]
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE occurrences SET status = 'pending', claimed_at = NULL "
+                             "WHERE key = ? AND status = 'dispatching'", (key,))
 
     def mark_created(self, key: str, flow_run_id: str) -> None:
         with self._lock:
@@ -119,14 +224,17 @@ class Store:
 
     def mark(self, key: str, status: str, reason: str = "") -> None:
         with self._lock:
-            if status != "pending":
+            if status not in WAITING:
                 self._leaves_pending(key)
             self._db.execute("UPDATE occurrences SET status = ?, reason = ? WHERE key = ?", (status, reason, key))
 
     def mark_resolved(self, key: str) -> Occurrence | None:
         """Record the resolution; a still-pending occurrence is cancelled before it ever becomes a run."""
         with self._lock:
-            self._leaves_pending(key)  # a resolved pending occurrence is cancelled
+            row = self._db.execute("SELECT status FROM occurrences WHERE key = ? AND resolved_at IS NULL",
+                                   (key,)).fetchone()
+            if row is not None and row[0] == "pending":
+                self._pending -= 1
             self._db.execute(
                 """UPDATE occurrences SET resolved_at = ?,
                           status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
@@ -135,12 +243,12 @@ class Store:
                 (time.time(), key),
             )
             row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
-        return _occ(row) if row else None
+        return to_occurrence(row) if row else None
 
     def _leaves_pending(self, key: str) -> None:
-        """Count an occurrence out of the pending ones (called under the lock, before its status changes)."""
+        """Count an occurrence out of the waiting ones (called under the lock, before its status changes)."""
         row = self._db.execute("SELECT status FROM occurrences WHERE key = ?", (key,)).fetchone()
-        if row is not None and row[0] == "pending":
+        if row is not None and row[0] in WAITING:
             self._pending -= 1
 
     # -------------------------------------------------------------- reads
@@ -153,40 +261,103 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT 1 FROM occurrences WHERE key = ?", (key,)).fetchone() is not None
 
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        with self._lock:
+            return _sqlite_known(self._db, keys)
+
     def pending(self, limit: int = 200) -> list[Occurrence]:
+        """Occurrences waiting for their run (claimed or not), oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM occurrences WHERE status = 'pending' ORDER BY received_at LIMIT ?", (limit,)
-            ).fetchall()
-        return [_occ(r) for r in rows]
+                "SELECT * FROM occurrences WHERE status IN ('pending', 'dispatching') ORDER BY received_at LIMIT ?",
+                (limit,)).fetchall()
+        return [to_occurrence(r) for r in rows]
 
-    def last_run_for_target(self, target: str, since: float) -> Occurrence | None:
+    def find(self, fingerprint: str, route: str | None = None) -> list[Occurrence]:
+        """Every occurrence of one alert (by fingerprint), on one route or all."""
         with self._lock:
-            row = self._db.execute(
-                """SELECT * FROM occurrences WHERE target = ? AND status IN ('pending', 'created')
-                    AND received_at >= ? ORDER BY received_at DESC LIMIT 1""",
-                (target, since),
-            ).fetchone()
-        return _occ(row) if row else None
-
-    def applying_runs(self, route: str, since: float) -> int:
-        with self._lock:
-            return int(self._db.execute(
-                """SELECT count(*) FROM occurrences WHERE route = ? AND mode IN ('auto', 'approve')
-                    AND status IN ('pending', 'created') AND received_at >= ?""",
-                (route, since),
-            ).fetchone()[0])
+            rows = self._db.execute(
+                "SELECT * FROM occurrences WHERE fingerprint = ? AND (? IS NULL OR route = ?) ORDER BY received_at",
+                (fingerprint, route, route)).fetchall()
+        return [to_occurrence(r) for r in rows]
 
     def get(self, key: str) -> Occurrence | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
-        return _occ(row) if row else None
+        return to_occurrence(row) if row else None
 
 
-def _occ(row: sqlite3.Row) -> Occurrence:
-    return Occurrence(
-        key=row["key"], route=row["route"], procedure=row["procedure"], env=row["env"],
-        params=json.loads(row["params"]), mode=row["mode"], tags=json.loads(row["tags"]),
-        status=row["status"], flow_run_id=row["flow_run_id"],
-        alertname=row["alertname"], summary=row["summary"], received_at=row["received_at"], reason=row["reason"],
-    )
+class _SqliteDecider:
+    """The policy's reads and the batch's inserts, on the connection inside ``BEGIN IMMEDIATE``."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.added = 0
+
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        return _sqlite_known(self._db, keys)
+
+    def ran_for_target(self, target: str, since: float) -> bool:
+        return self._db.execute(
+            """SELECT 1 FROM occurrences WHERE target = ? AND status IN ('pending', 'dispatching', 'created')
+                AND received_at >= ? LIMIT 1""", (target, since)).fetchone() is not None
+
+    def applying_runs(self, route: str, since: float) -> int:
+        return int(self._db.execute(
+            """SELECT count(*) FROM occurrences WHERE route = ? AND mode IN ('auto', 'approve')
+                AND status IN ('pending', 'dispatching', 'created') AND received_at >= ?""",
+            (route, since)).fetchone()[0])
+
+    def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]:
+        now = time.time()
+        out: list[bool] = []
+        sql = (f"INSERT INTO occurrences ({', '.join(INSERT_COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(INSERT_COLUMNS))}) ON CONFLICT (key) DO NOTHING")
+        for req, status, reason in rows:
+            new = self._db.execute(sql, insert_values(req, status, reason, now)).rowcount == 1
+            out.append(new)
+            self.added += new and status == "pending"
+        return out
+
+
+def _sqlite_known(db: sqlite3.Connection, keys: Collection[str]) -> set[str]:
+    found: set[str] = set()
+    unique = list(set(keys))
+    for start in range(0, len(unique), 500):  # SQLite's bound on parameters
+        chunk = unique[start:start + 500]
+        found |= {r[0] for r in db.execute(
+            f"SELECT key FROM occurrences WHERE key IN ({', '.join('?' * len(chunk))})", chunk)}
+    return found
+
+
+def _open_checked(path: Path) -> sqlite3.Connection:
+    """The store's connection, after SQLite's own integrity check: a file that is not a database, or a damaged
+    one, stops the intake with an error naming it (never replaced by an empty store: its history would be lost)."""
+    db: sqlite3.Connection | None = None
+    try:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        db.row_factory = sqlite3.Row
+        problems = [line.strip() for r in db.execute("PRAGMA quick_check").fetchall()
+                    for line in str(r[0]).splitlines() if line.strip()]
+        if problems != ["ok"]:
+            raise ConfigError(f"intake store {path}: SQLite's integrity check failed ({'; '.join(problems)[:300]})"
+                              f"; {_LEFT_ALONE}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # an acknowledged alert survives a power cut
+        db.executescript(SCHEMA)
+        columns = {r[1] for r in db.execute("PRAGMA table_info(occurrences)")}
+        if "claimed_at" not in columns:  # a store written before dispatch claims
+            db.execute("ALTER TABLE occurrences ADD COLUMN claimed_at REAL")
+    except sqlite3.DatabaseError as exc:
+        if db is not None:
+            db.close()
+        raise ConfigError(f"intake store {path}: not a usable SQLite database ({exc}); {_LEFT_ALONE}") from None
+    except ConfigError:
+        if db is not None:
+            db.close()
+        raise
+    return db
+
+
+_LEFT_ALONE = ("the intake does not start on it and leaves it as it is: restore it from a backup, or move it "
+               "aside to start with an empty store (its dedup, cooldown and breaker history is then lost)")

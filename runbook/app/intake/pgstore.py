@@ -1,0 +1,318 @@
+"""The intake's state in PostgreSQL, shared by every replica behind a load balancer.
+
+With a SQLite file per replica each one counts its own breaker runs and cooldowns, so two replicas allow twice
+the breaker's limit. Here:
+- a webhook's decisions are made in one transaction that first takes a transaction-scoped advisory lock per
+  procedure (sorted, so two replicas never deadlock): occurrence keys, cooldown targets and breaker routes all
+  belong to one procedure, so the reads that decide and the inserts that record cannot interleave with another
+  replica's for the same procedure, and the breaker's count is exact;
+- occurrences are inserted with ``ON CONFLICT DO NOTHING`` on the key: one row per occurrence whoever inserts it;
+- the dispatcher claims rows with ``FOR UPDATE SKIP LOCKED`` (a lease covers a replica that dies holding some),
+  so two dispatchers never both create a run for one occurrence (Prefect's idempotency key backs this up).
+Every connection has connect, statement, lock and idle-in-transaction timeouts; the DSN is a secret: it is
+registered for redaction and never appears in an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import DictRow, dict_row
+
+from runbook.app.intake.routing import RunRequest
+from runbook.app.intake.store import (
+    CLAIM_LEASE_S,
+    INSERT_COLUMNS,
+    Decider,
+    Occurrence,
+    StoreUnavailable,
+    insert_values,
+    to_occurrence,
+)
+from runbook.engine.clients import conninfo_parts
+from runbook.engine.redact import redact, register_secret
+
+TABLE = "runbook_intake_occurrences"
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    key text PRIMARY KEY,
+    route text NOT NULL,
+    procedure text NOT NULL,
+    env text NOT NULL,
+    target text NOT NULL,
+    params text NOT NULL,
+    mode text NOT NULL,
+    tags text NOT NULL DEFAULT '[]',
+    fingerprint text NOT NULL,
+    starts_at text NOT NULL,
+    alertname text NOT NULL,
+    summary text NOT NULL,
+    status text NOT NULL,          -- pending | dispatching | created | suppressed | cancelled | failed
+    reason text NOT NULL DEFAULT '',
+    flow_run_id text,
+    received_at double precision NOT NULL,
+    created_at double precision,
+    resolved_at double precision,
+    claimed_at double precision,
+    claimed_by text
+);
+CREATE INDEX IF NOT EXISTS {TABLE}_status ON {TABLE} (status, received_at);
+CREATE INDEX IF NOT EXISTS {TABLE}_target ON {TABLE} (target, received_at);
+CREATE INDEX IF NOT EXISTS {TABLE}_route ON {TABLE} (route, mode, received_at);
+CREATE INDEX IF NOT EXISTS {TABLE}_fingerprint ON {TABLE} (fingerprint);
+"""
+WHERE = "the intake's state DSN (--state-dsn / RUNBOOK_INTAKE_STATE_DSN)"
+CONNECT_TIMEOUT_S = 5
+STATEMENT_TIMEOUT_MS = 5_000  # also bounds the wait for another replica's decision lock
+APPLICATION_NAME = "runbook-intake"
+INSERT_CHUNK = 1000
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory lock key for ``name`` (namespaced, so it cannot meet another user's)."""
+    return int.from_bytes(hashlib.sha256(f"runbook-intake\0{name}".encode()).digest()[:8], "big", signed=True)
+
+
+class PostgresStore:
+    """The shared store: one connection per calling thread (the intake's worker threads, the dispatcher's), each
+    reconnected when it breaks, so a PostgreSQL restart costs the webhooks in flight a 503 and nothing more."""
+
+    def __init__(self, dsn: str, connect_timeout_s: int = CONNECT_TIMEOUT_S,
+                 statement_timeout_ms: int = STATEMENT_TIMEOUT_MS) -> None:
+        register_secret(dsn)
+        self._conninfo = make_conninfo(**conninfo_parts(dsn, WHERE))  # a malformed DSN: ConfigError, no value
+        self._connect_timeout_s = connect_timeout_s
+        self._statement_timeout_ms = statement_timeout_ms
+        self._local = threading.local()
+        self._all: list[psycopg.Connection[DictRow]] = []
+        self._all_lock = threading.Lock()
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        with self._session() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("schema"),))  # replicas starting together
+            conn.execute(SCHEMA)
+        self._pending = 0
+        self._refresh_pending()
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+
+    # -------------------------------------------------------------- connections
+
+    def _connect(self) -> psycopg.Connection[DictRow]:
+        started = time.monotonic()
+        try:
+            conn = psycopg.connect(
+                self._conninfo, autocommit=True, row_factory=dict_row,
+                connect_timeout=max(1, math.ceil(self._connect_timeout_s)), application_name=APPLICATION_NAME,
+                # synchronous_commit=on whatever the server's default: an acknowledged alert survives a crash
+                options=(f"-c synchronous_commit=on -c statement_timeout={self._statement_timeout_ms} "
+                         f"-c lock_timeout={self._statement_timeout_ms} "
+                         f"-c idle_in_transaction_session_timeout={self._statement_timeout_ms * 2}"),
+                keepalives=1, keepalives_idle=5, tcp_user_timeout=self._connect_timeout_s * 1000,
+            )
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"intake state database unreachable: {_first_line(exc)} after "
+                                   f"{time.monotonic() - started:.1f} s") from None
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    def _forget(self, conn: psycopg.Connection[DictRow]) -> None:
+        conn.close()
+        with self._all_lock:
+            if conn in self._all:
+                self._all.remove(conn)
+
+    @contextmanager
+    def _session(self) -> Iterator[psycopg.Connection[DictRow]]:
+        """This thread's connection (opened or reopened as needed); psycopg errors leave as StoreUnavailable."""
+        conn: psycopg.Connection[DictRow] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                self._forget(conn)
+            conn = self._local.conn = self._connect()
+        try:
+            yield conn
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"intake state database: {_first_line(exc)}") from None
+
+    # -------------------------------------------------------------- writes
+
+    @contextmanager
+    def deciding(self, procedures: Collection[str]) -> Iterator[Decider]:
+        with self._session() as conn:
+            with conn.transaction():
+                for key in sorted({_lock_key(f"procedure\0{p}") for p in procedures}):
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+                tx = _PgDecider(conn)
+                yield tx
+            self._count(tx.added)
+
+    def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]:
+        """Insert (request, status, reason) rows in one transaction; False where the key was already known."""
+        with self.deciding({req.procedure for req, _, _ in rows}) as tx:
+            return tx.accept(rows)
+
+    def claim(self, limit: int = 200) -> list[Occurrence]:
+        now = time.time()
+        with self._session() as conn:
+            rows = conn.execute(
+                f"""UPDATE {TABLE} SET status = 'dispatching', claimed_at = %s, claimed_by = %s
+                     WHERE key IN (SELECT key FROM {TABLE}
+                                    WHERE status = 'pending' OR (status = 'dispatching' AND claimed_at < %s)
+                                    ORDER BY received_at LIMIT %s FOR UPDATE SKIP LOCKED)
+                 RETURNING *""", (now, self.replica, now - CLAIM_LEASE_S, limit)).fetchall()
+        if not rows:
+            self._refresh_pending()
+        return sorted((to_occurrence(r) for r in rows), key=lambda o: o.received_at)
+
+    def release(self, key: str) -> None:
+        with self._session() as conn:
+            conn.execute(f"UPDATE {TABLE} SET status = 'pending', claimed_at = NULL, claimed_by = NULL "
+                         "WHERE key = %s AND status = 'dispatching' AND claimed_by = %s", (key, self.replica))
+
+    def mark_created(self, key: str, flow_run_id: str) -> None:
+        with self._session() as conn:
+            row = conn.execute(
+                f"""UPDATE {TABLE} n SET status = 'created', flow_run_id = %s, created_at = %s
+                      FROM {TABLE} o WHERE n.key = o.key AND n.key = %s RETURNING o.status AS was""",
+                (flow_run_id, time.time(), key)).fetchone()
+        self._left_waiting(row)
+
+    def mark(self, key: str, status: str, reason: str = "") -> None:
+        with self._session() as conn:
+            row = conn.execute(
+                f"""UPDATE {TABLE} n SET status = %s, reason = %s FROM {TABLE} o
+                     WHERE n.key = o.key AND n.key = %s RETURNING o.status AS was""", (status, reason, key)
+            ).fetchone()
+        if status not in ("pending", "dispatching"):
+            self._left_waiting(row)
+
+    def mark_resolved(self, key: str) -> Occurrence | None:
+        """Record the resolution; a still-pending occurrence is cancelled before it ever becomes a run."""
+        with self._session() as conn:
+            row = conn.execute(
+                f"""UPDATE {TABLE} n SET resolved_at = %s,
+                           status = CASE WHEN o.status = 'pending' THEN 'cancelled' ELSE o.status END,
+                           reason = CASE WHEN o.status = 'pending' THEN 'resolved before dispatch' ELSE o.reason END
+                      FROM {TABLE} o WHERE n.key = o.key AND n.key = %s AND n.resolved_at IS NULL
+                 RETURNING o.status AS was""", (time.time(), key)).fetchone()
+            if row is not None and row["was"] == "pending":
+                self._count(-1)
+            found = conn.execute(f"SELECT * FROM {TABLE} WHERE key = %s", (key,)).fetchone()
+        return to_occurrence(found) if found else None
+
+    def _left_waiting(self, row: DictRow | None) -> None:
+        if row is not None and row["was"] in ("pending", "dispatching"):
+            self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        with self._all_lock:
+            self._pending = max(0, self._pending + delta)
+
+    def _refresh_pending(self) -> None:
+        with self._session() as conn:
+            row = conn.execute(f"SELECT count(*) AS n FROM {TABLE} WHERE status IN ('pending', 'dispatching')"
+                               ).fetchone()
+        with self._all_lock:
+            self._pending = int(row["n"]) if row else 0
+
+    # -------------------------------------------------------------- reads
+
+    def pending_count(self) -> int:
+        """Occurrences waiting for their run, without a query: this replica's writes since the dispatcher last
+        found nothing to claim, when it recounts (other replicas' work shows from then on)."""
+        return self._pending
+
+    def known(self, key: str) -> bool:
+        with self._session() as conn:
+            return conn.execute(f"SELECT 1 FROM {TABLE} WHERE key = %s", (key,)).fetchone() is not None
+
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        with self._session() as conn:
+            return _pg_known(conn, keys)
+
+    def pending(self, limit: int = 200) -> list[Occurrence]:
+        """Occurrences waiting for their run (claimed or not), oldest first."""
+        with self._session() as conn:
+            rows = conn.execute(f"SELECT * FROM {TABLE} WHERE status IN ('pending', 'dispatching') "
+                                "ORDER BY received_at LIMIT %s", (limit,)).fetchall()
+        return [to_occurrence(r) for r in rows]
+
+    def find(self, fingerprint: str, route: str | None = None) -> list[Occurrence]:
+        """Every occurrence of one alert (by fingerprint), on one route or all."""
+        with self._session() as conn:
+            rows = conn.execute(f"SELECT * FROM {TABLE} WHERE fingerprint = %s AND (%s::text IS NULL OR route = %s) "
+                                "ORDER BY received_at", (fingerprint, route, route)).fetchall()
+        return [to_occurrence(r) for r in rows]
+
+    def get(self, key: str) -> Occurrence | None:
+        with self._session() as conn:
+            row = conn.execute(f"SELECT * FROM {TABLE} WHERE key = %s", (key,)).fetchone()
+        return to_occurrence(row) if row else None
+
+
+class _PgDecider:
+    """The policy's reads and the batch's inserts, inside the transaction that holds the procedures' locks."""
+
+    def __init__(self, conn: psycopg.Connection[DictRow]) -> None:
+        self._conn = conn
+        self.added = 0
+
+    def known_keys(self, keys: Collection[str]) -> set[str]:
+        return _pg_known(self._conn, keys)
+
+    def ran_for_target(self, target: str, since: float) -> bool:
+        return self._conn.execute(
+            f"""SELECT 1 FROM {TABLE} WHERE target = %s AND status IN ('pending', 'dispatching', 'created')
+                 AND received_at >= %s LIMIT 1""", (target, since)).fetchone() is not None
+
+    def applying_runs(self, route: str, since: float) -> int:
+        row = self._conn.execute(
+            f"""SELECT count(*) AS n FROM {TABLE} WHERE route = %s AND mode IN ('auto', 'approve')
+                 AND status IN ('pending', 'dispatching', 'created') AND received_at >= %s""",
+            (route, since)).fetchone()
+        return int(row["n"]) if row else 0
+
+    def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]:
+        if not rows:
+            return []
+        now = time.time()
+        one = f"({', '.join(['%s'] * len(INSERT_COLUMNS))})"
+        inserted: set[str] = set()
+        for start in range(0, len(rows), INSERT_CHUNK):  # PostgreSQL takes at most 65,535 parameters
+            chunk = rows[start:start + INSERT_CHUNK]
+            values = [v for req, status, reason in chunk for v in insert_values(req, status, reason, now)]
+            inserted |= {r["key"] for r in self._conn.execute(
+                f"INSERT INTO {TABLE} ({', '.join(INSERT_COLUMNS)}) VALUES {', '.join([one] * len(chunk))} "
+                "ON CONFLICT (key) DO NOTHING RETURNING key", values).fetchall()}
+        out: list[bool] = []
+        for req, status, _ in rows:  # a key twice in one batch: only its first row is new
+            new = req.key in inserted
+            inserted.discard(req.key)
+            out.append(new)
+            self.added += new and status == "pending"
+        return out
+
+
+def _pg_known(conn: psycopg.Connection[DictRow], keys: Collection[str]) -> set[str]:
+    if not keys:
+        return set()
+    return {r["key"] for r in conn.execute(f"SELECT key FROM {TABLE} WHERE key = ANY(%s)", (list(keys),))}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return redact(lines[0] if lines else type(exc).__name__)[:300]
