@@ -52,6 +52,7 @@ class IntakeSettings:
     token: str
     prefect_api_url: str
     state_dir: Path
+    prefect_api_auth: str | None = field(default=None, repr=False)  # None: PREFECT_API_AUTH_STRING
     playbook_dirs: list[Path] | None = None
     on_created: Callable[[str], None] | None = None
     limits: Limits = field(default_factory=Limits)
@@ -63,7 +64,8 @@ def create_app(settings: IntakeSettings) -> FastAPI:
     _check_routes(playbooks)
     store = Store(settings.state_dir / "intake.sqlite")
     intake = Intake(settings.token, playbooks, store,
-                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits)
+                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created,
+                               auth=settings.prefect_api_auth), settings.limits)
     app = FastAPI(title="runbook alert intake", lifespan=intake.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.store, app.state.dispatcher, app.state.metrics = store, intake.dispatcher, intake.metrics
