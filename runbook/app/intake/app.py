@@ -167,7 +167,8 @@ class Intake:
         except (ValueError, UnicodeDecodeError) as exc:
             return self._refuse(request, 400, "malformed_json", f"not JSON: {str(exc)[:200]}")
         if not self.dispatcher.healthy and not await self.dispatcher.check_health():
-            return self._refuse(request, 503, "prefect_unavailable", "Prefect API unreachable; retry later")
+            why = "refuses our auth string (see the intake's log)" if self.dispatcher.refused else "unreachable"
+            return self._refuse(request, 503, "prefect_unavailable", f"Prefect API {why}; retry later")
         return JSONResponse(await self._process(hook))
 
     async def _process(self, hook: ParsedWebhook) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class Dispatcher:
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.healthy = False
-        self._refused = False  # the API answered 401 to our auth string
+        self.refused = False  # the API answered 401 to our auth string
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread
         self._wake: asyncio.Event
@@ -115,9 +115,9 @@ class Dispatcher:
         assert self._http is not None
         try:
             resp = await self._http.get("/admin/version", timeout=2.0)
-            if resp.status_code == 401 and not self._refused:  # said once, not every half second
+            if resp.status_code == 401 and not self.refused:  # said once, not every half second
                 log.error("%s", self._unauthorized())
-            self._refused = resp.status_code == 401
+            self.refused = resp.status_code == 401
             self.healthy = resp.status_code == 200
         except httpx.HTTPError:
             self.healthy = False
