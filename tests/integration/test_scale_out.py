@@ -9,10 +9,9 @@ import sys
 import time
 from collections import Counter
 
-import httpx
 import pytest
 
-from runbook.app.remote_run import deployment
+from runbook.app.remote_run import api_client, deployment
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +29,7 @@ def test_two_workers_share_runs_and_each_run_executes_once(sandbox_state, tmp_pa
         for i in range(2)
     ]
     try:
-        with httpx.Client(base_url=api, timeout=10) as http:
+        with api_client(api, timeout_s=10) as http:
             dep = deployment(http, "db-slowness")
             runs = [http.post(f"/deployments/{dep['id']}/create_flow_run",
                               json={"parameters": {"env": "sandbox", "dry_run": True}, "tags": ["scale-out-test"]}
