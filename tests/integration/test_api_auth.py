@@ -100,3 +100,26 @@ def test_the_cli_with_a_wrong_or_missing_string_exits_2_saying_where_to_set_it(
 def _runbook(*args: str, env: os._Environ[str] | dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "runbook.app.cli", *args], capture_output=True, text=True,
                           env=dict(env), timeout=300, check=False)
+
+
+def test_the_background_server_demands_its_own_string_and_runbook_run_sends_it(
+        sandbox_state: SandboxState, tmp_path: Path) -> None:
+    """`runbook run` with nothing configured starts the background server with a string of its own (another one in
+    the environment, here the sandbox's, is not sent to it), and the run goes through it."""
+    from runbook.app import local_server
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(RUNBOOK_STATE_DIR=str(tmp_path), RUNBOOK_LOCAL_SERVER="1")
+    try:
+        proc = _runbook("run", "network-checks", "--env", "sandbox", env=env)
+        assert proc.returncode in (0, 3), proc.stdout + proc.stderr
+        assert "on the warm executor at" in proc.stderr, proc.stderr
+        auth = local_server.auth_string(tmp_path)
+        assert auth and auth != sandbox_state.prefect_api_auth
+        assert stat.S_IMODE((tmp_path / AUTH_FILE).stat().st_mode) == 0o600
+        api = local_server.running(tmp_path)
+        assert api and httpx.get(f"{api}/admin/version", timeout=10, trust_env=False).status_code == 401
+        logs = proc.stdout + proc.stderr + (tmp_path / "serve.log").read_text(errors="replace")
+        assert auth.partition(":")[2] not in logs
+    finally:
+        local_server.stop(tmp_path)
