@@ -23,13 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runbook import sandbox  # noqa: E402
-from runbook.app.remote_run import deployment  # noqa: E402
+from runbook.app.remote_run import api_client, deployment  # noqa: E402
 from runbook.app.serve import register_deployments  # noqa: E402
 
 SLOW = {"env": "sandbox", "dry_run": True, "samples": 60, "interval_s": 1.0}
@@ -61,7 +59,7 @@ def main() -> None:
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     work = Path(tempfile.mkdtemp(prefix="bench-crash-"))
     procs: list[subprocess.Popen[bytes]] = []
-    http = httpx.Client(base_url=api, timeout=10, trust_env=False)
+    http = api_client(api, timeout_s=10)
     dep = deployment(http, "memory-leak")
 
     def create(tags: list[str]) -> str:

@@ -93,12 +93,12 @@ def main() -> None:
         served = [timed(cli, served_env) for _ in range(REPEATS)]
         child_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import temporary_settings
 
         from flows.db_slowness import db_slowness
         from runbook.engine.procedure import attended_run, flush_run_records
 
-        with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}), attended_run():
+        with temporary_settings(updates=state.prefect_env()), attended_run():
             db_slowness(env="sandbox")  # warm-up: imports, client, first connection
             flow_times, body_times = [], []
             for _ in range(REPEATS):

@@ -37,6 +37,7 @@ import httpx  # noqa: E402
 
 from runbook import sandbox  # noqa: E402
 from runbook.app.intake.limits import raise_open_files_limit  # noqa: E402
+from runbook.app.remote_run import api_client  # noqa: E402
 from tests import intake_harness as harness  # noqa: E402
 from tests.intake_harness import alert, running_intake  # noqa: E402
 
@@ -106,7 +107,7 @@ def storm(state: sandbox.SandboxState, work: Path, state_dsn: str | None = None)
         while store.pending() and time.monotonic() < deadline:
             time.sleep(0.2)
         runs = it.runs("route:bench-storm")
-        with httpx.Client(base_url=it.api_url, timeout=10) as http:
+        with api_client(it.api_url, timeout_s=10) as http:
             for r in runs:  # leave the server as we found it
                 http.delete(f"/flow_runs/{r['id']}")
     print(f"storm, state in {backend}: 10,000 alerts, batches of 100, 100 distinct fingerprints")
@@ -148,7 +149,7 @@ def _ack(post, doc) -> float:  # noqa: ANN001
 
 
 def _runs_cleanup(api_url: str, route: str) -> int:
-    with httpx.Client(base_url=api_url, timeout=30) as http:
+    with api_client(api_url, timeout_s=30) as http:
         runs = http.post("/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"route:{route}"]}}}).json()
         for r in runs:  # no executor: leave the server as we found it
             http.delete(f"/flow_runs/{r['id']}")
@@ -231,7 +232,7 @@ def redos(state: sandbox.SandboxState, work: Path) -> None:
 def latency_ours(state: sandbox.SandboxState, work: Path) -> list[float]:
     samples = []
     with running_intake(state, work / "latency", routes=STORM_ROUTES, executor=True) as it, \
-            httpx.Client(base_url=it.api_url, timeout=10) as http:
+            api_client(it.api_url, timeout_s=10) as http:
         it.post(alert("BenchLatency", {}))  # warm-up: first import of the flow's modules, first connections
         time.sleep(3)
         for _ in range(20):
@@ -262,9 +263,9 @@ def latency_plain_worker(state: sandbox.SandboxState, work: Path) -> list[float]
     samples = []
     try:
         from prefect.deployments import run_deployment
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: api}), httpx.Client(base_url=api, timeout=10) as http:
+        with temporary_settings(updates=state.prefect_env()), api_client(api, timeout_s=10) as http:
             time.sleep(5)  # the worker's own start-up is not part of a run's latency
             for _ in range(BASELINE_SAMPLES):
                 t = time.time()

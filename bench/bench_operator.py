@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_db_slowness import BASELINE_SQL  # noqa: E402
 from runbook import sandbox  # noqa: E402
-from runbook.app.remote_run import deployment  # noqa: E402
+from runbook.app.remote_run import api_client, deployment  # noqa: E402
 from runbook.sandbox.incidents import DbIncident  # noqa: E402
+from tests.prefect_runs import api_headers  # noqa: E402
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "7"))
 CLI = [sys.executable, "-m", "runbook.app.cli", "run", "db-slowness", "--env", "sandbox", "--output", "json"]
@@ -51,7 +52,7 @@ def wait_ready(api: str, timeout_s: float = 120) -> None:
     from runbook.app.remote_run import warm_executor_ready
 
     deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=api, timeout=5, trust_env=False) as http:
+    with api_client(api, timeout_s=5) as http:
         while not warm_executor_ready(http):
             if time.monotonic() > deadline:
                 raise SystemExit("the warm executor did not come up")
@@ -59,13 +60,13 @@ def wait_ready(api: str, timeout_s: float = 120) -> None:
 
 
 def run_seconds(api: str, run_id: str) -> float:
-    run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+    run = httpx.get(f"{api}/flow_runs/{run_id}", headers=api_headers(), timeout=10).json()
     return (datetime.fromisoformat(run["end_time"]) - datetime.fromisoformat(run["start_time"])).total_seconds()
 
 
 def ui_to_first_task(api: str) -> float:
     """Create a run the way the UI's Run button does; server time from creation to the first task's start."""
-    with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+    with api_client(api, timeout_s=10) as http:
         dep = deployment(http, "db-slowness")
         run = http.post(f"/deployments/{dep['id']}/create_flow_run", json={
             "parameters": {"env": "sandbox"}, "state": {"type": "SCHEDULED", "name": "Scheduled"}},

@@ -80,6 +80,27 @@ class Browser:
             time.sleep(0.3)
         raise AssertionError(f"page never showed {needles}; it shows: {text[:1500]!r}")
 
+    def login(self, ui: str, auth: str, timeout_s: float = 45) -> None:
+        """Sign in to the Prefect UI as a person does: its login form (shown because the server demands basic auth)
+        takes the server's auth string; the UI keeps it in localStorage and sends it with every API call."""
+        self.goto(ui)
+        self.wait_for_text("Login", timeout_s=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not self.js("!!document.querySelector('input[type=password]')"):
+            if time.monotonic() > deadline:
+                raise AssertionError("the Prefect UI showed no login form")
+            time.sleep(0.3)
+        self.js(  # the native setter and an input event: what typing does, so the UI's own model sees the value
+            "(() => { const el = document.querySelector('input[type=password]');"
+            " Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(el, "
+            f"{json.dumps(auth)}); el.dispatchEvent(new Event('input', {{bubbles: true}}));"
+            " el.form.requestSubmit(); })()")
+        while self.js("!!document.querySelector('input[type=password]') || !localStorage.getItem('prefect-password')"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the Prefect UI did not accept the auth string; it shows: "
+                                     f"{(self.js('document.body.innerText') or '')[:500]!r}")
+            time.sleep(0.3)
+
     def click_text(self, text: str) -> bool:
         return bool(self.js(
             "(() => { const els = [...document.querySelectorAll('button, a, [role=button]')];"

@@ -134,7 +134,7 @@ def run_storm(cluster: Cluster, occurrences: int = 30, rounds: int = 8, per_webh
             if rnd == restart_intake_after_round:
                 restart(cluster.member("intake1"))
             time.sleep(0.5)
-    with httpx.Client(base_url=cluster.api_url, timeout=15, trust_env=False) as api:
+    with httpx.Client(base_url=cluster.api_url, timeout=15, trust_env=False, headers=cluster.api_headers()) as api:
         deadline = time.monotonic() + settle_timeout_s
         victim_runs: set[str] = set()
         while True:

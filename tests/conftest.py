@@ -21,12 +21,12 @@ pytest_plugins = ["tests.integration.listeners"]  # dead_port, silent_port: targ
 def sandbox_state() -> Iterator[SandboxState]:
     was_running = set(sandbox.status().running())
     state = sandbox.up()
-    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly (and its API auth string)
+    from prefect.settings import temporary_settings
 
     from runbook.engine.procedure import attended_run
 
-    with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}), attended_run():
+    with temporary_settings(updates=state.prefect_env()), attended_run():
         yield state
         from runbook.engine.procedure import flush_run_records
 

@@ -33,6 +33,7 @@ from runbook.app.intake.server import IntakeServer, server_config
 from runbook.engine.config import PROJECT_ROOT
 from runbook.sandbox import SandboxState
 from runbook.sandbox.net import free_ports
+from tests.prefect_runs import api_headers
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "alertmanager"  # copied from shared/fixtures
 
@@ -101,7 +102,7 @@ class Intake:
 
     def runs(self, tag: str) -> list[dict[str, Any]]:
         body = {"flow_runs": {"tags": {"all_": [tag]}}}
-        return httpx.post(f"{self.api_url}/flow_runs/filter", json=body, timeout=10).json()
+        return httpx.post(f"{self.api_url}/flow_runs/filter", headers=api_headers(), json=body, timeout=10).json()
 
     def runs_for(self, route: str, fingerprint: str) -> list[dict[str, Any]]:
         """The runs of one alert (by fingerprint) on one route, through the intake's own record of occurrences."""
@@ -126,7 +127,8 @@ class Intake:
         deadline = time.monotonic() + timeout_s
         state = ""
         while time.monotonic() < deadline:
-            state = httpx.get(f"{self.api_url}/flow_runs/{run_id}", timeout=10).json()["state"]["type"]
+            state = httpx.get(f"{self.api_url}/flow_runs/{run_id}", headers=api_headers(),
+                              timeout=10).json()["state"]["type"]
             if state in states:
                 return state
             time.sleep(0.2)
@@ -152,7 +154,8 @@ def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str
 @contextmanager
 def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, executor: bool = True,
                    api_url: str | None = None, playbook_dirs: list[Path] | None = None,
-                   limits: Limits | None = None, state_dsn: str | None = None) -> Iterator[Intake]:
+                   limits: Limits | None = None, state_dsn: str | None = None,
+                   api_auth: str | None = None) -> Iterator[Intake]:
     """The intake app on a free loopback port; its state in ``state_dsn``'s PostgreSQL when given, else SQLite."""
     from runbook.app.serve import register_deployments
 
@@ -162,15 +165,15 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
     routes_dir = work_dir / "routes"
     routes_dir.mkdir(parents=True, exist_ok=True)
     (routes_dir / "routes.yaml").write_text(routes)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     ex = Executor(poll_s=1.0)
     if executor:
-        with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}):
+        with temporary_settings(updates=state.prefect_env()):
             ex.start()  # its threads keep this settings context
     token = secrets.token_urlsafe(24)
     app = create_app(IntakeSettings(
-        token=token, prefect_api_url=api, state_dir=work_dir / "intake", state_dsn=state_dsn,
+        token=token, prefect_api_url=api, prefect_api_auth=api_auth, state_dir=work_dir / "intake", state_dsn=state_dsn,
         # the platform (pafar.yaml) but not the production routes: only this test's routes may match
         playbook_dirs=[*(playbook_dirs or [PROJECT_ROOT / "playbooks" / "pafar.yaml", state.playbook_dir]),
                        routes_dir],

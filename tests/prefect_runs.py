@@ -13,6 +13,19 @@ from typing import Any
 import httpx
 
 from runbook.app.remote_run import deployment
+from runbook.engine.prefect_env import auth_header, client_env, env_auth_string
+
+
+def api_headers() -> dict[str, str]:
+    """The Authorization header the sandbox's Prefect API demands (the session puts its auth string in
+    PREFECT_API_AUTH_STRING, as `runbook sandbox env` does for a shell)."""
+    return auth_header(env_auth_string())
+
+
+def api_settings(api: str) -> dict[str, str]:
+    """Prefect settings for runs against ``api`` with the sandbox's auth string: a thread starts from Prefect's
+    import-time settings, not the session's, so it needs both again."""
+    return client_env(api, env_auth_string())
 
 
 def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:

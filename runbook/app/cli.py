@@ -172,16 +172,21 @@ def run(
     except BadInput as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     if not in_process:
-        api = _warm_api()
-        if api:
-            _run_warm(api, procedure, env, raw, apply, yes, output)  # exits, unless no executor took the run
+        try:
+            warm = _warm_api()
+        except BadInput as exc:  # the API refused our auth string: running elsewhere would hide that
+            raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+        if warm:
+            _run_warm(*warm, procedure, env, raw, apply, yes, output)  # exits, unless no executor took the run
     _run_in_process(procedure, env, raw, apply, yes, output)
 
 
-def _warm_api() -> str | None:
-    """The API of a Prefect server with a live warm executor: PREFECT_API_URL's, or the background one (started
-    now when nothing is configured). None when there is none to use (the run then happens in this process)."""
+def _warm_api() -> tuple[str, str | None] | None:
+    """The API (and its auth string) of a Prefect server with a live warm executor: PREFECT_API_URL's, or the
+    background one (started now when nothing is configured). None when there is none to use (the run then happens
+    in this process)."""
     from runbook.app import local_server, remote_run
+    from runbook.engine.prefect_env import env_auth_string
 
     api = os.environ.get("PREFECT_API_URL")
     if not api:
@@ -189,17 +194,19 @@ def _warm_api() -> str | None:
         if not (sys.stderr.isatty() or os.environ.get("RUNBOOK_LOCAL_SERVER") == "1"):
             return None
         try:
-            return local_server.ensure(say=lambda line: err.print(line, style="dim", highlight=False, markup=False,
-                                                                  soft_wrap=True))
+            api = local_server.ensure(say=lambda line: err.print(line, style="dim", highlight=False, markup=False,
+                                                                 soft_wrap=True))
         except RunbookError as exc:
             err.print(f"no background server ({redact(str(exc))[:300]}); running in this process", style="yellow",
                       markup=False, highlight=False)
             return None
-    with remote_run.api_client(api, timeout_s=2) as http:
-        return api if remote_run.warm_executor_ready(http) else None
+        return api, local_server.auth_string()
+    auth = env_auth_string()
+    with remote_run.api_client(api, timeout_s=2, auth=auth or "") as http:
+        return (api, auth) if remote_run.warm_executor_ready(http) else None
 
 
-def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
+def _run_warm(api: str, auth: str | None, procedure: str, env: str, raw: dict[str, str], apply: bool, yes: bool,
               output: str) -> None:
     """Create the run on the server, follow its log, answer an approval here, print its report and exit; returns
     only when no executor claimed the run in time and it was withdrawn (the caller then runs it in process).
@@ -212,7 +219,7 @@ def _run_warm(api: str, procedure: str, env: str, raw: dict[str, str], apply: bo
     from runbook.engine.findings import render_terminal, report_from_json
 
     started = time.monotonic()
-    with remote_run.api_client(api) as http:
+    with remote_run.api_client(api, auth=auth or "") as http:
         try:
             dep = remote_run.deployment(http, procedure)
             params = remote_run.coerce_params(dep.get("parameter_openapi_schema") or {}, raw)
@@ -308,12 +315,29 @@ def _run_in_process(procedure: str, env: str, raw: dict[str, str], apply: bool, 
     except RunbookError as exc:
         raise _fail(EXIT_ENGINE, f"{procedure} failed: {exc}") from None
     except Exception as exc:  # the engine's last line: a bug or unexpected library error; redacted, no traceback
+        if _unauthorized(exc):
+            raise _fail(EXIT_BAD_INPUT, _unauthorized(exc)) from None
         raise _fail(EXIT_ENGINE, f"{procedure} failed unexpectedly: {type(exc).__name__}: {exc}") from None
     _print_report(doc, output, render_terminal, report_from_json)
 
 
 def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _unauthorized(exc: BaseException) -> str:
+    """The auth message when ``exc`` (or what caused it) is a 401 from the Prefect API (Prefect's own client raises
+    httpx's HTTPStatusError); "" otherwise."""
+    import httpx
+
+    from runbook.app.remote_run import unauthorized_for
+
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, httpx.HTTPStatusError) and cur.response.status_code == 401:
+            return unauthorized_for(cur.request)
+        cur = cur.__cause__ or cur.__context__
+    return ""
 
 
 def _auto_approver(view: Any) -> Any:
@@ -350,11 +374,13 @@ def _terminal_approver(view: Any) -> Any:
 def local_status() -> None:
     """Whether the background server runs, where, and its state directory."""
     from runbook.app import local_server
+    from runbook.engine.prefect_env import AUTH_FILE
 
     api = local_server.running()
     where = local_server.state_dir()
     if api:
-        out.print(f"running: {api.removesuffix('/api')} (state {where}, log {where / 'serve.log'})", highlight=False)
+        out.print(f"running: {api.removesuffix('/api')} (state {where}, log {where / 'serve.log'}; the UI asks for "
+                  f"the auth string in {where / AUTH_FILE})", highlight=False)
     else:
         out.print(f"not running (state {where})", highlight=False)
 
@@ -409,7 +435,7 @@ def sandbox_status() -> None:
 def _sandbox_exports(state: Any) -> list[str]:
     import shlex
 
-    exports = {**state.engine_env(), "PREFECT_API_URL": state.prefect_api_url or ""}
+    exports = {**state.engine_env(), **state.prefect_env()}  # the API auth string beside the API it opens
     return [f"export {key}={shlex.quote(value)}" for key, value in exports.items() if value]
 
 
@@ -447,18 +473,33 @@ def _print_sandbox(state: Any) -> None:
 # ------------------------------------------------------------------ Prefect: deploy, worker, intake, serve, approve
 
 
-def _api_url() -> str:
-    """PREFECT_API_URL (the environment, else the background server `runbook run` started, else Prefect's profile)."""
-    from runbook.app import local_server
+def _api() -> tuple[str, str | None]:
+    """The Prefect API and its auth string, both from one place: PREFECT_API_URL and PREFECT_API_AUTH_STRING from
+    the environment, else the background server `runbook run` started (its state dir's file), else Prefect's
+    profile. The auth string is checked with one request: a missing or wrong one is exit 2, said once (a server
+    that cannot be reached yet is each command's own business: the intake answers 503 until it is back)."""
+    from runbook.app import local_server, remote_run
+    from runbook.engine.prefect_env import env_auth_string
 
-    url = os.environ.get("PREFECT_API_URL") or local_server.running()
+    url: str | None = os.environ.get("PREFECT_API_URL")
+    auth = env_auth_string()
     if not url:
-        from prefect.settings import PREFECT_API_URL  # the active Prefect profile may name a server
+        url = local_server.running()
+        auth = local_server.auth_string() if url else None
+    if not url:
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL  # the active profile may name one
 
-        url = PREFECT_API_URL.value()
+        url, auth = PREFECT_API_URL.value(), PREFECT_API_AUTH_STRING.value()
     if not url:
         raise _fail(EXIT_BAD_INPUT, "PREFECT_API_URL is not set: point it at the Prefect server's /api")
-    return str(url)
+    try:
+        with remote_run.api_client(str(url), auth=auth or "") as http:
+            remote_run.check_access(http)
+    except BadInput as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+    except remote_run.RemoteRunError:
+        pass
+    return str(url), auth
 
 
 def _token(token_env: str) -> str:
@@ -474,9 +515,11 @@ def deploy() -> None:
     """Register every procedure's deployment (from the catalog) and the `runbook` work pool on PREFECT_API_URL."""
     from runbook.app.serve import register_deployments
 
-    api = _api_url()
+    api, auth = _api()
     try:
-        register_deployments(api)
+        register_deployments(api, auth=auth or "")
+    except BadInput as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     except RunbookError as exc:
         raise _fail(EXIT_ENGINE, str(exc)) from None
     out.print(f"deployments registered on {api}")
@@ -493,7 +536,7 @@ def worker(
     """Run deployment flow runs in this warm process (scale out: start several against one server)."""
     from runbook.app.executor import Executor, preload_flows
 
-    _api_url()
+    _api()
     preload_flows()
     ex = Executor(work_pool=pool, poll_s=poll, max_runs=max_runs)
     ex.start()
@@ -546,8 +589,9 @@ def intake(
     """Serve the Alertmanager webhook alone (POST /alerts, GET /healthz, GET /metrics)."""
     from runbook.app.serve import run_intake
 
+    api, auth = _api()
     try:
-        run_intake(_api_url(), _token(token_env), host, port, state, state_dsn=_state_dsn(state_dsn_env))
+        run_intake(api, _token(token_env), host, port, state, state_dsn=_state_dsn(state_dsn_env), auth=auth or "")
     except ConfigError as exc:
         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     except RunbookError as exc:  # the state database unreachable at start
@@ -572,14 +616,17 @@ def serve(
                                          "are handed back to the pool")] = 30.0,
 ) -> None:
     """Everything in one command: local Prefect server (SQLite), deployments, warm executor, alert intake."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
+    from runbook.app import remote_run
     from runbook.app.executor import Executor, preload_flows
     from runbook.app.serve import register_deployments, run_intake
-    from runbook.engine.prefect_env import local_prefect_server
+    from runbook.engine.prefect_env import AUTH_FILE, client_env, ensure_auth_string, local_prefect_server
 
     token = "" if no_intake else _token(token_env)
     api = os.environ.get("PREFECT_API_URL")
+    # our own server demands a string generated once in the state dir; another server, the one we are given
+    auth = _api()[1] if api else ensure_auth_string(state / AUTH_FILE)
     started = time.monotonic()
 
     def step(what: str) -> None:
@@ -587,10 +634,17 @@ def serve(
         sys.stdout.flush()
 
     step("starting the Prefect server" if not api else f"using the Prefect server at {api}")
-    with local_prefect_server(state / "prefect", prefect_port) if not api else nullcontext(api) as api_url:
-        step(f"Prefect server up: UI {api_url.removesuffix('/api')}")
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            register_deployments(api_url)
+    with local_prefect_server(state / "prefect", prefect_port, auth or "") if not api else nullcontext(api) \
+            as api_url:
+        try:  # a server already on that port (reused) may demand another string
+            with remote_run.api_client(api_url, auth=auth or "") as http:
+                remote_run.check_access(http)
+        except BadInput as exc:
+            raise _fail(EXIT_BAD_INPUT, str(exc)) from None
+        sign_in = "" if api else f" (sign in with the auth string in {state / AUTH_FILE})"
+        step(f"Prefect server up: UI {api_url.removesuffix('/api')}{sign_in}")
+        with temporary_settings(updates=client_env(api_url, auth)):
+            register_deployments(api_url, auth=auth or "")
             step("deployments registered")
             preload_flows()
             ex = Executor()
@@ -604,7 +658,7 @@ def serve(
                     step(f"intake on http://127.0.0.1:{port}/alerts; Ctrl-C stops everything")
                     try:
                         run_intake(api_url, token, "127.0.0.1", port, state, executor=ex,
-                                   state_dsn=_state_dsn(state_dsn_env))
+                                   state_dsn=_state_dsn(state_dsn_env), auth=auth or "")
                     except ConfigError as exc:
                         raise _fail(EXIT_BAD_INPUT, str(exc)) from None
                     except RunbookError as exc:
@@ -622,9 +676,10 @@ def _wait_forever() -> None:
 
 
 def _prefect_http() -> Any:
-    import httpx
+    from runbook.app.remote_run import api_client
 
-    return httpx.Client(base_url=_api_url(), timeout=10, trust_env=False)
+    api, auth = _api()
+    return api_client(api, auth=auth or "")
 
 
 def _waiting_plan(http: Any, run: dict[str, Any]) -> Any:
@@ -656,6 +711,8 @@ def approvals(
                 "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}, "sort": "START_TIME_DESC", "limit": 200,
             }).raise_for_status().json()
             waiting = [(r, v) for r in runs if (v := _waiting_plan(http, r)) is not None]
+    except BadInput as exc:
+        raise _fail(EXIT_BAD_INPUT, str(exc)) from None
     except httpx.HTTPError as exc:
         raise _fail(EXIT_ENGINE, f"cannot read runs from the Prefect API: {type(exc).__name__}: {exc}") from None
     now = datetime.now(UTC)

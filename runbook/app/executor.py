@@ -38,12 +38,18 @@ from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
-from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, PREFECT_API_URL, temporary_settings
+from prefect.settings import (
+    PREFECT_API_AUTH_STRING,
+    PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+    PREFECT_API_URL,
+    temporary_settings,
+)
 from prefect.states import AwaitingRetry, Failed, Pending
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.reconcile import Reconciler, Verdict, claim_message, executor_name
 from runbook.app.remote_run import WORK_POOL
+from runbook.engine.prefect_env import auth_header
 from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
@@ -73,6 +79,7 @@ class Executor:
         self._changed = threading.Condition(self._lock)  # notified when a run ends (drain waits on it)
         self._events = events
         self._api_url = ""
+        self._api_headers: dict[str, str] = {}
         self._events_loop: asyncio.AbstractEventLoop | None = None
         self.events_connected = threading.Event()
         self.polls = 0  # completed polls of the work pool (observable: the event path needs none)
@@ -84,6 +91,7 @@ class Executor:
     def start(self) -> None:
         """Start the hand-off and poll loops in the caller's Prefect settings context (plus run_settings)."""
         self._api_url = str(PREFECT_API_URL.value() or "")
+        self._api_headers = auth_header(PREFECT_API_AUTH_STRING.value())  # what Prefect's own client sends
         _without_suspension_observer()
         with temporary_settings(updates=run_settings(self._api_url)):
             ctx = contextvars.copy_context()
@@ -145,7 +153,7 @@ class Executor:
             return
         with contextlib.suppress(httpx.HTTPError):
             httpx.delete(f"{self._api_url}/work_pools/{self.work_pool}/workers/{self.name}", timeout=5,
-                         trust_env=False)
+                         trust_env=False, headers=self._api_headers)
 
     # -------------------------------------------------------------- loops
 

@@ -18,11 +18,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
-
-from runbook.app.remote_run import warm_executor_ready
+from runbook.app.remote_run import api_client, warm_executor_ready
 from runbook.engine.daemon import free_ports, http_ok, spawn, start_ticks
 from runbook.engine.errors import RunbookError
+from runbook.engine.prefect_env import AUTH_ENV, AUTH_FILE, ensure_auth_string, read_auth_string
 
 RECORD = "server.json"
 START_TIMEOUT_S = 120.0
@@ -51,8 +50,14 @@ def running(root: Path | None = None) -> str | None:
     return api if http_ok(f"{api}/health", timeout=1.0) else None
 
 
+def auth_string(root: Path | None = None) -> str | None:
+    """The auth string the background server demands (``prefect-api-auth`` in its state dir, mode 0600)."""
+    return read_auth_string((root or state_dir()) / AUTH_FILE)
+
+
 def ensure(say: Callable[[str], None] = print, root: Path | None = None) -> str:
-    """The background server's API URL, starting it (once, under a lock) when none runs."""
+    """The background server's API URL, starting it (once, under a lock) when none runs; its auth string is
+    ``auth_string(root)``."""
     root = root or state_dir()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked(root):
@@ -63,7 +68,8 @@ def ensure(say: Callable[[str], None] = print, root: Path | None = None) -> str:
         api = f"http://127.0.0.1:{port}/api"
         say(f"starting a local Prefect server and warm executor in the background ({root}, "
             f"{api.removesuffix('/api')}); later runs reuse it, `runbook local stop` stops it")
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        auth = ensure_auth_string(root / AUTH_FILE)  # `serve --state root` finds the same file
+        env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", AUTH_ENV)}
         env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
         log = root / "serve.log"
         proc = spawn([sys.executable, "-m", "runbook.app.cli", "serve", "--no-intake", "--prefect-port", str(port),
@@ -71,7 +77,7 @@ def ensure(say: Callable[[str], None] = print, root: Path | None = None) -> str:
         (root / RECORD).write_text(json.dumps({"pid": proc.pid, "ticks": start_ticks(proc.pid), "port": port,
                                                "api_url": api}))
         deadline = time.monotonic() + START_TIMEOUT_S
-        with httpx.Client(base_url=api, timeout=2, trust_env=False) as http:
+        with api_client(api, timeout_s=2, auth=auth) as http:
             while not warm_executor_ready(http):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     stop(root)

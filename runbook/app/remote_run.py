@@ -22,6 +22,7 @@ import httpx
 
 from runbook.engine.decisions import PAUSE_KEY, PLAN_INPUT_KEY, REPORT_INPUT_KEY
 from runbook.engine.errors import BadInput, RunbookError
+from runbook.engine.prefect_env import AUTH_ENV, AUTH_FILE, SERVER_AUTH_ENV, auth_header, env_auth_string
 
 WORK_POOL = "runbook"
 PROCEDURE_TAG = "procedure"  # on every procedure's deployment (runbook.app.serve registers them)
@@ -38,6 +39,11 @@ class RemoteRunError(RunbookError):
     """The Prefect server refused or failed a request of the remote path (mapped to exit 1 by the CLI)."""
 
 
+class ApiUnauthorized(BadInput):
+    """The Prefect API answered 401: the auth string was missing or wrong (bad input, exit 2). The message says
+    where to set it and never quotes it."""
+
+
 class NotClaimed(RunbookError):
     """No executor claimed the run in time, and it was withdrawn (cancelled while still scheduled): nothing ran."""
 
@@ -51,10 +57,41 @@ class Progress:
     steps_done: set[str] = field(default_factory=set)
 
 
-def api_client(api: str, timeout_s: float = 10.0) -> httpx.Client:
-    """An HTTP client for the Prefect API. A plain-http URL has no TLS to verify, and building a verifying client
-    loads the CA bundle (30-110 ms here, a tenth of this command's budget): only an https API gets one."""
-    return httpx.Client(base_url=api, timeout=timeout_s, trust_env=False, verify=api.startswith("https://"))
+def api_client(api: str, timeout_s: float = 10.0, auth: str | None = None) -> httpx.Client:
+    """An HTTP client for the Prefect API, sending its auth string (``auth``; by default PREFECT_API_AUTH_STRING,
+    as Prefect's own client reads it; "" sends none). A 401 raises ApiUnauthorized from any request.
+
+    A plain-http URL has no TLS to verify, and building a verifying client loads the CA bundle (30-110 ms here, a
+    tenth of this command's budget): only an https API gets one."""
+    return httpx.Client(base_url=api, timeout=timeout_s, trust_env=False, verify=api.startswith("https://"),
+                        headers=auth_header(env_auth_string() if auth is None else auth),
+                        event_hooks={"response": [refuse_unauthorized]})
+
+
+def refuse_unauthorized(resp: httpx.Response) -> None:
+    """Turn a 401 into ApiUnauthorized, saying whether an auth string was sent (never which)."""
+    if resp.status_code == 401:
+        raise ApiUnauthorized(unauthorized_for(resp.request))
+
+
+def unauthorized_for(req: httpx.Request) -> str:
+    """The 401 message for a request the API refused (ours, or Prefect's own client's)."""
+    return unauthorized_message(f"{req.url.scheme}://{req.url.netloc.decode()}", sent="authorization" in req.headers)
+
+
+def unauthorized_message(api: str, sent: bool) -> str:
+    """What to do about a 401 from the server at ``api``: where the string comes from and where to set it."""
+    what = "refused the auth string sent (401)" if sent else "requires authentication (401) and no auth string was sent"
+    return (f"the Prefect server at {api} {what}: set {AUTH_ENV} to the value of the server's {SERVER_AUTH_ENV}. "
+            f"Servers runbook starts keep it in the 0600 file {AUTH_FILE} in their state directory: .sandbox/ "
+            f"for the sandbox (eval \"$(runbook sandbox env)\" sets it), `runbook serve --state` (default .runbook/), "
+            f"~/.local/state/runbook/ for the background server")
+
+
+def check_access(http: httpx.Client) -> None:
+    """One authenticated request (GET /admin/version; /health answers anyone), so a missing or wrong auth string
+    is one clear ApiUnauthorized at start rather than failures later. Unreachable: RemoteRunError."""
+    request(http, "GET", "/admin/version")
 
 
 def warm_executor_ready(http: httpx.Client, work_pool: str = WORK_POOL) -> bool:
@@ -62,7 +99,7 @@ def warm_executor_ready(http: httpx.Client, work_pool: str = WORK_POOL) -> bool:
     try:
         resp = http.post(f"/work_pools/{work_pool}/workers/filter", json={"limit": 20})
     except httpx.HTTPError:
-        return False
+        return False  # (a 401 raises ApiUnauthorized: the run must not quietly go elsewhere)
     if resp.status_code != 200:
         return False
     now = datetime.now(UTC)

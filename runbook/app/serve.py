@@ -18,20 +18,21 @@ from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.app import IntakeSettings, create_app
 from runbook.app.intake.limits import Limits, raise_open_files_limit
 from runbook.app.intake.server import IntakeServer, server_config
-from runbook.app.remote_run import APPROVAL_TAG, PROCEDURE_TAG, deployment_filter, request
+from runbook.app.remote_run import APPROVAL_TAG, PROCEDURE_TAG, api_client, deployment_filter, request
 from runbook.engine.config import PROJECT_ROOT, load_playbooks
 
 
-def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
+def register_deployments(api_url: str, work_pool: str = "runbook", auth: str | None = None) -> None:
     """Create the process work pool if missing and upsert one deployment per procedure of the catalog.
 
     The catalog (``@procedure`` in flows/) is the one list of procedures: each deployment's form comes from the
     flow's typed signature, with dry_run defaulting to true and the schema enforced, so a run created with a
     parameter the flow does not take (e.g. one claiming an approval) is refused by the server. Done over the REST
-    API rather than `prefect deploy` (a CLI subprocess and a second list in prefect.yaml).
+    API rather than `prefect deploy` (a CLI subprocess and a second list in prefect.yaml). ``auth``: the API's auth
+    string (by default PREFECT_API_AUTH_STRING).
     """
     environments = sorted(load_playbooks().environments)
-    with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
+    with api_client(api_url, auth=auth) as http:
         if request(http, "GET", f"/work_pools/{work_pool}").status_code == 404:
             _post(http, "/work_pools/", {"name": work_pool, "type": "process"})
         for spec in PROCEDURES.values():
@@ -48,7 +49,7 @@ def register_deployments(api_url: str, work_pool: str = "runbook") -> None:
                 "parameter_openapi_schema": spec.form_schema(environments),
             }).json()["id"]
             _drop_stale_deployments(http, spec.name, kept)
-    apply_verification_schedules(api_url)
+    apply_verification_schedules(api_url, auth)
 
 
 def _drop_stale_deployments(http: httpx.Client, procedure: str, kept: str) -> None:
@@ -65,7 +66,7 @@ def _post(http: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response
     return request(http, "POST", path, json=body).raise_for_status()
 
 
-def apply_verification_schedules(api_url: str) -> None:
+def apply_verification_schedules(api_url: str, auth: str | None = None) -> None:
     """One backup-verification schedule per environment whose playbook sets backups.verify_cron (UTC).
 
     The cron lives in the playbook, not in prefect.yaml, so the platform's description stays in one place.
@@ -74,7 +75,7 @@ def apply_verification_schedules(api_url: str) -> None:
     """
     wanted = {f"verify-{e.name}": (e.backups.verify_cron, e.name)
               for e in load_playbooks().environments.values() if e.backups and e.backups.verify_cron}
-    with httpx.Client(base_url=api_url, timeout=10, trust_env=False) as http:
+    with api_client(api_url, auth=auth) as http:
         found = _post(http, "/deployments/filter", deployment_filter("backup-verification")).json()
         if not found:
             return
@@ -104,7 +105,7 @@ def _verify_params(env: str) -> dict[str, Any]:
 
 def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, executor: Any = None,
                playbook_dirs: list[Path] | None = None, limits: Limits | None = None,
-               state_dsn: str | None = None) -> None:
+               state_dsn: str | None = None, auth: str | None = None) -> None:
     """Serve the intake with uvicorn until interrupted; created runs go straight to ``executor`` when given.
     With ``state_dsn`` its state is in PostgreSQL (shared by replicas), else in SQLite under ``state_dir``.
 
@@ -113,7 +114,8 @@ def run_intake(api_url: str, token: str, host: str, port: int, state_dir: Path, 
     raise_open_files_limit()
     limits = limits or Limits()
     app = create_app(IntakeSettings(
-        token=token, prefect_api_url=api_url, state_dir=state_dir, state_dsn=state_dsn, playbook_dirs=playbook_dirs,
+        token=token, prefect_api_url=api_url, prefect_api_auth=auth, state_dir=state_dir, state_dsn=state_dsn,
+        playbook_dirs=playbook_dirs,
         on_created=executor.submit if executor else None, limits=limits,
     ))
     config = server_config(app, host, port, limits, on_close=app.state.metrics.connection_closed,

@@ -51,10 +51,15 @@ def free_ports(count: int) -> list[int]:
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     """True when GET url answers 200; the one HTTP health probe (no proxy from the environment: loopback only)."""
+    return http_status(url, timeout) == 200
+
+
+def http_status(url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> int | None:
+    """The status GET url answers with, or None when it cannot be reached (no proxy from the environment)."""
     try:
-        return httpx.get(url, timeout=timeout, trust_env=False).status_code == 200
+        return httpx.get(url, timeout=timeout, trust_env=False, headers=headers).status_code
     except httpx.HTTPError:
-        return False
+        return None
 
 
 def spawn(cmd: Sequence[str], log_file: Path, env: Mapping[str, str] | None = None,

@@ -24,7 +24,15 @@ import psycopg
 
 from runbook.engine import daemon
 from runbook.engine.config import PROJECT_ROOT
-from runbook.engine.prefect_env import TELEMETRY_OFF, api_url, prefect_executable
+from runbook.engine.prefect_env import (
+    AUTH_ENV,
+    SERVER_AUTH_ENV,
+    TELEMETRY_OFF,
+    api_url,
+    auth_header,
+    ensure_auth_string,
+    prefect_executable,
+)
 
 from . import process
 from .base import ServiceRecord
@@ -152,6 +160,7 @@ class Cluster:
     api_url: str  # through nginx
     intake_url: str  # through nginx
     token: str
+    auth: str  # the Prefect API's basic-auth string (the servers demand it, every client sends it)
     database: str
     pg: ServiceRecord
     members: dict[str, Member] = field(default_factory=dict)
@@ -162,7 +171,10 @@ class Cluster:
 
     def client_env(self) -> dict[str, str]:
         """What a CLI command needs to talk to this cluster's API (through nginx)."""
-        return {**_base_env(), "PREFECT_API_URL": self.api_url}
+        return {**_base_env(), "PREFECT_API_URL": self.api_url, AUTH_ENV: self.auth}
+
+    def api_headers(self) -> dict[str, str]:
+        return auth_header(self.auth)
 
     def stop(self) -> None:
         """Stop every member (executors first, so none is left claiming), then drop the cluster's database."""
@@ -225,13 +237,14 @@ def start_cluster(root: Path, pg: ServiceRecord, playbooks: list[Path], executor
     lb_api, lb_intake = ports[-2], ports[-1]
     database = _create_database(pg)
     cluster = Cluster(root=root, api_url=api_url(lb_api), intake_url=f"http://127.0.0.1:{lb_intake}",
-                      token=secrets.token_urlsafe(24), database=database, pg=pg)
+                      token=secrets.token_urlsafe(24), auth=ensure_auth_string(root / "prefect-api-auth"),
+                      database=database, pg=pg)
     try:
         cluster.redis = Redis().start(root, redis_port)
         db_url = f"postgresql+asyncpg://postgres@/{database}?host={pg.paths['socket_dir']}&port={pg.port}"
         prefect = [str(prefect_executable()), "server"]
         server_env = {**_base_env(), "PREFECT_HOME": str(root / "prefect-home"),
-                      **prefect_ha_env(db_url, "127.0.0.1", redis_port),
+                      **prefect_ha_env(db_url, "127.0.0.1", redis_port), SERVER_AUTH_ENV: cluster.auth,
                       "PREFECT_UI_API_URL": cluster.api_url, "PREFECT_UI_URL": cluster.api_url.removesuffix("/api")}
         (root / "prefect-home").mkdir(exist_ok=True)
         migrate = subprocess.run([*prefect, "database", "upgrade", "-y"], env=server_env, capture_output=True,

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import psycopg
 import redis
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import temporary_settings
 from rich.console import Console
 
 from flows.backup import backup
@@ -28,6 +28,7 @@ from runbook import sandbox
 from runbook.engine.config import load_playbooks
 from runbook.engine.decisions import Decision, local_approver, operator_identity
 from runbook.engine.findings import Report, render_terminal, report_from_json
+from runbook.engine.prefect_env import AUTH_FILE
 from runbook.engine.procedure import attended_run, flush_run_records
 from runbook.sandbox.incidents import (
     CpuBurner,
@@ -59,11 +60,12 @@ def run_demo(console: Console, keep: bool = False) -> int:
     api_url = state.prefect_api_url
     if api_url is None:  # up() starts every service; a Prefect server that is not there is a sandbox failure
         raise sandbox.SandboxError("the sandbox has no Prefect server")
-    console.print(f"Prefect UI: {api_url.removesuffix('/api')}")
+    console.print(f"Prefect UI: {api_url.removesuffix('/api')} (sign in with the auth string in "
+                  f"{state.state_dir / AUTH_FILE})", markup=False)
     incident = DbIncident(app_dsn=state.env_vars()["RUNBOOK_SANDBOX_APP_DSN"])
     ok = True
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}), attended_run():
+        with temporary_settings(updates=state.prefect_env()), attended_run():
             console.rule("[bold]2. incident[/]: an idle transaction blocks two writers, a runaway report, "
                          "a slow filter")
             incident.start()

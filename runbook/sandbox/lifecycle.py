@@ -16,6 +16,7 @@ from pathlib import Path
 
 from runbook.engine.config import read_env_file
 from runbook.engine.daemon import free_ports
+from runbook.engine.prefect_env import AUTH_FILE
 
 from . import generated, net
 from .alertmanager import SERVICE as ALERTMANAGER
@@ -181,6 +182,7 @@ def down(state_dir: Path | None = None) -> list[str]:
             svc.clean(root)
         shutil.rmtree(state.playbook_dir, ignore_errors=True)
         (root / STATE_FILE).unlink(missing_ok=True)
+        (root / AUTH_FILE).unlink(missing_ok=True)  # the Prefect server's auth string lives as long as the sandbox
         (root / LOCK_FILE).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         root.rmdir()  # only if empty: never remove files we did not create

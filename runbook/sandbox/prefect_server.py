@@ -20,11 +20,15 @@ import psycopg
 
 from runbook.engine.daemon import DaemonFailed, start_ticks
 from runbook.engine.prefect_env import (
+    AUTH_FILE,
     DB_FILE,
     LOG_FILE,
+    demands_auth,
+    ensure_auth_string,
     is_healthy,
     prefect_executable,
     prefect_server_command,
+    read_auth_string,
     start_prefect_server,
 )
 
@@ -90,14 +94,15 @@ class PrefectServer(Service):
 
     def start(self, state: Path, port: int, peers: dict[str, ServiceRecord] | None = None) -> ServiceRecord:
         home = self.fresh_dir(state)
+        auth_file = state / AUTH_FILE  # beside state.json, kept while the sandbox lives (`down` removes it)
         if peers and "postgres" in peers:
-            return self._start(home, port, postgres_database_url(peers["postgres"]))
+            return self._start(home, port, auth_file, postgres_database_url(peers["postgres"]))
         template = template_db()
         from_template = template.is_file()
         if from_template:
             shutil.copyfile(template, home / DB_FILE)
         try:
-            record = self._start(home, port)
+            record = self._start(home, port, auth_file)
         except SandboxError as exc:
             if from_template:  # a bad template must not break every later up: the next one migrates afresh
                 template.unlink(missing_ok=True)
@@ -107,21 +112,25 @@ class PrefectServer(Service):
             save_template(home / DB_FILE)
         return record
 
-    def _start(self, home: Path, port: int, database_url: str | None = None) -> ServiceRecord:
+    def _start(self, home: Path, port: int, auth_file: Path, database_url: str | None = None) -> ServiceRecord:
         log = home / LOG_FILE
+        auth = ensure_auth_string(auth_file)
         try:
-            proc = process.adopt(start_prefect_server(home, port, database_url, START_TIMEOUT_S))
+            proc = process.adopt(start_prefect_server(home, port, auth, database_url, START_TIMEOUT_S))
         except DaemonFailed as exc:
             raise process.failure(str(exc), log) from None
         return ServiceRecord(
             name=self.name, pid=proc.pid, port=port, log_file=str(log),
-            paths={"home": str(home), "database": database_url or str(home / DB_FILE)},
+            paths={"home": str(home), "database": database_url or str(home / DB_FILE), "auth_file": str(auth_file)},
             cmdline_markers=[prefect_server_command(port)[0], "server start", f"--port {port}"],
             proc_start=start_ticks(proc.pid), running=True,
         )
 
     def is_healthy(self, record: ServiceRecord) -> bool:
-        return is_healthy(record.port)
+        """Answers, and demands the sandbox's auth string: a server from before authentication was on is
+        restarted by `up`, not reused."""
+        auth = read_auth_string(Path(record.paths["auth_file"])) if "auth_file" in record.paths else None
+        return is_healthy(record.port) and auth is not None and demands_auth(record.port, auth)
 
 
 SERVICE = PrefectServer()

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from runbook.engine.config import PROJECT_ROOT, read_env_file
-from runbook.engine.prefect_env import api_url
+from runbook.engine.prefect_env import AUTH_ENV, AUTH_FILE, api_url, client_env, read_auth_string
 
 from .base import ServiceRecord
 from .postgres import admin_conninfo
@@ -67,6 +67,19 @@ class SandboxState(BaseModel):
         return api_url(rec.port)
 
     @property
+    def prefect_api_auth(self) -> str | None:
+        """The auth string the sandbox's Prefect server demands (kept in .sandbox/prefect-api-auth, mode 0600)."""
+        if "prefect" not in self.services:
+            return None
+        return read_auth_string(self.state_dir / AUTH_FILE)
+
+    def prefect_env(self) -> dict[str, str]:
+        """PREFECT_API_URL and PREFECT_API_AUTH_STRING of the sandbox's server (empty without it): a client
+        process's environment, or Prefect ``temporary_settings`` updates."""
+        api = self.prefect_api_url
+        return client_env(api, self.prefect_api_auth) if api else {}
+
+    @property
     def redis_url(self) -> str | None:
         """redis://127.0.0.1:PORT/0 of the sandbox Redis; None without it."""
         rec = self.services.get("redis")
@@ -75,12 +88,16 @@ class SandboxState(BaseModel):
         return redis_url(rec.port)
 
     def engine_env(self) -> dict[str, str]:
-        """What points the engine at this sandbox's playbook (beside the project's): RUNBOOK_PLAYBOOKS.
+        """What points the engine at this sandbox's playbook (beside the project's): RUNBOOK_PLAYBOOKS, and the
+        auth string its Prefect server demands (PREFECT_API_AUTH_STRING; which server a run goes to,
+        PREFECT_API_URL, stays each caller's choice: see ``prefect_env``).
 
         The engine never looks for the sandbox by itself (a production process must not pick up a sandbox
         environment left in a checkout); tests, the demo, benchmarks and `runbook sandbox env` set it.
         """
-        return {"RUNBOOK_PLAYBOOKS": os.pathsep.join([str(PROJECT_ROOT / "playbooks"), str(self.playbook_dir)])}
+        auth = self.prefect_api_auth
+        return {"RUNBOOK_PLAYBOOKS": os.pathsep.join([str(PROJECT_ROOT / "playbooks"), str(self.playbook_dir)]),
+                **({AUTH_ENV: auth} if auth else {})}
 
     def env_vars(self) -> dict[str, str]:
         """The KEY=VALUE pairs of secrets.env (empty when it does not exist)."""

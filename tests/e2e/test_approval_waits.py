@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import psycopg
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import temporary_settings
 
 from runbook.app.executor import Executor
-from runbook.app.remote_run import TERMINAL, read_report, resume
+from runbook.app.remote_run import TERMINAL, api_client, read_report, resume
 from runbook.app.serve import register_deployments
 from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import DbIncident
-from tests.prefect_runs import create_run, run_state, wait_for
+from tests.prefect_runs import api_settings, create_run, run_state, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +43,10 @@ def test_runs_waiting_for_approval_hold_no_thread(sandbox_state: SandboxState, a
     register_deployments(api)
     inc = DbIncident(app_dsn, waiters=0, slow_runs=0, runaway=True).start()  # one runaway query to cancel
     ex = Executor(max_runs=2, poll_s=1.0)
-    with temporary_settings(updates={PREFECT_API_URL: api}):
+    with temporary_settings(updates=api_settings(api)):
         ex.start()
     try:
-        with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+        with api_client(api, timeout_s=10) as http:
             time.sleep(1.5)  # the runaway query is older than long_query_s
             waiting = [create_run(http, "db-slowness", APPLY, ["mode:approve"]) for _ in range(4)]
             wait_for(lambda: all(run_state(http, r)["name"] == "Suspended" for r in waiting), 180,

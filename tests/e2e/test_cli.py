@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from runbook.app.cli import app
+from tests.prefect_runs import api_headers
 
 RUNNER = CliRunner()
 GOOD = "environments:\n  staging:\n    databases:\n      main:\n        dsn: {env: CLI_TEST_DSN}\n"
@@ -109,7 +110,7 @@ def test_run_json_against_sandbox_has_the_documented_shape_and_no_secret(sandbox
     # nor in what the Prefect server stored: the run's logs and artifacts
     api = sandbox_state.prefect_api_url
     run_id = doc["flow_run_id"]
-    with httpx.Client(timeout=10) as http:
+    with httpx.Client(timeout=10, headers=api_headers()) as http:
         logs = http.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}}}).json()
         arts = http.post(f"{api}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
     assert arts, "the report artifact was not published"

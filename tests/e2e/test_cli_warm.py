@@ -14,13 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import temporary_settings
 
 from runbook.app.executor import Executor
 from runbook.app.serve import register_deployments
 from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import DbIncident
 from tests.integration.derived_env import derive
+from tests.prefect_runs import api_headers, api_settings
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def warm(sandbox_state: SandboxState) -> Iterator[tuple[str, Executor]]:
     assert api
     register_deployments(api)
     ex = Executor(poll_s=2)
-    with temporary_settings(updates={PREFECT_API_URL: api}):
+    with temporary_settings(updates=api_settings(api)):
         ex.start()
     deadline = time.monotonic() + 30
     while not (ex.events_connected.is_set() and ex.polls) and time.monotonic() < deadline:
@@ -48,7 +49,8 @@ def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _states(api: str, run_id: str) -> list[dict]:
-    return httpx.get(f"{api}/flow_run_states/", params={"flow_run_id": run_id}, timeout=10).json()
+    return httpx.get(f"{api}/flow_run_states/", headers=api_headers(), params={"flow_run_id": run_id},
+                     timeout=10).json()
 
 
 def test_a_pool_that_only_looks_alive_costs_a_few_seconds_not_the_run(sandbox_state: SandboxState) -> None:
@@ -58,17 +60,18 @@ def test_a_pool_that_only_looks_alive_costs_a_few_seconds_not_the_run(sandbox_st
     assert api
     register_deployments(api)
     ghost = {"name": "ghost-executor", "heartbeat_interval_seconds": 30}
-    httpx.post(f"{api}/work_pools/runbook/workers/heartbeat", json=ghost, timeout=10).raise_for_status()
+    httpx.post(f"{api}/work_pools/runbook/workers/heartbeat", headers=api_headers(), json=ghost,
+               timeout=10).raise_for_status()
     try:
         proc = cli(api, "network-checks", "--env", "sandbox", "--output", "json")
     finally:
-        httpx.delete(f"{api}/work_pools/runbook/workers/ghost-executor", timeout=10)
+        httpx.delete(f"{api}/work_pools/runbook/workers/ghost-executor", headers=api_headers(), timeout=10)
     assert "no executor claimed run" in proc.stderr and "running it in this process" in proc.stderr, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["procedure"] == "network-checks"
     withdrawn = re.search(r"claimed run (\S+) within", proc.stderr)
     assert withdrawn
-    state = httpx.get(f"{api}/flow_runs/{withdrawn.group(1)}", timeout=10).json()["state"]
+    state = httpx.get(f"{api}/flow_runs/{withdrawn.group(1)}", headers=api_headers(), timeout=10).json()["state"]
     assert state["type"] == "CANCELLED", state
 
 

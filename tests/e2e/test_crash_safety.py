@@ -17,14 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import temporary_settings
 
 from runbook.app.executor import Executor
 from runbook.app.reconcile import OCCURRENCE_TAG, claim_message
-from runbook.app.remote_run import TERMINAL
+from runbook.app.remote_run import TERMINAL, api_client
 from runbook.app.serve import register_deployments
 from runbook.sandbox import SandboxState
-from tests.prefect_runs import create_run, run_history, run_state, wait_for
+from tests.prefect_runs import api_settings, create_run, run_history, run_state, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,7 @@ def _worker(api: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
 @contextmanager
 def _executor(api: str) -> Iterator[Executor]:
     ex = Executor(poll_s=1.0)
-    with temporary_settings(updates={PREFECT_API_URL: api}):
+    with temporary_settings(updates=api_settings(api)):
         ex.start()
     try:
         yield ex
@@ -66,7 +66,7 @@ def test_runs_of_a_killed_executor_are_finished_and_an_alert_run_retried_once(
     assert api
     register_deployments(api)
     worker = _worker(api, tmp_path / "killed.log", "--max-runs", "4")
-    with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+    with api_client(api, timeout_s=10) as http:
         try:
             alert_run = create_run(http, "memory-leak", SLOW, ["alert:MemoryLeak", f"{OCCURRENCE_TAG}crash-test"])
             cli_run = create_run(http, "memory-leak", SLOW, ["cli"])
@@ -104,7 +104,7 @@ def test_sigterm_lets_a_short_run_finish_and_hands_a_long_one_back(
     api = sandbox_state.prefect_api_url
     assert api
     register_deployments(api)
-    with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+    with api_client(api, timeout_s=10) as http:
         # within the grace period: the run finishes where it started and nothing is handed back
         worker = _worker(api, tmp_path / "drain-short.log", "--grace", "60")
         short = create_run(http, "memory-leak", {**SLOW, "samples": 4}, ["cli"])

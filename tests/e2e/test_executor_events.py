@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import temporary_settings
 
 from runbook.app.executor import Executor
-from runbook.app.remote_run import deployment
+from runbook.app.remote_run import api_client, deployment
 from runbook.app.serve import register_deployments
 from runbook.sandbox import SandboxState
+from tests.prefect_runs import api_settings
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +30,11 @@ def test_a_run_created_through_the_api_starts_without_a_poll(sandbox_state: Sand
     assert api
     register_deployments(api)
     ex = Executor(poll_s=3600)  # one poll at start (heartbeat), then none for an hour: only events can start it
-    with temporary_settings(updates={PREFECT_API_URL: api}):
+    with temporary_settings(updates=api_settings(api)):
         ex.start()
     try:
         assert _wait(lambda: ex.events_connected.is_set() and ex.polls >= 1, 30), "executor not ready"
-        with httpx.Client(base_url=api, timeout=10, trust_env=False) as http:
+        with api_client(api, timeout_s=10) as http:
             dep = deployment(http, "network-checks")
             run = http.post(f"/deployments/{dep['id']}/create_flow_run", json={
                 "parameters": {"env": "sandbox"}, "state": {"type": "SCHEDULED", "name": "Scheduled"}},

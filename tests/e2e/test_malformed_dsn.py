@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from runbook.app.remote_run import api_client
 from runbook.app.serve import register_deployments
 from runbook.engine.procedure import flush_run_records
 from runbook.sandbox import SandboxState
@@ -90,7 +90,7 @@ def cli(*args: str, api: str | None = None) -> subprocess.CompletedProcess[str]:
 def server_texts(api: str, run_id: str) -> dict[str, str]:
     """Everything the Prefect server keeps about a flow run that can hold text, as JSON per channel."""
     flush_run_records()
-    with httpx.Client(base_url=api, timeout=10) as http:
+    with api_client(api, timeout_s=10) as http:
         run = http.get(f"/flow_runs/{run_id}").json()
         states = http.get("/flow_run_states/", params={"flow_run_id": run_id}).json()
         tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()

@@ -13,6 +13,7 @@ import pytest
 from flows.db_slowness import db_slowness
 from runbook.sandbox.incidents import DbIncident
 from tests.browser import Browser
+from tests.prefect_runs import api_headers, api_settings
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +29,10 @@ def test_finished_run_shows_its_report_artifact(sandbox_state, browser: Browser,
     doc = db_slowness(env="sandbox")
     api = sandbox_state.prefect_api_url
     ui = api.removesuffix("/api")
-    arts = httpx.post(f"{api}/artifacts/filter", timeout=10,
+    arts = httpx.post(f"{api}/artifacts/filter", headers=api_headers(), timeout=10,
                       json={"artifacts": {"flow_run_id": {"any_": [doc["flow_run_id"]]}}}).json()
     report = next(a for a in arts if a["type"] == "markdown")
+    browser.login(ui, sandbox_state.prefect_api_auth)
     browser.goto(f"{ui}/artifacts/artifact/{report['id']}")
     try:
         text = browser.wait_for_text("db-slowness on", "sandbox", "DRY RUN", "Findings", "Remediations")
@@ -48,10 +50,10 @@ def test_paused_run_shows_the_approval_form(sandbox_state, app_dsn: str, browser
     ui = api.removesuffix("/api")
     incident = DbIncident(app_dsn, slow_runs=0, runaway=False).start()
     result: dict = {}
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     def run() -> None:  # a thread starts with a fresh context: give it the sandbox server again
-        with temporary_settings(updates={PREFECT_API_URL: api}), tags("mode:approve", "approval-timeout-s:120"):
+        with temporary_settings(updates=api_settings(api)), tags("mode:approve", "approval-timeout-s:120"):
             result["doc"] = db_slowness(env="sandbox", dry_run=False, long_query_s=1, idle_in_transaction_s=1)
 
     try:
@@ -61,12 +63,13 @@ def test_paused_run_shows_the_approval_form(sandbox_state, app_dsn: str, browser
         run_id = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and run_id is None:
-            runs = httpx.post(f"{api}/flow_runs/filter", timeout=10, json={
+            runs = httpx.post(f"{api}/flow_runs/filter", headers=api_headers(), timeout=10, json={
                 "flow_runs": {"tags": {"all_": ["mode:approve"]}, "state": {"type": {"any_": ["PAUSED"]}}},
                 "sort": "START_TIME_DESC", "limit": 1}).json()
             run_id = runs[0]["id"] if runs else None
             time.sleep(0.3)
         assert run_id, "the run never paused"
+        browser.login(ui, sandbox_state.prefect_api_auth)
         browser.goto(f"{ui}/runs/flow-run/{run_id}")
         try:
             browser.wait_for_text("Paused")

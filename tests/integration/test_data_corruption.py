@@ -29,6 +29,7 @@ from flows.backup_verification import backup_verification
 from flows.data_corruption import data_corruption
 from tasks.writers import writers_for
 from tests.backup_env import APP_DSN_VAR, DB, ROWS, backup_env, corrupt, create_db, databases, drop_all, row_counts
+from tests.prefect_runs import api_headers
 
 pytestmark = pytest.mark.integration
 DAMAGED = {"users": ROWS["users"], "bookings": ROWS["bookings"] - ROWS["bookings"] // 10, "payments": None}
@@ -91,7 +92,7 @@ def test_without_a_terminal_or_server_nobody_can_approve(incident: dict[str, Any
 def _paused_run(api: str, since: datetime, timeout_s: float = 60) -> str:
     """The data-corruption run on env bk that paused after ``since`` (older paused runs are not ours)."""
     deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=10) as http:
+    with httpx.Client(timeout=10, headers=api_headers()) as http:
         while time.monotonic() < deadline:
             runs = http.post(f"{api}/flow_runs/filter", json={
                 "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}, "start_time": {"after_": since.isoformat()}},
@@ -107,7 +108,7 @@ def _paused_run(api: str, since: datetime, timeout_s: float = 60) -> str:
 def _form_schema(api: str, run_id: str, timeout_s: float = 20) -> dict[str, Any]:
     """The approval form's JSON schema the run saved for the UI (written just after the pause)."""
     deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=10) as http:
+    with httpx.Client(timeout=10, headers=api_headers()) as http:
         while time.monotonic() < deadline:
             keys = http.post(f"{api}/flow_runs/{run_id}/input/filter",
                              json={"prefix": "paused-approval"}).json()
@@ -139,7 +140,8 @@ def test_rejected_approval_in_prefect_changes_nothing(incident: dict[str, Any], 
     run_id = _paused_run(sandbox_state.prefect_api_url, since)
     schema = _form_schema(sandbox_state.prefect_api_url, run_id)
     assert {"approve", "approver", "reason"} <= set(schema["properties"]) and "approver" in schema["required"]
-    with httpx.Client(timeout=10, base_url=f"{sandbox_state.prefect_api_url}/flow_runs/{run_id}/input") as http:
+    with httpx.Client(timeout=10, headers=api_headers(),
+                      base_url=f"{sandbox_state.prefect_api_url}/flow_runs/{run_id}/input") as http:
         deadline = time.monotonic() + 20
         while (resp := http.get("/paused-approval-description")).status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook.app.remote_run import deployment
+from runbook.app.remote_run import api_client, deployment
 from runbook.sandbox.incidents import DbIncident
 from tests.intake_harness import Intake, alert, running_intake
+from tests.prefect_runs import api_headers
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ def test_one_run_per_occurrence_completes_with_report_and_resends_create_nothing
     runs = intake.wait_runs("db-auto", "feed0001")
     assert len(runs) == 1
     assert intake.wait_state(runs[0]["id"], {"COMPLETED", "FAILED", "CRASHED"}) == "COMPLETED"
-    arts = httpx.post(f"{intake.api_url}/artifacts/filter", timeout=10,
+    arts = httpx.post(f"{intake.api_url}/artifacts/filter", headers=api_headers(), timeout=10,
                       json={"artifacts": {"flow_run_id": {"any_": [runs[0]["id"]]}}}).json()
     assert any("# db-slowness on `sandbox`: APPLY" in (a.get("data") or "") for a in arts)
     # a new occurrence of the same alert (new startsAt) is a new run
@@ -138,7 +139,7 @@ def _approve_cli(intake: Intake, run_id: str, *extra: str) -> subprocess.Complet
 
 
 def _report(intake: Intake, run_id: str) -> str:
-    arts = httpx.post(f"{intake.api_url}/artifacts/filter", timeout=10,
+    arts = httpx.post(f"{intake.api_url}/artifacts/filter", headers=api_headers(), timeout=10,
                       json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
     return "\n".join(a.get("data") or "" for a in arts if isinstance(a.get("data"), str))
 
@@ -186,12 +187,12 @@ def test_resolved_alert_cancels_a_run_waiting_for_approval(intake: Intake, incid
 
 
 def test_ui_style_run_from_the_deployment_is_executed(intake: Intake) -> None:
-    dep = deployment(httpx.Client(base_url=intake.api_url, timeout=10), "db-slowness")
+    dep = deployment(api_client(intake.api_url, timeout_s=10), "db-slowness")
     assert dep["parameter_openapi_schema"]["properties"]["dry_run"]["default"] is True
-    run = httpx.post(f"{intake.api_url}/deployments/{dep['id']}/create_flow_run", timeout=10,
+    run = httpx.post(f"{intake.api_url}/deployments/{dep['id']}/create_flow_run", headers=api_headers(), timeout=10,
                      json={"parameters": {"env": "sandbox", "dry_run": True, "top": 3}}).json()
     assert intake.wait_state(run["id"], {"COMPLETED", "FAILED"}) == "COMPLETED"
-    bad = httpx.post(f"{intake.api_url}/deployments/{dep['id']}/create_flow_run", timeout=10,
+    bad = httpx.post(f"{intake.api_url}/deployments/{dep['id']}/create_flow_run", headers=api_headers(), timeout=10,
                      json={"parameters": {"env": "sandbox", "dry_run": "maybe"}})
     assert bad.status_code == 409, "the server enforces the parameter schema"
 
@@ -214,8 +215,9 @@ def test_backup_verification_is_scheduled_from_the_playbook_cron_and_reapplying_
 
     assert sandbox_env.backups and sandbox_env.backups.verify_cron
     apply_verification_schedules(intake.api_url)  # a second application
-    dep = deployment(httpx.Client(base_url=intake.api_url, timeout=10), "backup-verification")
-    schedules = [s for s in httpx.get(f"{intake.api_url}/deployments/{dep['id']}/schedules", timeout=10).json()
+    dep = deployment(api_client(intake.api_url, timeout_s=10), "backup-verification")
+    schedules = [s for s in httpx.get(f"{intake.api_url}/deployments/{dep['id']}/schedules", headers=api_headers(),
+                                      timeout=10).json()
                  if s.get("slug") == "verify-sandbox"]
     assert len(schedules) == 1
     assert schedules[0]["schedule"]["cron"] == sandbox_env.backups.verify_cron

@@ -30,6 +30,7 @@ from tests.intake_harness import (
     running_intake,
     stall_connections,
 )
+from tests.prefect_runs import api_headers
 
 pytestmark = pytest.mark.integration
 
@@ -65,11 +66,12 @@ def test_2000_stalled_connections_leave_a_real_alert_answered(intake_process: In
     with sqlite3.connect(intake_process.store) as db:  # the intake's own record
         (key,) = db.execute("SELECT key FROM occurrences WHERE fingerprint = ?", (fp,)).fetchone()
     deadline = time.monotonic() + 60
-    while not (runs := httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+    while not (runs := httpx.post(f"{api}/flow_runs/filter", headers=api_headers(), timeout=30, json={
             "flow_runs": {"tags": {"all_": [f"occurrence:{key}"]}}}).json()) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert len(runs) == 1, "the real alert's run was not created"
-    httpx.delete(f"{api}/flow_runs/{runs[0]['id']}", timeout=30)  # no executor here: leave the server as found
+    # no executor here: leave the server as found
+    httpx.delete(f"{api}/flow_runs/{runs[0]['id']}", headers=api_headers(), timeout=30)
     log = log_path.read_text(errors="replace")
     assert "Traceback" not in log
     assert "Too many open files" not in log, "the cap and accept batches leave descriptors to spare"

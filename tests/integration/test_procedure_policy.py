@@ -27,11 +27,12 @@ import pytest
 import yaml
 
 from runbook.app.catalog import PROCEDURES
-from runbook.app.remote_run import deployment
+from runbook.app.remote_run import api_client, deployment
 from runbook.engine.config import PROJECT_ROOT, Environment
 from runbook.sandbox import SandboxState
 from tests.intake_harness import Intake, alert, running_intake
 from tests.integration.test_notifications import Receiver
+from tests.prefect_runs import api_headers
 from tests.scenarios import db_sessions, project_containers, restored_project
 
 pytestmark = pytest.mark.integration
@@ -220,7 +221,7 @@ def _run_of(w: World, proc: str, mode: str, fp: str, timeout_s: float = 30) -> d
 
 
 def _state(w: World, run_id: str) -> dict[str, Any]:
-    return httpx.get(f"{w.intake.api_url}/flow_runs/{run_id}", timeout=10).json()["state"]
+    return httpx.get(f"{w.intake.api_url}/flow_runs/{run_id}", headers=api_headers(), timeout=10).json()["state"]
 
 
 def _wait(w: World, run_id: str, types: set[str], timeout_s: float = 120) -> dict[str, Any]:
@@ -235,7 +236,7 @@ def _wait(w: World, run_id: str, types: set[str], timeout_s: float = 120) -> dic
 
 
 def _report(w: World, run_id: str) -> str:
-    arts = httpx.post(f"{w.intake.api_url}/artifacts/filter", timeout=10,
+    arts = httpx.post(f"{w.intake.api_url}/artifacts/filter", headers=api_headers(), timeout=10,
                       json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
     return "\n".join(a["data"] for a in arts if isinstance(a.get("data"), str))
 
@@ -369,9 +370,9 @@ def test_cli_dry_run_then_apply(world: World, proc: str) -> None:
 
 def test_ui_run_cannot_claim_an_approval_and_pauses_instead(world: World) -> None:
     api = world.intake.api_url
-    dep = deployment(httpx.Client(base_url=api, timeout=10), "data-corruption")
+    dep = deployment(api_client(api, timeout_s=10), "data-corruption")
     for claim in ({"approved_by": "mallory"}, {"approve": True}, {"approval": "granted"}):
-        resp = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10,
+        resp = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", headers=api_headers(), timeout=10,
                           json={"parameters": {"env": "bk", "dry_run": False, **claim}})
         if resp.status_code < 300:  # accepted by the server: the flow must refuse the unknown parameter
             final = _wait(world, resp.json()["id"], {"COMPLETED", "FAILED", "CRASHED"})
@@ -380,7 +381,7 @@ def test_ui_run_cannot_claim_an_approval_and_pauses_instead(world: World) -> Non
             assert resp.status_code in (409, 422), resp.text
     with INCIDENTS["data-corruption"](world) as inc:
         before = inc.snapshot()
-        resp = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", timeout=10,
+        resp = httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", headers=api_headers(), timeout=10,
                           json={"parameters": {"env": "bk", "dry_run": False, "writer_stop_s": 1}})
         run_id = resp.raise_for_status().json()["id"]
         _wait(world, run_id, {"PAUSED"})  # a UI run of an approval-required procedure waits for a person

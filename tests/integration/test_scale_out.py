@@ -10,10 +10,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pytest
 
-from runbook.app.remote_run import deployment
+from runbook.app.remote_run import api_client, deployment
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +43,7 @@ def test_two_workers_share_runs_and_each_run_executes_once(sandbox_state, tmp_pa
         # Both must be serving before the runs exist: a worker still importing would leave them all to the other.
         for i in range(2):
             _wait_until_serving(tmp_path / f"w{i}.log", workers[i])
-        with httpx.Client(base_url=api, timeout=10) as http:
+        with api_client(api, timeout_s=10) as http:
             dep = deployment(http, "db-slowness")
             runs = [http.post(f"/deployments/{dep['id']}/create_flow_run",
                               json={"parameters": {"env": "sandbox", "dry_run": True}, "tags": ["scale-out-test"]}

@@ -106,7 +106,7 @@ def test_the_cluster_description_uses_the_prefect_settings_the_test_starts() -> 
     env = _env_file("prefect.env")
     assert {k: env[k] for k in HA_SETTINGS} == HA_SETTINGS
     assert {"PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_REDIS_MESSAGING_HOST", "PREFECT_SERVER_DOCKET_URL",
-            "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK"} <= set(env)
+            "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "PREFECT_SERVER_API_AUTH_STRING"} <= set(env)
     body = CLUSTER.joinpath("nginx.conf").read_text().split("\n", 3)[3]  # after the three comment lines
     assert body == nginx_conf(4200, ["prefect-api-1.internal:4200", "prefect-api-2.internal:4200"],
                               9095, ["intake-1.internal:9095", "intake-2.internal:9095"], listen_host="0.0.0.0")
@@ -118,4 +118,5 @@ def test_the_cluster_description_uses_the_prefect_settings_the_test_starts() -> 
     assert "runbook worker --grace" in units["runbook-worker.service"]
     runbook_env = _env_file("runbook.env")
     assert runbook_env["PREFECT_API_URL"].endswith(":4200/api")
+    assert runbook_env["PREFECT_API_AUTH_STRING"] == env["PREFECT_SERVER_API_AUTH_STRING"], "the same string"
     assert runbook_env["RUNBOOK_INTAKE_STATE_DSN"].startswith("postgresql://"), "the intakes share one state"

@@ -57,6 +57,7 @@ class IntakeSettings:
     prefect_api_url: str
     state_dir: Path
     state_dsn: str | None = field(default=None, repr=False)  # PostgreSQL shared by replicas; a secret
+    prefect_api_auth: str | None = field(default=None, repr=False)  # None: PREFECT_API_AUTH_STRING
     playbook_dirs: list[Path] | None = None
     on_created: Callable[[str], None] | None = None
     limits: Limits = field(default_factory=Limits)
@@ -76,7 +77,8 @@ def create_app(settings: IntakeSettings) -> FastAPI:
     _check_routes(playbooks)
     store = open_store(settings.state_dir, settings.state_dsn)
     intake = Intake(settings.token, playbooks, store,
-                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created), settings.limits,
+                    Dispatcher(store, settings.prefect_api_url, on_created=settings.on_created,
+                               auth=settings.prefect_api_auth), settings.limits,
                     reviews_dir=settings.state_dir / "reviews")
     app = FastAPI(title="runbook alert intake", lifespan=intake.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -186,7 +188,8 @@ class Intake:
         except (ValueError, UnicodeDecodeError) as exc:
             return self._refuse(request, 400, "malformed_json", f"not JSON: {str(exc)[:200]}")
         if not self.dispatcher.healthy and not await self.dispatcher.check_health():
-            return self._refuse(request, 503, "prefect_unavailable", "Prefect API unreachable; retry later")
+            why = "refuses our auth string (see the intake's log)" if self.dispatcher.refused else "unreachable"
+            return self._refuse(request, 503, "prefect_unavailable", f"Prefect API {why}; retry later")
         try:
             return JSONResponse(await self._process(hook))
         except StoreUnavailable as exc:  # nothing was acknowledged: Alertmanager sends it again

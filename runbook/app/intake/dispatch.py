@@ -24,7 +24,8 @@ import httpx
 from runbook.app.intake.policy import run_parameters
 from runbook.app.intake.routing import RunRequest
 from runbook.app.intake.store import Occurrence, Store, StoreUnavailable
-from runbook.app.remote_run import deployment_filter
+from runbook.app.remote_run import deployment_filter, unauthorized_message
+from runbook.engine.prefect_env import auth_header, env_auth_string
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,16 @@ SWEEP_S = 15.0
 
 class Dispatcher:
     def __init__(self, store: Store, api_url: str, on_created: Callable[[str], None] | None = None,
-                 concurrency: int = 8, timeout_s: float = 10.0) -> None:
+                 concurrency: int = 8, timeout_s: float = 10.0, auth: str | None = None) -> None:
+        """``auth``: the Prefect API's auth string (None: PREFECT_API_AUTH_STRING; "": none)."""
         self.store = store
         self.api_url = api_url.rstrip("/")
+        self._headers = auth_header(env_auth_string() if auth is None else auth)
         self.on_created = on_created
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.healthy = False
+        self.refused = False  # the API answered 401 to our auth string
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread
         self._wake: asyncio.Event
@@ -68,7 +72,8 @@ class Dispatcher:
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
         self._wake = asyncio.Event()
-        self._http = httpx.AsyncClient(base_url=self.api_url, timeout=self.timeout_s, trust_env=False)
+        self._http = httpx.AsyncClient(base_url=self.api_url, timeout=self.timeout_s, trust_env=False,
+                                       headers=self._headers)
         self._task = self._loop.create_task(self._run(), name="dispatcher")
         self._health_task = self._loop.create_task(self._watch_health(), name="prefect-health")
         ready.set()
@@ -109,13 +114,21 @@ class Dispatcher:
         return await self._in_loop(self._check_health())
 
     async def _check_health(self) -> bool:
+        """Prefect answers and accepts our auth string (/health answers anyone: ask /admin/version, as cheap), so a
+        wrong string makes the intake answer 503 (Alertmanager retries) instead of accepting alerts it cannot run."""
         assert self._http is not None
         try:
-            resp = await self._http.get("/health", timeout=2.0)
+            resp = await self._http.get("/admin/version", timeout=2.0)
+            if resp.status_code == 401 and not self.refused:  # said once, not every half second
+                log.error("%s", self._unauthorized())
+            self.refused = resp.status_code == 401
             self.healthy = resp.status_code == 200
         except httpx.HTTPError:
             self.healthy = False
         return self.healthy
+
+    def _unauthorized(self) -> str:
+        return unauthorized_message(self.api_url.removesuffix("/api"), sent=bool(self._headers))
 
     async def _watch_health(self) -> None:
         while True:
@@ -224,6 +237,8 @@ class Dispatcher:
             raise PrefectUnavailable(f"{type(exc).__name__} after {time.monotonic() - started:.1f} s") from None
         if resp.status_code >= 500 or resp.status_code == 429:
             raise PrefectUnavailable(f"HTTP {resp.status_code}")
+        if resp.status_code == 401:  # our auth string, not the alert: keep it pending until the string is fixed
+            raise PrefectUnavailable(self._unauthorized())
         if resp.status_code >= 400:
             raise PrefectRejected(f"HTTP {resp.status_code}: {resp.text[:300]}")
         return resp.json()
