@@ -44,7 +44,7 @@ def main() -> None:
     print("starting sandbox (podman, postgres, prefect)...", flush=True)
     state = sandbox.up()
     os.environ.update(state.engine_env())
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from flows.service_outage import service_outage
     from runbook.engine.config import load_playbooks
@@ -91,7 +91,7 @@ def main() -> None:
 
     hand: list[float] = []
     runs: list[float] = []
-    with temporary_settings(updates={PREFECT_API_URL: state.prefect_api_url}), attended_run():
+    with temporary_settings(updates=state.prefect_env()), attended_run():
         doc = service_outage(env="sandbox", dry_run=True, notify=False, lkg_min_uptime_s=0)  # warm-up; records LKG
         assert any(n.startswith("last known good of backend recorded") for n in doc["notes"]), doc["notes"]
         for _ in range(REPEATS):

@@ -19,7 +19,7 @@ from tasks.container_remediations import answers_2xx, service_health_url
 from tasks.containers import list_project_containers
 from tasks.last_known_good import load_last_known_good, short_id
 from tests.intake_harness import alerts_through, running_intake
-from tests.prefect_runs import approve_seen_plan, wait_for
+from tests.prefect_runs import api_headers, approve_seen_plan, wait_for
 from tests.scenarios import bad_deploy
 
 pytestmark = pytest.mark.integration
@@ -78,7 +78,8 @@ def test_service_down_from_a_bad_deploy_is_rolled_back_after_approval(
                               f"({short_id(bad.bad_image_id)}) to {IMAGE} ({short_id(record.image_id)})",
                               "roll back v2 (e2e)")
             assert it.wait_state(runs[0]["id"], {"COMPLETED", "FAILED", "CRASHED"}, 180) == "COMPLETED"
-            state = httpx.get(f"{it.api_url}/flow_runs/{runs[0]['id']}", timeout=10).json()["state"]
+            state = httpx.get(f"{it.api_url}/flow_runs/{runs[0]['id']}", headers=api_headers(),
+                              timeout=10).json()["state"]
             assert state["name"] == "Remediated", state
             [backend] = [c for c in list_project_containers.fn(sandbox_env) if c.name == "pafar-backend-1"]
             assert backend.running and backend.image_id == record.image_id

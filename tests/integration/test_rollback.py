@@ -24,7 +24,7 @@ from tasks.containers import list_project_containers
 from tasks.last_known_good import forget_last_known_good, load_last_known_good, save_last_known_good, short_id
 from tests.intake_harness import alert, routes_yaml, running_intake
 from tests.integration.derived_env import derive
-from tests.prefect_runs import approve_seen_plan
+from tests.prefect_runs import api_headers, approve_seen_plan
 from tests.scenarios import bad_deploy, project_containers
 
 pytestmark = pytest.mark.integration
@@ -145,7 +145,7 @@ def test_alert_under_approve_waits_then_rolls_back_to_the_recorded_image(
                           f"rollback-service: roll back container pafar-backend-1 from {BAD_IMAGE} "
                           f"({short_id(bad.bad_image_id)}) to {IMAGE} ({short_id(record.image_id)})", "roll back v2")
         assert it.wait_state(run["id"], {"COMPLETED", "FAILED", "CRASHED"}, 180) == "COMPLETED"
-        state = httpx.get(f"{it.api_url}/flow_runs/{run['id']}", timeout=10).json()["state"]
+        state = httpx.get(f"{it.api_url}/flow_runs/{run['id']}", headers=api_headers(), timeout=10).json()["state"]
         assert state["name"] == "Remediated", state
         now = _backend(sandbox_env)
         assert now.running and now.image_id == record.image_id
