@@ -8,8 +8,12 @@ check fails (runbook.sandbox.incidents.BadDeploy) over its replica, then brings 
   engine    service-outage with dry_run=False in a warm process (an operator's `--apply`, or an alert route's
             `auto`): health, containers, deployments, logs, hosts, the last known good, the rollback plan, apply
             one replica at a time, verify; timed until /health answers
-Both from the moment v2 is deployed to /health answering 2xx. Prints the medians of REPEATS rounds and the ratio.
-The approval itself (a person reading the plan) is not timed: it is the same wait either way.
+  alert     issue 13's path: a ServiceDown webhook to the intake (route under `approve`), the warm executor's
+            service-outage waits with the rollback in its plan, approved (`runbook approve`'s REST call) as soon as
+            it asks, then timed until /health answers: alert receipt -> healthy after approval
+By hand and engine from the moment v2 is deployed, alert from the webhook's receipt, to /health answering 2xx.
+Prints the medians of REPEATS rounds and the ratios. The approval itself (a person reading the plan) is not timed:
+it is the same wait either way.
 """
 
 from __future__ import annotations
@@ -17,14 +21,24 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runbook import sandbox  # noqa: E402
+from runbook.app.remote_run import api_client, resume  # noqa: E402
+from tests.intake_harness import alert, routes_yaml, running_intake  # noqa: E402
+
+# an alert route under `approve`, as issue 13's path: ServiceDown for the backend, a person approves the rollback
+ROUTE = {"name": "rollback-bench", "match": {"alertname": "ServiceDownRollbackBench"},
+         "procedure": "service-outage", "env": "sandbox",
+         "labels": {"service": {"label": "job", "inventory": "services", "map": {"pafar-backend": "backend"}}},
+         "params": {"notify": False}, "policy": {"mode": "approve", "cooldown_s": 0, "approval_timeout_s": 300}}
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 HEALTH_TIMEOUT_S = 60.0
@@ -81,6 +95,20 @@ def main() -> None:
         assert rollback["changed"] and rollback["verified"], rollback
         runs.append(took)
 
+    def through_alert(it: Any) -> None:
+        """Alert -> the run waits for approval -> approved at once -> /health answers."""
+        started = time.perf_counter()
+        fp = os.urandom(8).hex()
+        resp = it.post(alert("ServiceDownRollbackBench", {"job": "pafar-backend"}, fingerprint=fp)).json()
+        assert resp["results"][0]["outcome"] == "run", resp
+        [run] = it.wait_runs(ROUTE["name"], fp, 60)
+        assert it.wait_state(run["id"], {"PAUSED"}, 180) == "PAUSED", "it did not wait for approval"
+        with api_client(it.api_url, 10) as http:
+            resume(http, run["id"], approve=True, approver="bench", reason="roll back v2")
+        wait_healthy(health)
+        alerts.append(time.perf_counter() - started)
+        assert it.wait_state(run["id"], {"COMPLETED", "FAILED", "CRASHED"}, 180) == "COMPLETED"
+
     def round_of(fix: Callable[[], None]) -> None:
         bad = BadDeploy(url).start()
         try:
@@ -91,6 +119,7 @@ def main() -> None:
 
     hand: list[float] = []
     runs: list[float] = []
+    alerts: list[float] = []
     with temporary_settings(updates=state.prefect_env()), attended_run():
         doc = service_outage(env="sandbox", dry_run=True, notify=False, lkg_min_uptime_s=0)  # warm-up; records LKG
         assert any(n.startswith("last known good of backend recorded") for n in doc["notes"]), doc["notes"]
@@ -98,11 +127,17 @@ def main() -> None:
             round_of(by_hand)
             round_of(engine)
         flush_run_records()
-    h, e = statistics.median(hand), statistics.median(runs)
+    with tempfile.TemporaryDirectory(prefix="bench-rollback-") as work, \
+            running_intake(state, Path(work), routes=routes_yaml(ROUTE)) as it:
+        for _ in range(REPEATS):
+            round_of(lambda: through_alert(it))
+    h, e, a = statistics.median(hand), statistics.median(runs), statistics.median(alerts)
     print(f"\nbad deployment -> backend healthy again (median of {REPEATS}):")
     print(f"  by hand (docker stop/rm/run of the known image, /health)  {h:7.2f} s   1.00x")
     print(f"  service-outage --apply (diagnose, plan, roll back, verify) {e:7.2f} s   {e / h:.2f}x")
-    print(f"  samples: by hand {', '.join(f'{x:.2f}' for x in hand)}; engine {', '.join(f'{x:.2f}' for x in runs)}")
+    print(f"  alert -> healthy, approved as soon as asked                {a:7.2f} s   {a / h:.2f}x")
+    print(f"  samples: by hand {', '.join(f'{x:.2f}' for x in hand)}; engine {', '.join(f'{x:.2f}' for x in runs)}; "
+          f"alert {', '.join(f'{x:.2f}' for x in alerts)}")
 
 
 if __name__ == "__main__":
