@@ -32,6 +32,7 @@ from runbook.sandbox import SandboxState
 from runbook.sandbox.net import free_ports
 from tests import intake_harness as harness
 from tests.intake_harness import alert, running_intake, state_database
+from tests.prefect_runs import api_headers
 
 pytestmark = pytest.mark.integration
 
@@ -188,11 +189,12 @@ def test_two_dispatchers_create_one_run_per_pending_occurrence(stores: tuple[Sto
         for fp in fingerprints:
             (occ,) = stores[1].find(fp)
             assert occ.status == "created" and occ.flow_run_id in everything
-            runs = httpx.post(f"{api}/flow_runs/filter", timeout=10,
+            runs = httpx.post(f"{api}/flow_runs/filter", timeout=10, headers=api_headers(),
                               json={"flow_runs": {"tags": {"all_": [f"occurrence:{occ.key}"]}}}).json()
             assert [r["id"] for r in runs] == [occ.flow_run_id]
     finally:
-        with httpx.Client(base_url=api, timeout=10) as http:  # no executor ran them: leave the server tidy
+        # no executor ran them: leave the server tidy
+        with httpx.Client(base_url=api, timeout=10, headers=api_headers()) as http:
             for run_id in created[0] + created[1]:
                 http.delete(f"/flow_runs/{run_id}")
 
@@ -217,10 +219,11 @@ def test_two_intake_processes_on_one_postgres_state_make_one_run_per_alert(sandb
         finally:
             store.close()
         assert occ.status == "created"
-        runs = httpx.post(f"{sandbox_state.prefect_api_url}/flow_runs/filter", timeout=10,
+        runs = httpx.post(f"{sandbox_state.prefect_api_url}/flow_runs/filter", timeout=10, headers=api_headers(),
                           json={"flow_runs": {"tags": {"all_": [f"occurrence:{occ.key}"]}}}).json()
         assert [r["id"] for r in runs] == [occ.flow_run_id]
-        httpx.delete(f"{sandbox_state.prefect_api_url}/flow_runs/{occ.flow_run_id}", timeout=10)
+        httpx.delete(f"{sandbox_state.prefect_api_url}/flow_runs/{occ.flow_run_id}", timeout=10,
+                     headers=api_headers())
         password = dsn.split(":")[2].split("@")[0]
         for it in (a, b):
             assert password not in it.log.read_text(errors="replace")
@@ -240,7 +243,7 @@ def test_two_intake_apps_share_postgres_state_over_http(sandbox_state: SandboxSt
             assert len(runs) == 1
             assert [r["id"] for r in b.runs_for("shared-auto", fp)] == [runs[0]["id"]]
         finally:
-            httpx.delete(f"{a.api_url}/flow_runs/{runs[0]['id']}", timeout=10)
+            httpx.delete(f"{a.api_url}/flow_runs/{runs[0]['id']}", timeout=10, headers=api_headers())
 
 
 # ------------------------------------------------------------------ the CLI refusing a store it cannot use

@@ -26,7 +26,7 @@ from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import StoppedService, remove_containers_except
 from tests.intake_harness import alert, routes_yaml, running_intake
 from tests.integration.derived_env import derive
-from tests.prefect_runs import run_history, wait_for
+from tests.prefect_runs import api_headers, run_history, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -62,13 +62,15 @@ def comms_requests(state: SandboxState) -> list[dict[str, Any]]:
 
 
 def incident_of(api: str, run_id: str) -> IncidentRecord | None:
-    resp = httpx.get(f"{api}/flow_runs/{run_id}/input/{RECORD_KEY}", timeout=10, trust_env=False)
+    resp = httpx.get(f"{api}/flow_runs/{run_id}/input/{RECORD_KEY}", timeout=10, trust_env=False,
+                     headers=api_headers())
     return parse_record(resp.text, IncidentRecord) if resp.status_code == 200 else None
 
 
 def stored_report(api: str, run_id: str) -> dict[str, Any]:
     """The report the engine stored with the run (run input ``runbook-report``)."""
-    value = json.loads(httpx.get(f"{api}/flow_runs/{run_id}/input/runbook-report", timeout=10).text)
+    value = json.loads(httpx.get(f"{api}/flow_runs/{run_id}/input/runbook-report", timeout=10,
+                                 headers=api_headers()).text)
     return json.loads(value) if isinstance(value, str) else value  # type: ignore[no-any-return]
 
 
@@ -153,7 +155,7 @@ def test_alert_opens_moves_on_and_resolves_one_incident_and_tells_the_channel(
 
     # the post-incident review the intake wrote on resolve: its timeline is the run's own story
     review = Review.model_validate_json(review_json.read_text())
-    api = httpx.Client(base_url=sandbox_state.prefect_api_url, timeout=10, trust_env=False)
+    api = httpx.Client(base_url=sandbox_state.prefect_api_url, timeout=10, trust_env=False, headers=api_headers())
     states = [(s["name"], parse_time(s["timestamp"])) for s in run_history(api, run["id"])]
     assert [(e.state, e.at) for e in review.timeline if e.kind == "state"] == states
     assert [s for s, _ in states].count("Suspended") == 1 and states[-1][0] == "Remediated"
@@ -209,7 +211,8 @@ def test_a_page_that_refuses_the_key_is_a_warning_and_the_outage_is_still_remedi
         it.post(alert("BadPageTest", {"service": "backend"}, fingerprint="bad0a9e"))
         (run,) = it.wait_runs("outage-badpage", "bad0a9e")
         assert it.wait_state(run["id"], {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=180) == "COMPLETED"
-        final = httpx.get(f"{it.api_url}/flow_runs/{run['id']}", timeout=10).json()["state"]["name"]
+        final = httpx.get(f"{it.api_url}/flow_runs/{run['id']}", timeout=10,
+                          headers=api_headers()).json()["state"]["name"]
         report = stored_report(it.api_url, run["id"])
     assert final == "Remediated", report["outcome"]
     warnings = [f["title"] for f in report["findings"] if f["subject"] == "status page"]
