@@ -145,7 +145,7 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), SWEEP_S)
             self._wake.clear()
-            while batch := self._claim():
+            while batch := await asyncio.to_thread(self._claim):  # the store's writes never run on the loop
                 results = await asyncio.gather(*(self._create_recorded(o, sem) for o in batch))
                 if not all(results):
                     await asyncio.sleep(1.0)  # Prefect is away: the watcher wakes us when it is back
@@ -186,15 +186,17 @@ class Dispatcher:
                 self.healthy = False
                 log.warning("cannot create the run for %s yet: %s", occ.key, exc)
                 with contextlib.suppress(StoreUnavailable):  # else its claim expires
-                    self.store.release(occ.key)
+                    await asyncio.to_thread(self.store.release, occ.key)
                 return False
             except PrefectRejected as exc:
-                self.store.mark(occ.key, "failed", str(exc)[:500])
+                await asyncio.to_thread(self.store.mark, occ.key, "failed", str(exc)[:500])
                 log.error("Prefect rejected the run for %s: %s", occ.key, exc)
                 return True
-            self.store.mark_created(occ.key, run_id)
-            if self.on_created:
+            if self.on_created:  # first: the run may start while its record is written
                 self.on_created(run_id)
+            # in a thread: a store write (an fsync, a PostgreSQL round trip) on the event loop held every webhook
+            # behind it, the storm's ack tail
+            await asyncio.to_thread(self.store.mark_created, occ.key, run_id)
             return True
 
     async def _deployment_id(self, procedure: str) -> str:

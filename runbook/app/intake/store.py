@@ -215,12 +215,20 @@ class SqliteStore:
                              "WHERE key = ? AND status = 'dispatching'", (key,))
 
     def mark_created(self, key: str, flow_run_id: str) -> None:
+        """Record an occurrence's run without an fsync of its own (synchronous=NORMAL for this commit): a record
+        lost to a power cut only sends the occurrence to dispatch again, and Prefect's idempotency key gives back
+        the same run. The next webhook's commit (FULL) makes it durable anyway. One fsync per created run held the
+        store's lock, and every webhook behind it, for the whole storm."""
         with self._lock:
             self._leaves_pending(key)
-            self._db.execute(
-                "UPDATE occurrences SET status = 'created', flow_run_id = ?, created_at = ? WHERE key = ?",
-                (flow_run_id, time.time(), key),
-            )
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute(
+                    "UPDATE occurrences SET status = 'created', flow_run_id = ?, created_at = ? WHERE key = ?",
+                    (flow_run_id, time.time(), key),
+                )
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged alert survives a power cut
 
     def mark(self, key: str, status: str, reason: str = "") -> None:
         with self._lock:
