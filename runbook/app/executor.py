@@ -95,6 +95,9 @@ class Executor:
         _without_suspension_observer()
         with temporary_settings(updates=run_settings(self._api_url)):
             ctx = contextvars.copy_context()
+        # one heartbeat before anything can be claimed: a run claimed by an executor the pool has never heard of
+        # looks like a dead executor's run to the others' reconciler
+        ctx.copy().run(self._beat)
         loops = [self._handoff_loop, self._heartbeat_loop, self._poll_loop] + (
             [self._event_loop] if self._events else [])
         for target in loops:
@@ -168,13 +171,15 @@ class Executor:
     def _heartbeat_loop(self) -> None:
         """Heartbeats on a thread of their own: a slow poll or reconcile (hundreds of runs, a busy API) must not
         make the other executors take this one for dead and retry its runs while it still runs them."""
-        while not self._stop.is_set():
-            try:
-                with get_client(sync_client=True) as client:
-                    client.send_worker_heartbeat(self.work_pool, self.name, heartbeat_interval_seconds=self.poll_s)
-            except Exception as exc:  # a Prefect outage: beat again next interval
-                log.warning("work pool %r heartbeat failed: %s", self.work_pool, redact(str(exc))[:200])
-            self._stop.wait(self.poll_s)
+        while not self._stop.wait(self.poll_s):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            with get_client(sync_client=True) as client:
+                client.send_worker_heartbeat(self.work_pool, self.name, heartbeat_interval_seconds=self.poll_s)
+        except Exception as exc:  # a Prefect outage: beat again next interval
+            log.warning("work pool %r heartbeat failed: %s", self.work_pool, redact(str(exc))[:200])
 
     def _poll_loop(self) -> None:
         ctx = contextvars.copy_context()

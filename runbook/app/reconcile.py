@@ -129,6 +129,8 @@ class Reconciler:
             owner = self._owners[str(run.id)]
             if owner is None or owner == self.name or owner in live:
                 continue  # not ours to judge (no runbook claim), or its executor lives
+            if owner not in workers and not process_gone(owner) and _claimed_within(run, now, MIN_SILENCE_S):
+                continue  # claimed just now by an executor whose first heartbeat has not landed yet
             verdicts.append(self._finish(client, run, owner, workers.get(owner), history, now))
         return verdicts
 
@@ -187,6 +189,12 @@ class Reconciler:
         self._owners.pop(str(run.id), None)  # a retry is claimed afresh
         log.warning("flow run %s: %s%s", run.id, message, "; retrying once" if retry else "")
         return Verdict(str(run.id), owner, retry, message)
+
+
+def _claimed_within(run: FlowRun, now: datetime, seconds: float) -> bool:
+    """Whether the run's current state (its claim, or Running) began less than ``seconds`` ago."""
+    ts = run.state.timestamp if run.state else None
+    return ts is not None and (now - ts).total_seconds() < seconds
 
 
 def _claimed_by(history: list[Any]) -> str | None:

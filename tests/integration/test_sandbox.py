@@ -101,7 +101,8 @@ def test_playbook_points_at_the_services(state: SandboxState) -> None:
     assert env["databases"]["main"]["dsn"] == {"env": "RUNBOOK_SANDBOX_DB_DSN"}
     assert env["databases"]["main"]["key_tables"] == ["users", "bookings", "payments"]
     assert env["redis"]["url"] == f"redis://127.0.0.1:{state.services['redis'].port}/0"
-    assert env["services"]["backend"] == {"min_replicas": 1, "max_replicas": 3, "writer": True}
+    assert env["services"]["backend"] == {"min_replicas": 1, "max_replicas": 3, "writer": True,
+                                          "pool_status_command": ["/bin/pool-status"]}
     assert env["thresholds"]["db_connections"] == 80
 
 
