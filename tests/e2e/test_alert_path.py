@@ -41,7 +41,9 @@ def wired(sandbox_state, tmp_path: Path) -> Iterator[tuple[Intake, sandbox.Sandb
             with alerts_through(sandbox_state, it, FAST_RULE, tmp_path):
                 yield it, sandbox_state
         finally:
-            sandbox.up()  # brings the backend back (and whatever depended on it)
+            # brings the backend back, and restarts what depends on it (Prometheus) on new ports: later tests share
+            # this state object, so they must see the new ports (a stale Prometheus port failed the next e2e test)
+            sandbox_state.services.update(sandbox.up().services)
 
 
 def test_service_down_alert_runs_service_outage_exactly_once(wired) -> None:  # noqa: ANN001
