@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -48,17 +49,23 @@ def wired(sandbox_state, tmp_path: Path) -> Iterator[tuple[Intake, sandbox.Sandb
 
 def test_service_down_alert_runs_service_outage_exactly_once(wired) -> None:  # noqa: ANN001
     it, state = wired
+    since = datetime.now(UTC)
+
+    def this_session() -> list[dict]:  # a reused sandbox keeps the runs of earlier sessions
+        return [r for r in it.runs("route:e2e-service-down")
+                if datetime.fromisoformat(r["created"].replace("Z", "+00:00")) >= since]
+
     backend = state.services["backend"]
     SERVICES["backend"].stop(backend)  # the incident: the backend process is gone
     deadline = time.monotonic() + 90
     runs: list[dict] = []
     while time.monotonic() < deadline and not runs:
-        runs = it.runs("route:e2e-service-down")
+        runs = this_session()
         time.sleep(0.5)
     assert runs, "no run was created from Prometheus -> Alertmanager -> intake"
     assert it.wait_state(runs[0]["id"], {"COMPLETED", "FAILED", "CRASHED"}, 120) == "COMPLETED"
     time.sleep(6)  # Alertmanager resends the firing group every repeat_interval (2 s here)
-    assert len(it.runs("route:e2e-service-down")) == 1, "a resend created a second run"
+    assert len(this_session()) == 1, "a resend created a second run"
     metrics = httpx.get(f"{it.url}/metrics", timeout=5).text
     dedup = [ln for ln in metrics.splitlines() if ln.startswith("runbook_intake_alerts_deduplicated_total")]
     assert dedup and float(dedup[0].split()[-1]) >= 1, "Alertmanager's resends were not seen as duplicates"
