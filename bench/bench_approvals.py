@@ -44,8 +44,15 @@ def auto_run(http: httpx.Client) -> tuple[float, float]:
     run_id = create_run(http, "network-checks", {"env": "sandbox"}, ["mode:auto"])
     wait_for(lambda: run_state(http, run_id)["type"] in TERMINAL, 300, "the auto run")
     run = http.get(f"/flow_runs/{run_id}").json()
-    tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
-    first = min(_ts(t["start_time"]) for t in tasks if t.get("start_time"))
+    starts: list[float] = []
+
+    def task_started() -> bool:  # task runs are recorded from events, a moment after the flow's own state
+        tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+        starts[:] = [_ts(t["start_time"]) for t in tasks if t.get("start_time")]
+        return bool(starts)
+
+    wait_for(task_started, 60, "the auto run's task runs recorded")
+    first = min(starts)
     return first - _ts(run["created"]), _ts(run["end_time"]) - _ts(run["created"])
 
 
