@@ -2,7 +2,8 @@
 
 The cluster (runbook.sandbox.cluster): two Prefect API replicas on the sandbox's PostgreSQL sharing events through
 Redis, Prefect's background services, nginx round-robin in front of the API and of two intakes, two executors.
-M occurrences are resent R times (as Alertmanager resends a firing group) from concurrent senders.
+M occurrences are resent R times (as Alertmanager resends a firing group) from concurrent senders; each routes
+to a memory-leak dry run sampling for 10 s, so the executor killed mid-storm still holds runs.
 
   baseline  the same storm with nothing killed, in the same run
   faults    after round 2: kill -9 of one intake (restarted after round 5, as systemd would), one executor and one
@@ -49,10 +50,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     try:
         with running_cluster(state, work / "baseline") as cluster:
-            base = run_storm(cluster, OCCURRENCES, ROUNDS, kill_after_round=0, restart_intake_after_round=0)
+            base = run_storm(cluster, OCCURRENCES, ROUNDS, kill_after_round=0, restart_intake_after_round=0,
+                             slow=True)
         report("baseline (nothing killed)", base)
         with running_cluster(state, work / "faults") as cluster:
-            faults = run_storm(cluster, OCCURRENCES, ROUNDS)
+            faults = run_storm(cluster, OCCURRENCES, ROUNDS, slow=True)
         report("faults (kill -9 of intake1, executor1, api1 after round 2; intake1 back after round 5)", faults)
         took = faults.executor_death_to_finished_s
         print(f"  the dead executor held {faults.killed_executor_runs} runs; the last was finished elsewhere "

@@ -25,8 +25,13 @@ from runbook.sandbox import SandboxState
 from runbook.sandbox.cluster import Cluster, restart, start_cluster
 from tests import intake_harness as harness
 
-ROUTE = "cluster-storm"
-ROUTES = harness.routes_yaml(harness.db_route(ROUTE, {"alertname": "ClusterStorm"}, mode="dry_run"))
+ROUTE = "cluster-storm"  # db-slowness, a dry run: about a second a run
+SLOW_ROUTE = "cluster-slow"  # memory-leak sampling for 10 s: runs an executor still holds when it dies
+ROUTES = harness.routes_yaml(
+    harness.db_route(ROUTE, {"alertname": "ClusterStorm"}, mode="dry_run"),
+    {"name": SLOW_ROUTE, "match": {"alertname": "ClusterSlow"}, "procedure": "memory-leak", "env": "sandbox",
+     "params": {"samples": 10, "interval_s": 1.0}, "policy": {"mode": "dry_run", "cooldown_s": 0}},
+)
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -58,8 +63,8 @@ class StormResult:
     unrelated_runs: int = 0
 
 
-def _webhooks(fingerprints: list[str], starts_at: str, per_webhook: int) -> list[dict[str, Any]]:
-    doc = harness.alert("ClusterStorm", {"db": "main"}, starts_at=starts_at)
+def _webhooks(fingerprints: list[str], starts_at: str, per_webhook: int, alertname: str) -> list[dict[str, Any]]:
+    doc = harness.alert(alertname, {"db": "main"}, starts_at=starts_at)
     template = doc["alerts"][0]
     hooks = []
     for i in range(0, len(fingerprints), per_webhook):
@@ -89,10 +94,10 @@ def _post_until_acked(http: httpx.Client, cluster: Cluster, hook: dict[str, Any]
         time.sleep(0.2)
 
 
-def _runs(http: httpx.Client) -> list[dict[str, Any]]:
+def _runs(http: httpx.Client, route: str) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     while True:
-        page = http.post("/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"route:{ROUTE}"]}},
+        page = http.post("/flow_runs/filter", json={"flow_runs": {"tags": {"all_": [f"route:{route}"]}},
                                                   "limit": 200, "offset": len(runs)}).json()
         runs += page
         if len(page) < 200:
@@ -106,14 +111,16 @@ def _claims(http: httpx.Client, run_id: str) -> list[str]:
 
 def run_storm(cluster: Cluster, occurrences: int = 30, rounds: int = 8, per_webhook: int = 10,
               kill_after_round: int = 2, restart_intake_after_round: int = 5,
-              settle_timeout_s: float = 300) -> StormResult:
+              settle_timeout_s: float = 300, slow: bool = False) -> StormResult:
     """``rounds`` resends of ``occurrences`` alerts (Alertmanager resends a firing group every group_interval),
     from two senders; after round ``kill_after_round`` one intake, one executor and one API replica get kill -9;
     the intake comes back after ``restart_intake_after_round`` (systemd's Restart=always); the executor and the
-    API replica stay dead. Then wait until every occurrence's run is final (or ``settle_timeout_s``)."""
+    API replica stay dead. Then wait until every occurrence's run is final (or ``settle_timeout_s``). With ``slow``
+    the alerts route to a 10 s memory-leak dry run, so the killed executor still holds runs when it dies."""
     fingerprints = [secrets.token_hex(8) for _ in range(occurrences)]
     starts_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    hooks = _webhooks(fingerprints, starts_at, per_webhook)
+    route = SLOW_ROUTE if slow else ROUTE
+    hooks = _webhooks(fingerprints, starts_at, per_webhook, "ClusterSlow" if slow else "ClusterStorm")
     result = StormResult(occurrences=occurrences, alerts_sent=occurrences * rounds)
     victim = cluster.member("executor1")
     assert victim.proc is not None
@@ -128,6 +135,7 @@ def run_storm(cluster: Cluster, occurrences: int = 30, rounds: int = 8, per_webh
             for s in senders:
                 s.join()
             if rnd == kill_after_round:
+                _until_holding(cluster, route, victim_name)  # kill it while it runs something
                 killed_at = time.time()
                 for name in ("executor1", "intake1", "api1"):
                     cluster.member(name).kill(signal.SIGKILL)
@@ -138,7 +146,7 @@ def run_storm(cluster: Cluster, occurrences: int = 30, rounds: int = 8, per_webh
         deadline = time.monotonic() + settle_timeout_s
         victim_runs: set[str] = set()
         while True:
-            runs = _runs(api)
+            runs = _runs(api, route)
             mine = [r for r in runs if any(t.startswith(OCCURRENCE_TAG) for t in r["tags"])]
             done = len({_occurrence(r) for r in mine}) >= occurrences and all(
                 r["state"]["type"] in FINAL for r in mine)
@@ -158,6 +166,17 @@ def run_storm(cluster: Cluster, occurrences: int = 30, rounds: int = 8, per_webh
         result.executor_death_to_finished_s = max(
             datetime.fromisoformat(e.replace("Z", "+00:00")).timestamp() for e in ends) - killed_at
     return result
+
+
+def _until_holding(cluster: Cluster, route: str, executor: str, timeout_s: float = 60) -> None:
+    """Wait until ``executor`` has claimed a run of ``route`` that is not finished (or ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=cluster.api_url, timeout=15, trust_env=False, headers=cluster.api_headers()) as api:
+        while time.monotonic() < deadline:
+            live = [r for r in _runs(api, route) if r["state"]["type"] in ("PENDING", "RUNNING")]
+            if any(f"{CLAIM_PREFIX}{executor}" in _claims(api, r["id"]) for r in live):
+                return
+            time.sleep(0.2)
 
 
 def _occurrence(run: dict[str, Any]) -> str:
