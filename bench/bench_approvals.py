@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-import psycopg  # noqa: E402
 
 from runbook import sandbox  # noqa: E402
 from runbook.app.remote_run import TERMINAL, api_client, deployment, request, resume  # noqa: E402
 from runbook.app.serve import register_deployments  # noqa: E402
 from runbook.sandbox.incidents import DbIncident  # noqa: E402
 from tests.prefect_runs import create_run, run_state, wait_for  # noqa: E402
+from tests.scenarios import query_active  # noqa: E402
 
 PENDING = int(os.environ.get("BENCH_APPROVALS_PENDING", "50"))
 APPLY = {"env": "sandbox", "dry_run": False, "long_query_s": 1, "idle_in_transaction_s": 3600}
@@ -54,12 +54,6 @@ def auto_run(http: httpx.Client) -> tuple[float, float]:
     wait_for(task_started, 60, "the auto run's task runs recorded")
     first = min(starts)
     return first - _ts(run["created"]), _ts(run["end_time"]) - _ts(run["created"])
-
-
-def _active(dsn: str, pid: int) -> bool:
-    with psycopg.connect(dsn, connect_timeout=5) as conn:
-        row = conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-    return row is not None and row[0] == "active"
 
 
 def median3(http: httpx.Client) -> tuple[float, float]:
@@ -110,8 +104,9 @@ def main() -> None:
               f"none ({busy_first / base_first:.2f}x)")
         print(f"  auto run, creation -> finished:   {busy_end:.2f} s with them waiting vs {base_end:.2f} s with none "
               f"({busy_end / base_end:.2f}x)")
+        untouched = query_active(dsn, inc.runaway_pid)
         print(f"  after rejecting all {PENDING}: the runaway query they planned to cancel "
-              f"{'still runs (nothing applied)' if _active(dsn, inc.runaway_pid) else 'is GONE: something applied'}")
+              f"{'still runs (nothing applied)' if untouched else 'is GONE: something applied'}")
     finally:
         if waiting:
             with api_client(api, 30) as http:

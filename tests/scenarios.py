@@ -74,6 +74,13 @@ def _idle_blocker(env: Environment, app_dsn: str) -> Iterator[tuple[Remediation[
 # ------------------------------------------------------------------ containers (issue 3: Podman's Docker API)
 
 
+def query_active(dsn: str, pid: int) -> bool:
+    """Whether the backend ``pid`` is still running a query (a runaway query a remediation would cancel)."""
+    with psycopg.connect(dsn, connect_timeout=5) as conn:
+        row = conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return row is not None and row[0] == "active"
+
+
 def project_containers(docker_url: str) -> Callable[[], set[tuple[Any, ...]]]:
     """Every compose-project container: id, name, state, start time. What a dry run must leave exactly as it was."""
     def snapshot() -> set[tuple[Any, ...]]:

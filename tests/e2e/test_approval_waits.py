@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import psycopg
 import pytest
 from prefect.settings import temporary_settings
 
@@ -19,6 +18,7 @@ from runbook.app.serve import register_deployments
 from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import DbIncident
 from tests.prefect_runs import api_settings, create_run, run_state, wait_for
+from tests.scenarios import query_active
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +27,6 @@ APPLY = {"env": "sandbox", "dry_run": False, "long_query_s": 1, "idle_in_transac
 
 
 
-
-
-def _active(dsn: str, pid: int) -> bool:
-    with psycopg.connect(dsn, connect_timeout=5) as conn:
-        row = conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-    return row is not None and row[0] == "active"
 
 
 
@@ -55,7 +49,7 @@ def test_runs_waiting_for_approval_hold_no_thread(sandbox_state: SandboxState, a
             wait_for(lambda: run_state(http, quick)["type"] in TERMINAL, 120, "a run that needs no approval")
             assert run_state(http, quick)["type"] == "COMPLETED"
             assert all(run_state(http, r)["name"] == "Suspended" for r in waiting), "they still wait, costing nothing"
-            assert _active(app_dsn, inc.runaway_pid), "nothing was applied while they waited"
+            assert query_active(app_dsn, inc.runaway_pid), "nothing was applied while they waited"
 
             for run_id in waiting[1:]:
                 resume(http, run_id, approve=False, approver="test", reason="not now")
@@ -66,7 +60,7 @@ def test_runs_waiting_for_approval_hold_no_thread(sandbox_state: SandboxState, a
             assert approved is not None and approved["outcome"] == "Remediated", approved
             cancel = next(a for a in approved["actions"] if a["name"] == "cancel-long-queries")
             assert [c["key"] for c in cancel["applied"]] == [c["key"] for c in cancel["planned"]] != []
-            assert not _active(app_dsn, inc.runaway_pid), "the approved change was made"
+            assert not query_active(app_dsn, inc.runaway_pid), "the approved change was made"
             for run_id in waiting[1:]:
                 report = read_report(http, run_id)
                 assert report is not None and report["outcome"] == "Not applied", report
