@@ -23,14 +23,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import httpx
-import prefect.flow_engine
 from prefect.client.orchestration import get_client
 from prefect.client.schemas import OrchestrationResult, State
 from prefect.client.schemas.responses import SetStateStatus
@@ -40,12 +38,12 @@ from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
 from prefect.settings import (
     PREFECT_API_AUTH_STRING,
-    PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
     PREFECT_API_URL,
     temporary_settings,
 )
 from prefect.states import AwaitingRetry, Failed, Pending
 
+from runbook.app import prefect_shortcuts
 from runbook.app.catalog import PROCEDURES
 from runbook.app.reconcile import Reconciler, Verdict, claim_message, executor_name
 from runbook.app.remote_run import WORK_POOL
@@ -92,8 +90,8 @@ class Executor:
         """Start the hand-off and poll loops in the caller's Prefect settings context (plus run_settings)."""
         self._api_url = str(PREFECT_API_URL.value() or "")
         self._api_headers = auth_header(PREFECT_API_AUTH_STRING.value())  # what Prefect's own client sends
-        _without_suspension_observer()
-        with temporary_settings(updates=run_settings(self._api_url)):
+        prefect_shortcuts.install(self._api_url)
+        with temporary_settings(updates=prefect_shortcuts.run_settings(self._api_url, self._api_headers)):
             ctx = contextvars.copy_context()
         # one heartbeat before anything can be claimed: a run claimed by an executor the pool has never heard of
         # looks like a dead executor's run to the others' reconciler
@@ -286,28 +284,6 @@ class Executor:
             info = PROCEDURES.get(name)
             self._flows[flow_id] = info.load_flow() if info else None
         return self._flows[flow_id]
-
-
-def run_settings(api_url: str) -> dict[Any, Any]:
-    """Prefect settings for this process's clients. Against a plain-http API there is no TLS to verify, yet httpx
-    loads the CA bundle for every client it creates (30-110 ms here, and Prefect creates one or two per run):
-    skip that. An https API keeps full verification."""
-    return {PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True} if api_url.startswith("http://") else {}
-
-
-def _without_suspension_observer() -> None:
-    """Prefect 3.9 opens a websocket per deployment run to notice a suspension requested from outside the run,
-    and waits for it before the run starts (0.1 s before Running, 0.2 s to close it after the end). Nothing
-    suspends our runs from outside (approval pauses inside the run), so the executor's runs go without it.
-    Prefect's engine looks the observer up in its module at each run: replace it there; a Prefect without it
-    is left alone."""
-    if hasattr(prefect.flow_engine, "observe_flow_run_suspension"):
-        prefect.flow_engine.observe_flow_run_suspension = _no_observer
-
-
-@contextlib.contextmanager
-def _no_observer(*_args: object, **_kwargs: object) -> Iterator[None]:
-    yield
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:

@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -162,11 +163,18 @@ def create_run(http: httpx.Client, dep: dict[str, Any], parameters: dict[str, An
     return _ok(resp, "creating the run").json()  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class Finished:
+    run: dict[str, Any]  # the flow run as the server has it, in its final state
+    report: dict[str, Any] | None  # the report the engine stored with it (None: it ended without one)
+
+
 def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], None],
            on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[dict[str, Any]], None] | None = None,
-           progress: Progress | None = None, timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Poll the run's state, its finished steps (task runs) and new log lines until it is final; ``on_paused``
-    handles an approval wait."""
+           progress: Progress | None = None, timeout_s: float = 3600.0) -> Finished:
+    """Poll the run's state, its finished steps (task runs) and new log lines until it is final, then read its
+    report; ``on_paused`` handles an approval wait. The last steps, log lines and the report are read side by side:
+    three round trips the person is waiting on, after the run has ended."""
     progress = progress or Progress()
     started = time.monotonic()
     deadline = started + timeout_s
@@ -181,14 +189,22 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
             if _withdraw(http, run_id):
                 raise NotClaimed(f"no executor claimed run {run_id} within {CLAIM_TIMEOUT_S:g} s (withdrawn)")
             continue  # claimed meanwhile: follow it
-        final = state.get("type") in TERMINAL
-        if final or time.monotonic() >= details_due:
+        if state.get("type") in TERMINAL:
+            lines: list[dict[str, Any]] = []  # printed after the steps, in order
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="follow") as pool:
+                report = pool.submit(read_report, http, run_id)
+                logs = pool.submit(_new_logs, http, run_id, progress, lines.append)
+                if on_step is not None:
+                    _new_steps(http, run_id, progress, on_step)
+                logs.result()
+                for line in lines:
+                    on_log(line)
+                return Finished(run, report.result())
+        if time.monotonic() >= details_due:
             if on_step is not None:
                 _new_steps(http, run_id, progress, on_step)
             _new_logs(http, run_id, progress, on_log)
             details_due = time.monotonic() + DETAIL_POLL_S
-        if final:
-            return run  # type: ignore[no-any-return]
         details = state.get("state_details") or {}
         if state.get("type") == "PAUSED" and details.get("pause_key") == PAUSE_KEY and state["id"] not in asked \
                 and _form_ready(http, run_id, details):
