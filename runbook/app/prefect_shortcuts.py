@@ -9,8 +9,8 @@ executor lives, and each costs 10-40 ms on a quiet machine, more on a busy one:
   protection is disabled"; the executor asks once at start and, on that answer only, runs its clients without
   CSRF support. A server that protects itself keeps the token exchange.
 - ``GET /admin/storage`` (the server's default result storage) once per flow run and once more per task result
-  store. It changes only when an administrator runs ``prefect config``-style storage commands: read once, then at
-  most every ``STORAGE_TTL_S``.
+  store. It changes only when an administrator sets it (``prefect result-storage set``/``clear``): read once, then
+  at most every ``STORAGE_TTL_S``.
 - the per-run suspension observer (a websocket opened and awaited around every deployment run: 0.1 s before Running,
   0.2 s to close): nothing suspends our runs from outside (approval pauses inside the run).
 - a TLS context per API client: Prefect builds one with ``ssl.create_default_context()`` in every client's
