@@ -15,9 +15,11 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import docker
@@ -42,10 +44,74 @@ from runbook.engine.redact import redact
 APPLICATION_NAME = "runbook"
 
 
+class _Sessions:
+    """One run's idle PostgreSQL sessions, by connection parameters (see ``run_sessions``)."""
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[psycopg.Connection[DictRow]]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, key: str) -> psycopg.Connection[DictRow] | None:
+        with self._lock:
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def give(self, key: str, conn: psycopg.Connection[DictRow]) -> bool:
+        """Keep ``conn`` for the run's next step only if it is a clean autocommit session (no transaction open,
+        nothing failed on it); the caller closes it otherwise."""
+        if conn.closed or conn.broken or not conn.autocommit \
+                or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return False
+        with self._lock:
+            if self._closed:
+                return False
+            self._idle.setdefault(key, []).append(conn)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for conn in conns:
+            conn.close()
+
+
+_RUN_SESSIONS: ContextVar[_Sessions | None] = ContextVar("runbook_run_sessions", default=None)
+
+
+@contextmanager
+def run_sessions() -> Iterator[None]:
+    """Within this block (one procedure run) a step hands its PostgreSQL session to the next step instead of closing
+    it: db-slowness opened six sessions one after another (10 ms or more each, on a server that may be short of
+    connections: DatabaseConnectionHigh is one of the alerts it answers), now at most as many as run at once (two).
+    Only clean autocommit sessions with the same parameters are passed on, only while the run diagnoses and plans
+    (``release_sessions``); all are closed when the block ends.
+    Steps run in Prefect's worker threads with a copy of this context, so they share the one set."""
+    sessions = _Sessions()
+    token = _RUN_SESSIONS.set(sessions)
+    try:
+        yield
+    finally:
+        _RUN_SESSIONS.reset(token)
+        sessions.close()
+
+
+def release_sessions() -> None:
+    """Close the run's idle sessions and pass none on from now: before it waits for a person (an approval may take
+    minutes, and the database may be short of connections) and before it applies anything (a remediation may need
+    the database to itself: a restore renames it, which PostgreSQL refuses while any session is connected)."""
+    sessions = _RUN_SESSIONS.get()
+    if sessions is not None:
+        sessions.close()
+
+
 @contextmanager
 def postgres(env: Environment, database: str = "main", *, autocommit: bool = True,
              statement_timeout_ms: int | None = None) -> Iterator[psycopg.Connection[DictRow]]:
-    """A psycopg connection with connect and statement timeouts; rows come back as dicts.
+    """A psycopg connection with connect and statement timeouts; rows come back as dicts. Inside ``run_sessions``
+    an earlier step's idle session with the same parameters is used again.
 
     ``application_name=runbook`` lets remediations recognise (and never touch) the engine's own sessions.
     """
@@ -53,27 +119,34 @@ def postgres(env: Environment, database: str = "main", *, autocommit: bool = Tru
     dsn = make_conninfo(**_dsn_parts(env, database))  # parsed here: a malformed DSN is a ConfigError, not a leak
     target = f"{env.name}/{database}"
     timeout_ms = statement_timeout_ms or cfg.statement_timeout_ms
-    started = time.monotonic()
-    try:
-        conn = psycopg.connect(
-            dsn,
-            autocommit=autocommit,
-            row_factory=dict_row,
-            connect_timeout=max(1, math.ceil(cfg.connect_timeout_s)),
-            application_name=APPLICATION_NAME,
-            options=f"-c statement_timeout={int(timeout_ms)} -c lock_timeout={int(timeout_ms)}",
-            keepalives=1,
-            keepalives_idle=5,
-            tcp_user_timeout=int(cfg.connect_timeout_s * 1000),
-        )
-    except psycopg.OperationalError as exc:
-        elapsed = time.monotonic() - started
-        raise TargetUnreachable(f"database {target}", f"{_first_line(exc)} after {elapsed:.1f} s") from None
+    sessions = _RUN_SESSIONS.get() if autocommit else None
+    key = f"{timeout_ms}|{cfg.connect_timeout_s}|{dsn}"  # in memory only: the DSN holds the password
+    conn = sessions.take(key) if sessions is not None else None
+    if conn is None:
+        started = time.monotonic()
+        try:
+            conn = psycopg.connect(
+                dsn,
+                autocommit=autocommit,
+                row_factory=dict_row,
+                connect_timeout=max(1, math.ceil(cfg.connect_timeout_s)),
+                application_name=APPLICATION_NAME,
+                options=f"-c statement_timeout={int(timeout_ms)} -c lock_timeout={int(timeout_ms)}",
+                keepalives=1,
+                keepalives_idle=5,
+                tcp_user_timeout=int(cfg.connect_timeout_s * 1000),
+            )
+        except psycopg.OperationalError as exc:
+            elapsed = time.monotonic() - started
+            raise TargetUnreachable(f"database {target}", f"{_first_line(exc)} after {elapsed:.1f} s") from None
+    done = False
     try:
         with _mapped_errors(conn, f"database {target}"):
             yield conn
+        done = True
     finally:
-        conn.close()
+        if not (done and sessions is not None and sessions.give(key, conn)):
+            conn.close()
 
 
 @contextmanager

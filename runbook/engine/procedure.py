@@ -53,6 +53,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from runbook.engine import approval, decisions
+from runbook.engine.clients import release_sessions, run_sessions
 from runbook.engine.config import Environment, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError, TargetUnreachable
 from runbook.engine.findings import (
@@ -387,13 +388,14 @@ def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, .
     run.status_page = StatusPageDriver.for_run(
         environment, report, run.route_config, tags, ctx.flow_run.id if ctx and ctx.flow_run else None,
         subject_of(bound.arguments, env_name), run.decide)
-    token = _CURRENT.set(run)
-    try:
-        body(*bound.args, **bound.kwargs)
-    finally:
-        _CURRENT.reset(token)
-    run.status_page.diagnosed()
-    _remediate(run)
+    with run_sessions():  # one PostgreSQL session passed from step to step, not one per step
+        token = _CURRENT.set(run)
+        try:
+            body(*bound.args, **bound.kwargs)
+        finally:
+            _CURRENT.reset(token)
+        run.status_page.diagnosed()
+        _remediate(run)
     for fn in run.finishers:
         fn(report)
     report.finish()
@@ -452,6 +454,7 @@ def _remediate(run: Run) -> None:
         _finish_actions(run, plans)
         return
     if needs_approval:
+        release_sessions()  # no session held open while a person decides
         decision = _ask(run, planned)
         if not decision.approved:
             for p in planned:
@@ -464,6 +467,7 @@ def _remediate(run: Run) -> None:
             for offer, p in zip(run.offers, plans, strict=True):
                 if p in planned:
                     _keep_approved(run, offer, p, set(decision.approved_changes))
+    release_sessions()  # applying starts from nothing of ours connected (a restore renames the database)
     taken_over = _taken_over()
     if taken_over:
         for p in planned:
