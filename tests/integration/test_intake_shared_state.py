@@ -282,3 +282,27 @@ def test_runbook_intake_names_an_unreachable_state_database_without_its_password
     flat = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode == 1, flat
     assert "intake state database unreachable" in flat and "Hq7Zk3Wp" not in flat
+
+
+def test_a_resolve_at_one_replica_during_dispatch_is_seen_when_the_other_records_the_run(
+        stores: tuple[Store, Store], playbooks: Playbooks) -> None:
+    a, b = (_replica(s, playbooks) for s in stores)
+    firing = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0001")
+    assert _post(a, firing)[0]["outcome"] == "run"
+    (claimed,) = stores[0].claim()
+    resolve = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0001", status="resolved",
+                    starts_at=firing["alerts"][0]["startsAt"])
+    _, resolves, _ = b._route_and_store(parse_webhook(resolve))
+    ((_, first),) = resolves
+    assert (first.was, first.occurrence.status, first.occurrence.flow_run_id) == ("dispatching", "dispatching", None)
+    resolved_at = stores[0].mark_created(claimed.key, "run-f1e0001")
+    assert resolved_at is not None and resolved_at == first.occurrence.resolved_at
+    # a resent resolve finds it recorded: nothing changes, and it says so (was "")
+    again = stores[1].mark_resolved(claimed.key)
+    assert again is not None and again.was == "" and again.occurrence.resolved_at == resolved_at
+    assert (again.occurrence.status, again.occurrence.flow_run_id) == ("created", "run-f1e0001")
+    # an occurrence not resolved records its run as before
+    other = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0002")
+    assert _post(a, other)[0]["outcome"] == "run"
+    (claimed,) = stores[1].claim()
+    assert stores[1].mark_created(claimed.key, "run-f1e0002") is None

@@ -34,14 +34,14 @@ from starlette.requests import ClientDisconnect
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.aftermath import Aftermath
-from runbook.app.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnavailable
+from runbook.app.intake.dispatch import CancelOutcome, Dispatcher, PrefectRejected, PrefectUnavailable
 from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
 from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
 from runbook.app.intake.pgstore import PostgresStore
 from runbook.app.intake.policy import Decision, decide
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
-from runbook.app.intake.store import Occurrence, SqliteStore, Store, StoreUnavailable
+from runbook.app.intake.store import Occurrence, Resolved, SqliteStore, Store, StoreUnavailable
 from runbook.app.review import Review, load_reviews
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
@@ -109,6 +109,7 @@ class Intake:
         self._in_flight = 0
         self._notes = RateLimitedLog(log)
         self._aftermath = Aftermath(self.dispatcher.api_url, self.playbooks, self.reviews_dir, self._observe)
+        self.dispatcher.on_resolved = self._resolved_while_created
         if self.reviews_dir is not None:  # /metrics' incident histograms start from the reviews already written
             for review in load_reviews(self.reviews_dir):
                 self._observe(review)
@@ -197,9 +198,10 @@ class Intake:
 
     async def _process(self, hook: ParsedWebhook) -> dict[str, Any]:
         results, resolves, tripped = await asyncio.to_thread(self._route_and_store, hook)
-        for entry, occ in resolves:  # the cancellations talk to Prefect: back on the loop, through the dispatcher
-            entry["detail"] = await self._cancel(occ)
-            self._aftermath.resolved(occ, datetime.now(UTC))  # status page, review: on a thread of their own
+        for entry, resolved in resolves:  # the cancellations talk to Prefect: back on the loop, via the dispatcher
+            entry["detail"] = await self._cancel(resolved)
+            # status page, review: on a thread of their own
+            self._aftermath.resolved(resolved.occurrence, datetime.now(UTC))
         for d in tripped:
             self._notify_later(d.request, "breaker", d.reason)
         if any(r["outcome"] == "run" for r in results):
@@ -213,13 +215,13 @@ class Intake:
         return out
 
     def _route_and_store(self, hook: ParsedWebhook) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any],
-                                                                                           Occurrence]],
+                                                                                           Resolved]],
                                                             list[Decision]]:
         """Route, validate, decide and store every accepted alert (in a worker thread): the results in webhook
         order, the resolutions whose runs may need cancelling, and the decisions that tripped a breaker."""
         metrics, store = self.metrics, self.store
         results: list[dict[str, Any]] = []
-        resolves: list[tuple[dict[str, Any], Occurrence]] = []
+        resolves: list[tuple[dict[str, Any], Resolved]] = []
         firing: list[tuple[RunRequest, Route, int]] = []
         metrics.truncated.inc(hook.truncated)
         for r in hook.rejected:
@@ -238,12 +240,12 @@ class Intake:
             for route in routes:
                 entry: dict[str, Any] = {"index": index, "fingerprint": alert.fingerprint, "route": route.name}
                 if alert.status == "resolved":
-                    occ = store.mark_resolved(occurrence_key(route.name, alert))
+                    resolved = store.mark_resolved(occurrence_key(route.name, alert))
                     entry["outcome"] = "resolved"
-                    if occ is None:
+                    if resolved is None:
                         entry["detail"] = "no run was started for this occurrence"
                     else:
-                        resolves.append((entry, occ))
+                        resolves.append((entry, resolved))
                     results.append(entry)
                     continue
                 if occurrence_key(route.name, alert) in resent:  # a resend: nothing to validate or decide
@@ -299,14 +301,22 @@ class Intake:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _cancel(self, occ: Occurrence) -> str:
+    async def _cancel(self, resolved: Resolved) -> str:
         try:
-            detail = await self.dispatcher.cancel(occ)
+            outcome = await self.dispatcher.cancel(resolved)
         except (PrefectUnavailable, PrefectRejected) as exc:  # the run carries on; say so
             return f"could not cancel: {exc}"
-        if "cancelled" in detail:
+        if outcome.cancelled:
             self.metrics.cancelled.inc()
-        return detail
+        return outcome.detail
+
+    def _resolved_while_created(self, occ: Occurrence, outcome: CancelOutcome) -> None:
+        """The dispatcher cancelled (or found started) the run of an alert that resolved while the run was being
+        created: count it as the resolve would have, and record the resolve with the run (its review too)."""
+        if outcome.cancelled:
+            self.metrics.cancelled.inc()
+        at = datetime.fromtimestamp(occ.resolved_at, UTC) if occ.resolved_at else datetime.now(UTC)
+        self._aftermath.resolved(occ, at)
 
 
 def _decode(body: bytes, max_alerts: int) -> ParsedWebhook:

@@ -34,6 +34,7 @@ from runbook.app.intake.store import (
     INSERT_COLUMNS,
     Decider,
     Occurrence,
+    Resolved,
     StoreUnavailable,
     insert_values,
     to_occurrence,
@@ -183,13 +184,18 @@ class PostgresStore:
             conn.execute(f"UPDATE {TABLE} SET status = 'pending', claimed_at = NULL, claimed_by = NULL "
                          "WHERE key = %s AND status = 'dispatching' AND claimed_by = %s", (key, self.replica))
 
-    def mark_created(self, key: str, flow_run_id: str) -> None:
+    def mark_created(self, key: str, flow_run_id: str) -> float | None:
+        """Record the run; the resolve's time when the alert resolved while it was being created. The row is
+        locked before it is read (``FOR UPDATE``), so a concurrent resolve either committed first and is seen here,
+        or waits and then finds the run recorded."""
         with self._session() as conn:
             row = conn.execute(
-                f"""UPDATE {TABLE} n SET status = 'created', flow_run_id = %s, created_at = %s
-                      FROM {TABLE} o WHERE n.key = o.key AND n.key = %s RETURNING o.status AS was""",
-                (flow_run_id, time.time(), key)).fetchone()
+                f"""WITH o AS (SELECT key, status, resolved_at FROM {TABLE} WHERE key = %s FOR UPDATE)
+                    UPDATE {TABLE} n SET status = 'created', flow_run_id = %s, created_at = %s
+                      FROM o WHERE n.key = o.key RETURNING o.status AS was, o.resolved_at""",
+                (key, flow_run_id, time.time())).fetchone()
         self._left_waiting(row)
+        return row["resolved_at"] if row is not None else None
 
     def mark(self, key: str, status: str, reason: str = "") -> None:
         with self._session() as conn:
@@ -200,19 +206,26 @@ class PostgresStore:
         if status not in ("pending", "dispatching"):
             self._left_waiting(row)
 
-    def mark_resolved(self, key: str) -> Occurrence | None:
-        """Record the resolution; a still-pending occurrence is cancelled before it ever becomes a run."""
+    def mark_resolved(self, key: str) -> Resolved | None:
+        """Record the resolve (once); a still-pending occurrence is cancelled before it ever becomes a run. The
+        row is locked before its status is read, and the new values are computed from the row being updated (a
+        self-join's row would be the statement's snapshot, stale after waiting for a dispatcher's write)."""
         with self._session() as conn:
             row = conn.execute(
-                f"""UPDATE {TABLE} n SET resolved_at = %s,
-                           status = CASE WHEN o.status = 'pending' THEN 'cancelled' ELSE o.status END,
-                           reason = CASE WHEN o.status = 'pending' THEN 'resolved before dispatch' ELSE o.reason END
-                      FROM {TABLE} o WHERE n.key = o.key AND n.key = %s AND n.resolved_at IS NULL
-                 RETURNING o.status AS was""", (time.time(), key)).fetchone()
-            if row is not None and row["was"] == "pending":
-                self._count(-1)
-            found = conn.execute(f"SELECT * FROM {TABLE} WHERE key = %s", (key,)).fetchone()
-        return to_occurrence(found) if found else None
+                f"""WITH o AS (SELECT key, status FROM {TABLE} WHERE key = %s AND resolved_at IS NULL FOR UPDATE)
+                    UPDATE {TABLE} n SET resolved_at = %s,
+                           status = CASE WHEN n.status = 'pending' THEN 'cancelled' ELSE n.status END,
+                           reason = CASE WHEN n.status = 'pending' THEN 'resolved before dispatch'
+                                         ELSE n.reason END
+                      FROM o WHERE n.key = o.key
+                 RETURNING o.status AS was, n.*""", (key, time.time())).fetchone()
+            if row is None:  # never stored, or resolved before (a resend)
+                row = conn.execute(f"SELECT *, '' AS was FROM {TABLE} WHERE key = %s", (key,)).fetchone()
+        if row is None:
+            return None
+        if row["was"] == "pending":
+            self._count(-1)
+        return Resolved(to_occurrence(row), row["was"])
 
     def _left_waiting(self, row: DictRow | None) -> None:
         if row is not None and row["was"] in ("pending", "dispatching"):

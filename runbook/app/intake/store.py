@@ -80,6 +80,16 @@ class Occurrence:
     received_at: float
     reason: str
     fingerprint: str = ""
+    resolved_at: float | None = None  # when the alert's resolve was recorded (epoch seconds)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What recording a resolve found: the occurrence after it, and its status when this resolve was recorded
+    (``was``: "" when an earlier resolve had already been recorded, e.g. Alertmanager sending it again)."""
+
+    occurrence: Occurrence
+    was: str
 
 
 class StoreUnavailable(RunbookError):
@@ -115,11 +125,17 @@ class Store(Protocol):
 
     def release(self, key: str) -> None: ...
 
-    def mark_created(self, key: str, flow_run_id: str) -> None: ...
+    def mark_created(self, key: str, flow_run_id: str) -> float | None:
+        """Record the occurrence's run; when its alert resolved while the run was being created (the resolve found
+        no run to cancel), the time of that resolve: the caller cancels the run it just created."""
+        ...
 
     def mark(self, key: str, status: str, reason: str = "") -> None: ...
 
-    def mark_resolved(self, key: str) -> Occurrence | None: ...
+    def mark_resolved(self, key: str) -> Resolved | None:
+        """Record the resolve (once); a still-pending occurrence is cancelled before it ever becomes a run. None
+        for an occurrence never stored."""
+        ...
 
     def pending_count(self) -> int: ...
 
@@ -149,7 +165,7 @@ def to_occurrence(row: Mapping[str, Any]) -> Occurrence:
         params=json.loads(row["params"]), mode=row["mode"], tags=json.loads(row["tags"]),
         status=row["status"], flow_run_id=row["flow_run_id"],
         alertname=row["alertname"], summary=row["summary"], received_at=row["received_at"], reason=row["reason"],
-        fingerprint=row["fingerprint"],
+        fingerprint=row["fingerprint"], resolved_at=row["resolved_at"],
     )
 
 
@@ -214,21 +230,28 @@ class SqliteStore:
             self._db.execute("UPDATE occurrences SET status = 'pending', claimed_at = NULL "
                              "WHERE key = ? AND status = 'dispatching'", (key,))
 
-    def mark_created(self, key: str, flow_run_id: str) -> None:
+    def mark_created(self, key: str, flow_run_id: str) -> float | None:
         """Record an occurrence's run without an fsync of its own (synchronous=NORMAL for this commit): a record
         lost to a power cut only sends the occurrence to dispatch again, and Prefect's idempotency key gives back
         the same run. The next webhook's commit (FULL) makes it durable anyway. One fsync per created run held the
-        store's lock, and every webhook behind it, for the whole storm."""
+        store's lock, and every webhook behind it, for the whole storm.
+        The resolve's time when the alert resolved meanwhile (read in the same transaction as the write, so a
+        resolve is either seen here or finds the run recorded)."""
         with self._lock:
-            self._leaves_pending(key)
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._db.execute(
-                    "UPDATE occurrences SET status = 'created', flow_run_id = ?, created_at = ? WHERE key = ?",
-                    (flow_run_id, time.time(), key),
-                )
+                with _immediate(self._db):
+                    row = self._db.execute("SELECT status, resolved_at FROM occurrences WHERE key = ?",
+                                           (key,)).fetchone()
+                    self._db.execute(
+                        "UPDATE occurrences SET status = 'created', flow_run_id = ?, created_at = ? WHERE key = ?",
+                        (flow_run_id, time.time(), key),
+                    )
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged alert survives a power cut
+            if row is not None and row["status"] in WAITING:
+                self._pending -= 1
+        return row["resolved_at"] if row is not None else None
 
     def mark(self, key: str, status: str, reason: str = "") -> None:
         with self._lock:
@@ -236,22 +259,27 @@ class SqliteStore:
                 self._leaves_pending(key)
             self._db.execute("UPDATE occurrences SET status = ?, reason = ? WHERE key = ?", (status, reason, key))
 
-    def mark_resolved(self, key: str) -> Occurrence | None:
-        """Record the resolution; a still-pending occurrence is cancelled before it ever becomes a run."""
+    def mark_resolved(self, key: str) -> Resolved | None:
+        """Record the resolve (once); a still-pending occurrence is cancelled before it ever becomes a run. One
+        transaction, so a dispatcher recording its run (mark_created) sees the resolve or is seen by it."""
         with self._lock:
-            row = self._db.execute("SELECT status FROM occurrences WHERE key = ? AND resolved_at IS NULL",
-                                   (key,)).fetchone()
-            if row is not None and row[0] == "pending":
+            with _immediate(self._db):
+                row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
+                if row is None:
+                    return None
+                was = ""
+                if row["resolved_at"] is None:
+                    was = row["status"]
+                    self._db.execute(
+                        """UPDATE occurrences SET resolved_at = ?,
+                                  status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+                                  reason = CASE WHEN status = 'pending' THEN 'resolved before dispatch'
+                                                ELSE reason END
+                            WHERE key = ?""", (time.time(), key))
+                    row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
+            if was == "pending":
                 self._pending -= 1
-            self._db.execute(
-                """UPDATE occurrences SET resolved_at = ?,
-                          status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
-                          reason = CASE WHEN status = 'pending' THEN 'resolved before dispatch' ELSE reason END
-                    WHERE key = ? AND resolved_at IS NULL""",
-                (time.time(), key),
-            )
-            row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
-        return to_occurrence(row) if row else None
+        return Resolved(to_occurrence(row), was)
 
     def _leaves_pending(self, key: str) -> None:
         """Count an occurrence out of the waiting ones (called under the lock, before its status changes)."""
@@ -326,6 +354,18 @@ class _SqliteDecider:
             out.append(new)
             self.added += new and status == "pending"
         return out
+
+
+@contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction (BEGIN IMMEDIATE: other connections to the file wait), committed on exit."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _sqlite_known(db: sqlite3.Connection, keys: Collection[str]) -> set[str]:
