@@ -10,6 +10,7 @@ by a barrier; nothing here asserts a duration.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
+from runbook.app.intake import pgstore
 from runbook.app.intake.app import Intake
 from runbook.app.intake.dispatch import Dispatcher
 from runbook.app.intake.models import parse_webhook
@@ -246,6 +249,72 @@ def test_two_intake_apps_share_postgres_state_over_http(sandbox_state: SandboxSt
             httpx.delete(f"{a.api_url}/flow_runs/{runs[0]['id']}", timeout=10, headers=api_headers())
 
 
+def test_a_resolve_at_one_replica_during_dispatch_is_seen_when_the_other_records_the_run(
+        stores: tuple[Store, Store], playbooks: Playbooks) -> None:
+    a, b = (_replica(s, playbooks) for s in stores)
+    firing = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0001")
+    assert _post(a, firing)[0]["outcome"] == "run"
+    (claimed,) = stores[0].claim()
+    resolve = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0001", status="resolved",
+                    starts_at=firing["alerts"][0]["startsAt"])
+    _, resolves, _ = b._route_and_store(parse_webhook(resolve))
+    ((_, first),) = resolves
+    assert (first.was, first.occurrence.status, first.occurrence.flow_run_id) == ("dispatching", "dispatching", None)
+    resolved_at = stores[0].mark_created(claimed.key, "run-f1e0001")
+    assert resolved_at is not None and resolved_at == first.occurrence.resolved_at
+    # a resent resolve finds it recorded: nothing changes, and it says so (was "")
+    again = stores[1].mark_resolved(claimed.key)
+    assert again is not None and again.was == "" and again.occurrence.resolved_at == resolved_at
+    assert (again.occurrence.status, again.occurrence.flow_run_id) == ("created", "run-f1e0001")
+    # an occurrence not resolved records its run as before
+    other = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0002")
+    assert _post(a, other)[0]["outcome"] == "run"
+    (claimed,) = stores[1].claim()
+    assert stores[1].mark_created(claimed.key, "run-f1e0002") is None
+
+
+def test_healthz_on_postgres_reports_every_replica_s_pending_work_without_a_query(sandbox_state: SandboxState,
+                                                                                 playbooks: Playbooks,
+                                                                                 dead_port: int) -> None:
+    """Replica A accepts alerts; replica B's /healthz reports them once B's dispatcher loop has counted (its
+    Prefect is away, so they stay pending), with the count's age; and it answers from memory: a table locked
+    against every query does not stop it."""
+    with state_database(sandbox_state) as dsn:
+        sa, sb = PostgresStore(dsn), PostgresStore(dsn)
+        a = _replica(sa, playbooks)
+        b = Intake("t" * 24, playbooks, sb, Dispatcher(sb, f"http://127.0.0.1:{dead_port}/api"))
+        try:
+            for i in range(5):
+                assert _post(a, alert("SharedDiagnose", {"db": "main"}, fingerprint=f"4ea1{i:03d}"))[0][
+                    "outcome"] == "run"
+
+            async def b_counts() -> dict[str, Any]:
+                await b.dispatcher.start()
+                try:
+                    deadline = time.monotonic() + 60
+                    while (health := await _health(b))["pending"] != 5 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.1)
+                    return health
+                finally:
+                    await b.dispatcher.stop()
+
+            health = asyncio.run(b_counts())
+            assert health["pending"] == 5 and health["prefect_api"] is False, health
+            assert isinstance(health["pending_age_s"], float) and health["pending_age_s"] >= 0
+            sa.refresh_pending()  # what A's dispatcher loop does: both replicas report the one shared figure
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin, admin.transaction():
+                admin.execute(f"LOCK TABLE {pgstore.TABLE} IN ACCESS EXCLUSIVE MODE")  # any query would wait
+                assert [asyncio.run(_health(r))["pending"] for r in (a, b)] == [5, 5]
+        finally:
+            sa.close()
+            sb.close()
+
+
+async def _health(replica: Intake) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(bytes((await replica.healthz()).body))
+    return body
+
+
 # ------------------------------------------------------------------ the CLI refusing a store it cannot use
 
 
@@ -283,26 +352,3 @@ def test_runbook_intake_names_an_unreachable_state_database_without_its_password
     assert proc.returncode == 1, flat
     assert "intake state database unreachable" in flat and "Hq7Zk3Wp" not in flat
 
-
-def test_a_resolve_at_one_replica_during_dispatch_is_seen_when_the_other_records_the_run(
-        stores: tuple[Store, Store], playbooks: Playbooks) -> None:
-    a, b = (_replica(s, playbooks) for s in stores)
-    firing = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0001")
-    assert _post(a, firing)[0]["outcome"] == "run"
-    (claimed,) = stores[0].claim()
-    resolve = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0001", status="resolved",
-                    starts_at=firing["alerts"][0]["startsAt"])
-    _, resolves, _ = b._route_and_store(parse_webhook(resolve))
-    ((_, first),) = resolves
-    assert (first.was, first.occurrence.status, first.occurrence.flow_run_id) == ("dispatching", "dispatching", None)
-    resolved_at = stores[0].mark_created(claimed.key, "run-f1e0001")
-    assert resolved_at is not None and resolved_at == first.occurrence.resolved_at
-    # a resent resolve finds it recorded: nothing changes, and it says so (was "")
-    again = stores[1].mark_resolved(claimed.key)
-    assert again is not None and again.was == "" and again.occurrence.resolved_at == resolved_at
-    assert (again.occurrence.status, again.occurrence.flow_run_id) == ("created", "run-f1e0001")
-    # an occurrence not resolved records its run as before
-    other = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0002")
-    assert _post(a, other)[0]["outcome"] == "run"
-    (claimed,) = stores[1].claim()
-    assert stores[1].mark_created(claimed.key, "run-f1e0002") is None

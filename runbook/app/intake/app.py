@@ -127,8 +127,10 @@ class Intake:
 
     async def healthz(self) -> JSONResponse:
         ok = self.dispatcher.healthy
+        # no store query: the count is kept by the store (SQLite: live; PostgreSQL: every replica's, as of its age)
         return JSONResponse({"status": "ok" if ok else "degraded", "prefect_api": ok,
-                             "pending": self.store.pending_count()}, status_code=200 if ok else 503)
+                             "pending": self.store.pending_count(),
+                             "pending_age_s": round(self.store.pending_age_s(), 1)}, status_code=200 if ok else 503)
 
     async def prometheus_metrics(self) -> PlainTextResponse:
         return PlainTextResponse(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -169,11 +169,17 @@ class Dispatcher:
                         break
 
     def _claim(self) -> list[Occurrence]:
+        """The next batch to create runs for; then the pending count /healthz reports is taken again (a shared
+        store's count includes other replicas' work: it is refreshed here, at least every sweep, never in the
+        request path)."""
         try:
-            return self.store.claim()
+            batch = self.store.claim()
         except StoreUnavailable as exc:  # the next wake or sweep tries again
             log.warning("cannot read pending occurrences: %s", exc)
             return []
+        with contextlib.suppress(StoreUnavailable):  # the count just grows older: /healthz shows its age
+            self.store.refresh_pending()
+        return batch
 
     async def _create_recorded(self, occ: Occurrence, sem: asyncio.Semaphore) -> bool:
         try:

@@ -100,8 +100,8 @@ class PostgresStore:
         with self._session() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("schema"),))  # replicas starting together
             conn.execute(SCHEMA)
-        self._pending = 0
-        self._refresh_pending()
+        self._pending = (0, time.monotonic())  # the shared count and when it was taken (see refresh_pending)
+        self.refresh_pending()
 
     def close(self) -> None:
         with self._all_lock:
@@ -157,9 +157,7 @@ class PostgresStore:
             with conn.transaction():
                 for key in sorted({_lock_key(f"procedure\0{p}") for p in procedures}):
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-                tx = _PgDecider(conn)
-                yield tx
-            self._count(tx.added)
+                yield _PgDecider(conn)
 
     def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]:
         """Insert (request, status, reason) rows in one transaction; False where the key was already known."""
@@ -175,8 +173,6 @@ class PostgresStore:
                                     WHERE status = 'pending' OR (status = 'dispatching' AND claimed_at < %s)
                                     ORDER BY received_at LIMIT %s FOR UPDATE SKIP LOCKED)
                  RETURNING *""", (now, self.replica, now - CLAIM_LEASE_S, limit)).fetchall()
-        if not rows:
-            self._refresh_pending()
         return sorted((to_occurrence(r) for r in rows), key=lambda o: o.received_at)
 
     def release(self, key: str) -> None:
@@ -190,21 +186,15 @@ class PostgresStore:
         or waits and then finds the run recorded."""
         with self._session() as conn:
             row = conn.execute(
-                f"""WITH o AS (SELECT key, status, resolved_at FROM {TABLE} WHERE key = %s FOR UPDATE)
+                f"""WITH o AS (SELECT key, resolved_at FROM {TABLE} WHERE key = %s FOR UPDATE)
                     UPDATE {TABLE} n SET status = 'created', flow_run_id = %s, created_at = %s
-                      FROM o WHERE n.key = o.key RETURNING o.status AS was, o.resolved_at""",
+                      FROM o WHERE n.key = o.key RETURNING o.resolved_at""",
                 (key, flow_run_id, time.time())).fetchone()
-        self._left_waiting(row)
         return row["resolved_at"] if row is not None else None
 
     def mark(self, key: str, status: str, reason: str = "") -> None:
         with self._session() as conn:
-            row = conn.execute(
-                f"""UPDATE {TABLE} n SET status = %s, reason = %s FROM {TABLE} o
-                     WHERE n.key = o.key AND n.key = %s RETURNING o.status AS was""", (status, reason, key)
-            ).fetchone()
-        if status not in ("pending", "dispatching"):
-            self._left_waiting(row)
+            conn.execute(f"UPDATE {TABLE} SET status = %s, reason = %s WHERE key = %s", (status, reason, key))
 
     def mark_resolved(self, key: str) -> Resolved | None:
         """Record the resolve (once); a still-pending occurrence is cancelled before it ever becomes a run. The
@@ -223,31 +213,25 @@ class PostgresStore:
                 row = conn.execute(f"SELECT *, '' AS was FROM {TABLE} WHERE key = %s", (key,)).fetchone()
         if row is None:
             return None
-        if row["was"] == "pending":
-            self._count(-1)
         return Resolved(to_occurrence(row), row["was"])
 
-    def _left_waiting(self, row: DictRow | None) -> None:
-        if row is not None and row["was"] in ("pending", "dispatching"):
-            self._count(-1)
-
-    def _count(self, delta: int) -> None:
-        with self._all_lock:
-            self._pending = max(0, self._pending + delta)
-
-    def _refresh_pending(self) -> None:
+    def refresh_pending(self) -> None:
+        """Count the occurrences waiting for their run, every replica's: the dispatcher calls this after each claim
+        (so at least every sweep, SWEEP_S), and /healthz reports the count with its age without a query."""
         with self._session() as conn:
             row = conn.execute(f"SELECT count(*) AS n FROM {TABLE} WHERE status IN ('pending', 'dispatching')"
                                ).fetchone()
-        with self._all_lock:
-            self._pending = int(row["n"]) if row else 0
+        self._pending = (int(row["n"]) if row else 0, time.monotonic())
 
     # -------------------------------------------------------------- reads
 
     def pending_count(self) -> int:
-        """Occurrences waiting for their run, without a query: this replica's writes since the dispatcher last
-        found nothing to claim, when it recounts (other replicas' work shows from then on)."""
-        return self._pending
+        """Occurrences waiting for their run across all replicas, as of ``pending_age_s()`` ago (no query: /healthz
+        is unauthenticated)."""
+        return self._pending[0]
+
+    def pending_age_s(self) -> float:
+        return time.monotonic() - self._pending[1]
 
     def known(self, key: str) -> bool:
         with self._session() as conn:
@@ -282,7 +266,6 @@ class _PgDecider:
 
     def __init__(self, conn: psycopg.Connection[DictRow]) -> None:
         self._conn = conn
-        self.added = 0
 
     def known_keys(self, keys: Collection[str]) -> set[str]:
         return _pg_known(self._conn, keys)
@@ -312,11 +295,9 @@ class _PgDecider:
                 f"INSERT INTO {TABLE} ({', '.join(INSERT_COLUMNS)}) VALUES {', '.join([one] * len(chunk))} "
                 "ON CONFLICT (key) DO NOTHING RETURNING key", values).fetchall()}
         out: list[bool] = []
-        for req, status, _ in rows:  # a key twice in one batch: only its first row is new
-            new = req.key in inserted
+        for req, _, _ in rows:  # a key twice in one batch: only its first row is new
+            out.append(req.key in inserted)
             inserted.discard(req.key)
-            out.append(new)
-            self.added += new and status == "pending"
         return out
 
 

@@ -137,7 +137,17 @@ class Store(Protocol):
         for an occurrence never stored."""
         ...
 
-    def pending_count(self) -> int: ...
+    def pending_count(self) -> int:
+        """Occurrences waiting for their run (pending or being dispatched), without a query: /healthz's figure."""
+        ...
+
+    def pending_age_s(self) -> float:
+        """How old ``pending_count()`` is: 0 for a count kept live, else the time since ``refresh_pending``."""
+        ...
+
+    def refresh_pending(self) -> None:
+        """Recount what ``pending_count()`` reports (the dispatcher's loop calls it; never the request path)."""
+        ...
 
     def known(self, key: str) -> bool: ...
 
@@ -292,6 +302,12 @@ class SqliteStore:
     def pending_count(self) -> int:
         """Occurrences waiting for their run, without a query (see __init__)."""
         return self._pending
+
+    def pending_age_s(self) -> float:
+        return 0.0  # kept live by this process's own writes: the only writer of its file
+
+    def refresh_pending(self) -> None:
+        pass
 
     def known(self, key: str) -> bool:
         with self._lock:
