@@ -315,6 +315,37 @@ async def _health(replica: Intake) -> dict[str, Any]:
     return body
 
 
+def test_state_connections_killed_under_the_intake_cost_one_503_then_it_reconnects(sandbox_state: SandboxState,
+                                                                                   tmp_path: Path) -> None:
+    """Every connection of the store's pools terminated (a PostgreSQL restart, a failover): the next webhook may
+    get a 503 (Alertmanager retries it), the one after is stored; nothing acknowledged is lost."""
+    with state_database(sandbox_state) as dsn, \
+            running_intake(sandbox_state, tmp_path, ROUTES, executor=False, state_dsn=dsn) as it:
+        assert it.post(alert("SharedDiagnose", {"db": "main"})).status_code == 200
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
+            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                                   "application_name = %s AND datname = current_database()",
+                                   (pgstore.APPLICATION_NAME,)).fetchone()
+        assert killed and killed[0] == pgstore.REQUEST_CONNECTIONS + pgstore.DISPATCH_CONNECTIONS
+        answers = []
+        for _ in range(3):
+            doc = alert("SharedDiagnose", {"db": "main"})
+            resp = it.post(doc)
+            answers.append((resp.status_code, doc["alerts"][0]["fingerprint"], resp.json()))
+        codes = [code for code, _, _ in answers]
+        assert set(codes) <= {200, 503} and codes.count(503) <= 1 and codes[-1] == 200, answers
+        for code, fingerprint, body in answers:
+            if code == 503:
+                assert "intake state database" in body["error"], body
+            else:
+                assert body["results"][0]["outcome"] == "run" and len(it.app.state.store.find(fingerprint)) == 1
+        # the dispatcher's own connections were killed too: its next claim, or its sweep, reconnects
+        runs = [r for code, fp, _ in answers if code == 200 for r in it.wait_runs("shared-diagnose", fp, 60)]
+        for r in runs:
+            httpx.delete(f"{it.api_url}/flow_runs/{r['id']}", timeout=10, headers=api_headers())
+        assert len(runs) == codes.count(200), "an acknowledged alert got no run"
+
+
 # ------------------------------------------------------------------ the CLI refusing a store it cannot use
 
 
