@@ -346,6 +346,26 @@ def test_state_connections_killed_under_the_intake_cost_one_503_then_it_reconnec
         assert len(runs) == codes.count(200), "an acknowledged alert got no run"
 
 
+def test_a_resend_is_recognised_without_a_query_once_a_replica_has_seen_the_occurrence(
+        sandbox_state: SandboxState, playbooks: Playbooks) -> None:
+    """Most of a storm's webhooks are resends: each replica asks the database about an occurrence once, then
+    answers resends from memory (stored keys are never removed). Shown with the table locked against every
+    query: a lookup would wait for the lock, and end in a 503 after the lock timeout."""
+    with state_database(sandbox_state) as dsn:
+        stores = (PostgresStore(dsn), PostgresStore(dsn))
+        a, b = (_replica(s, playbooks) for s in stores)
+        try:
+            doc = alert("SharedDiagnose", {"db": "main"}, fingerprint="4e5e0001")
+            assert _post(a, doc)[0]["outcome"] == "run"  # stored by A: A knows it
+            assert _post(b, doc)[0]["outcome"] == "duplicate"  # B asks once
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin, admin.transaction():
+                admin.execute(f"LOCK TABLE {pgstore.TABLE} IN ACCESS EXCLUSIVE MODE")
+                assert [_post(r, doc)[0]["outcome"] for r in (a, b, a)] == ["duplicate"] * 3
+        finally:
+            for s in stores:
+                s.close()
+
+
 # ------------------------------------------------------------------ the CLI refusing a store it cannot use
 
 

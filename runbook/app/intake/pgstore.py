@@ -35,6 +35,7 @@ from runbook.app.intake.store import (
     CLAIM_LEASE_S,
     INSERT_COLUMNS,
     Decider,
+    KnownKeys,
     Occurrence,
     Resolved,
     StoreUnavailable,
@@ -145,6 +146,7 @@ class PostgresStore:
         self._connect_timeout_s = connect_timeout_s
         self._statement_timeout_ms = statement_timeout_ms
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
+        self._known = KnownKeys()
         wait_s = statement_timeout_ms / 1000
         self._dispatch = _Pool("dispatcher", DISPATCH_CONNECTIONS, self._connect, wait_s)
         try:
@@ -198,7 +200,9 @@ class PostgresStore:
             with conn.transaction():
                 for key in sorted({_lock_key(f"procedure\0{p}") for p in procedures}):
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
-                yield _PgDecider(conn)
+                tx = _PgDecider(conn)
+                yield tx
+        self._known.add(tx.keys)  # committed
 
     def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]:
         """Insert (request, status, reason) rows in one transaction; False where the key was already known."""
@@ -279,8 +283,15 @@ class PostgresStore:
             return conn.execute(f"SELECT 1 FROM {TABLE} WHERE key = %s", (key,)).fetchone() is not None
 
     def known_keys(self, keys: Collection[str]) -> set[str]:
-        with self._session(self._requests) as conn:
-            return _pg_known(conn, keys)
+        """Which of ``keys`` are stored: those this process has seen stored without a query (KnownKeys), the
+        others in one."""
+        known, ask = self._known.split(keys)
+        if ask:
+            with self._session(self._requests) as conn:
+                found = _pg_known(conn, ask)
+            self._known.add(found)
+            known |= found
+        return known
 
     def pending(self, limit: int = 200) -> list[Occurrence]:
         """Occurrences waiting for their run (claimed or not), oldest first."""
@@ -307,6 +318,7 @@ class _PgDecider:
 
     def __init__(self, conn: psycopg.Connection[DictRow]) -> None:
         self._conn = conn
+        self.keys: list[str] = []  # stored once committed (new or already there)
 
     def known_keys(self, keys: Collection[str]) -> set[str]:
         return _pg_known(self._conn, keys)
@@ -335,6 +347,7 @@ class _PgDecider:
             inserted |= {r["key"] for r in self._conn.execute(
                 f"INSERT INTO {TABLE} ({', '.join(INSERT_COLUMNS)}) VALUES {', '.join([one] * len(chunk))} "
                 "ON CONFLICT (key) DO NOTHING RETURNING key", values).fetchall()}
+        self.keys += [req.key for req, _, _ in rows]
         out: list[bool] = []
         for req, _, _ in rows:  # a key twice in one batch: only its first row is new
             out.append(req.key in inserted)

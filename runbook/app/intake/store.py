@@ -19,7 +19,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from runbook.engine.errors import ConfigError, RunbookError
 # the dispatcher's HTTP timeout, and Prefect's idempotency key makes a second creation return the same run
 CLAIM_LEASE_S = 60.0
 WAITING = ("pending", "dispatching")  # accepted, no run yet
+KNOWN_KEYS_CACHED = 100_000  # occurrence keys a store remembers having seen stored (about 10 MB)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS occurrences (
@@ -162,6 +164,32 @@ class Store(Protocol):
     def get(self, key: str) -> Occurrence | None: ...
 
 
+class KnownKeys:
+    """Occurrence keys this process has seen stored. A store never forgets a key (occurrences are only added), so
+    a key found here is a resend without asking the database: most of a storm's webhooks are resends of the same
+    group, and with the state in PostgreSQL each lookup was a round trip that, on a busy machine, waited for two
+    processes to be scheduled (up to 120 ms). Bounded, the oldest forgotten first (then looked up again)."""
+
+    def __init__(self, limit: int = KNOWN_KEYS_CACHED) -> None:
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def split(self, keys: Collection[str]) -> tuple[set[str], list[str]]:
+        """The keys known here, and the others (to look up)."""
+        with self._lock:
+            known = {k for k in keys if k in self._keys}
+        return known, [k for k in set(keys) if k not in known]
+
+    def add(self, keys: Iterable[str]) -> None:
+        """Keys the database has just shown stored (a lookup found them, or a committed decision wrote them)."""
+        with self._lock:
+            for k in keys:
+                self._keys[k] = None
+            while len(self._keys) > self._limit:
+                self._keys.popitem(last=False)
+
+
 def insert_values(req: RunRequest, status: str, reason: str, now: float) -> tuple[Any, ...]:
     """One row's values in ``INSERT_COLUMNS`` order."""
     return (req.key, req.route, req.procedure, req.env, req.target, json.dumps(req.params, default=str),
@@ -188,6 +216,7 @@ class SqliteStore:
         self.path = path
         self._db = _open_checked(path)
         self._lock = threading.Lock()
+        self._known = KnownKeys()
         # a claim left by a process that died: this is the only process using the file, so it is stale
         self._db.execute("UPDATE occurrences SET status = 'pending', claimed_at = NULL WHERE status = 'dispatching'")
         # kept up to date by every write below, so /healthz (unauthenticated) costs no query at all
@@ -212,6 +241,7 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._pending += tx.added
+        self._known.add(tx.keys)
 
     def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]:
         """Insert (request, status, reason) rows in one transaction; False where the key was already known."""
@@ -314,8 +344,13 @@ class SqliteStore:
             return self._db.execute("SELECT 1 FROM occurrences WHERE key = ?", (key,)).fetchone() is not None
 
     def known_keys(self, keys: Collection[str]) -> set[str]:
-        with self._lock:
-            return _sqlite_known(self._db, keys)
+        known, ask = self._known.split(keys)
+        if ask:
+            with self._lock:
+                found = _sqlite_known(self._db, ask)
+            self._known.add(found)
+            known |= found
+        return known
 
     def pending(self, limit: int = 200) -> list[Occurrence]:
         """Occurrences waiting for their run (claimed or not), oldest first."""
@@ -345,6 +380,7 @@ class _SqliteDecider:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
         self.added = 0
+        self.keys: list[str] = []  # stored once committed (new or already there)
 
     def known_keys(self, keys: Collection[str]) -> set[str]:
         return _sqlite_known(self._db, keys)
@@ -369,6 +405,7 @@ class _SqliteDecider:
             new = self._db.execute(sql, insert_values(req, status, reason, now)).rowcount == 1
             out.append(new)
             self.added += new and status == "pending"
+            self.keys.append(req.key)
         return out
 
 
