@@ -51,6 +51,8 @@ from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
 
+ACK_QUIET_S = 0.5  # webhooks count as still arriving this long after the last was answered (see _acknowledging)
+
 # what routing and storing a webhook yields: the results in webhook order, the resolves whose runs may need
 # cancelling, and the decisions that tripped a breaker
 Stored = tuple[list[dict[str, Any]], list[tuple[dict[str, Any], Resolved]], list[Decision]]
@@ -115,6 +117,8 @@ class Intake:
         self._notes = RateLimitedLog(log)
         self._aftermath = Aftermath(self.dispatcher.api_url, self.playbooks, self.reviews_dir, self._observe)
         self.dispatcher.on_resolved = self._resolved_while_created
+        self.dispatcher.acknowledging = self._acknowledging
+        self._answered_at = 0.0  # monotonic time the last webhook was answered
         if self.reviews_dir is not None:  # /metrics' incident histograms start from the reviews already written
             for review in load_reviews(self.reviews_dir):
                 self._observe(review)
@@ -189,6 +193,7 @@ class Intake:
             return await self._handle_webhook(request, bytes(body))
         finally:
             self._in_flight -= 1
+            self._answered_at = time.monotonic()
             self.metrics.in_flight.dec()
 
     async def _handle_webhook(self, request: Request, body: bytes) -> JSONResponse:
@@ -309,6 +314,11 @@ class Intake:
                     tripped.append(d)
                 results.append(entry)
         return results, resolves, tripped
+
+    def _acknowledging(self) -> bool:
+        """Webhooks are arriving: one is being handled, or the last was answered within ACK_QUIET_S (a sender
+        posting batch after batch leaves gaps of a millisecond between them). Read by the dispatcher's thread."""
+        return self._in_flight > 0 or time.monotonic() - self._answered_at < ACK_QUIET_S
 
     def _observe(self, review: Review) -> None:
         self.metrics.observe_review(review.procedure, review.figures.time_to_remediate_s,
