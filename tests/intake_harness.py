@@ -155,8 +155,10 @@ def alert(alertname: str, labels: dict[str, str] | None = None, fingerprint: str
 def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, executor: bool = True,
                    api_url: str | None = None, playbook_dirs: list[Path] | None = None,
                    limits: Limits | None = None, state_dsn: str | None = None,
-                   api_auth: str | None = None) -> Iterator[Intake]:
-    """The intake app on a free loopback port; its state in ``state_dsn``'s PostgreSQL when given, else SQLite."""
+                   api_auth: str | None = None, executor_events: bool = True,
+                   executor_poll_s: float = 1.0) -> Iterator[Intake]:
+    """The intake app on a free loopback port; its state in ``state_dsn``'s PostgreSQL when given, else SQLite.
+    ``executor_events=False`` (and a long ``executor_poll_s``): the executor runs only what the intake hands it."""
     from runbook.app.serve import register_deployments
 
     api = api_url or state.prefect_api_url
@@ -167,7 +169,7 @@ def running_intake(state: SandboxState, work_dir: Path, routes: str = ROUTES, ex
     (routes_dir / "routes.yaml").write_text(routes)
     from prefect.settings import temporary_settings
 
-    ex = Executor(poll_s=1.0)
+    ex = Executor(poll_s=executor_poll_s, events=executor_events)
     if executor:
         with temporary_settings(updates=state.prefect_env()):
             ex.start()  # its threads keep this settings context

@@ -10,6 +10,7 @@ by a barrier; nothing here asserts a duration.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
+from runbook.app.intake import pgstore
 from runbook.app.intake.app import Intake
 from runbook.app.intake.dispatch import Dispatcher
 from runbook.app.intake.models import parse_webhook
@@ -246,6 +249,123 @@ def test_two_intake_apps_share_postgres_state_over_http(sandbox_state: SandboxSt
             httpx.delete(f"{a.api_url}/flow_runs/{runs[0]['id']}", timeout=10, headers=api_headers())
 
 
+def test_a_resolve_at_one_replica_during_dispatch_is_seen_when_the_other_records_the_run(
+        stores: tuple[Store, Store], playbooks: Playbooks) -> None:
+    a, b = (_replica(s, playbooks) for s in stores)
+    firing = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0001")
+    assert _post(a, firing)[0]["outcome"] == "run"
+    (claimed,) = stores[0].claim()
+    resolve = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0001", status="resolved",
+                    starts_at=firing["alerts"][0]["startsAt"])
+    _, resolves, _ = b._route_and_store(parse_webhook(resolve))
+    ((_, first),) = resolves
+    assert (first.was, first.occurrence.status, first.occurrence.flow_run_id) == ("dispatching", "dispatching", None)
+    resolved_at = stores[0].mark_created(claimed.key, "run-f1e0001")
+    assert resolved_at is not None and resolved_at == first.occurrence.resolved_at
+    # a resent resolve finds it recorded: nothing changes, and it says so (was "")
+    again = stores[1].mark_resolved(claimed.key)
+    assert again is not None and again.was == "" and again.occurrence.resolved_at == resolved_at
+    assert (again.occurrence.status, again.occurrence.flow_run_id) == ("created", "run-f1e0001")
+    # an occurrence not resolved records its run as before
+    other = alert("SharedDiagnose", {"db": "main"}, fingerprint="f1e0002")
+    assert _post(a, other)[0]["outcome"] == "run"
+    (claimed,) = stores[1].claim()
+    assert stores[1].mark_created(claimed.key, "run-f1e0002") is None
+
+
+def test_healthz_on_postgres_reports_every_replica_s_pending_work_without_a_query(sandbox_state: SandboxState,
+                                                                                 playbooks: Playbooks,
+                                                                                 dead_port: int) -> None:
+    """Replica A accepts alerts; replica B's /healthz reports them once B's dispatcher loop has counted (its
+    Prefect is away, so they stay pending), with the count's age; and it answers from memory: a table locked
+    against every query does not stop it."""
+    with state_database(sandbox_state) as dsn:
+        sa, sb = PostgresStore(dsn), PostgresStore(dsn)
+        a = _replica(sa, playbooks)
+        b = Intake("t" * 24, playbooks, sb, Dispatcher(sb, f"http://127.0.0.1:{dead_port}/api"))
+        try:
+            for i in range(5):
+                assert _post(a, alert("SharedDiagnose", {"db": "main"}, fingerprint=f"4ea1{i:03d}"))[0][
+                    "outcome"] == "run"
+
+            async def b_counts() -> dict[str, Any]:
+                await b.dispatcher.start()
+                try:
+                    deadline = time.monotonic() + 60
+                    while (health := await _health(b))["pending"] != 5 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.1)
+                    return health
+                finally:
+                    await b.dispatcher.stop()
+
+            health = asyncio.run(b_counts())
+            assert health["pending"] == 5 and health["prefect_api"] is False, health
+            assert isinstance(health["pending_age_s"], float) and health["pending_age_s"] >= 0
+            sa.refresh_pending()  # what A's dispatcher loop does: both replicas report the one shared figure
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin, admin.transaction():
+                admin.execute(f"LOCK TABLE {pgstore.TABLE} IN ACCESS EXCLUSIVE MODE")  # any query would wait
+                assert [asyncio.run(_health(r))["pending"] for r in (a, b)] == [5, 5]
+        finally:
+            sa.close()
+            sb.close()
+
+
+async def _health(replica: Intake) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(bytes((await replica.healthz()).body))
+    return body
+
+
+def test_state_connections_killed_under_the_intake_cost_one_503_then_it_reconnects(sandbox_state: SandboxState,
+                                                                                   tmp_path: Path) -> None:
+    """Every connection of the store's pools terminated (a PostgreSQL restart, a failover): the next webhook may
+    get a 503 (Alertmanager retries it), the one after is stored; nothing acknowledged is lost."""
+    with state_database(sandbox_state) as dsn, \
+            running_intake(sandbox_state, tmp_path, ROUTES, executor=False, state_dsn=dsn) as it:
+        assert it.post(alert("SharedDiagnose", {"db": "main"})).status_code == 200
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin:
+            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                                   "application_name = %s AND datname = current_database()",
+                                   (pgstore.APPLICATION_NAME,)).fetchone()
+        assert killed and killed[0] == pgstore.REQUEST_CONNECTIONS + pgstore.DISPATCH_CONNECTIONS
+        answers = []
+        for _ in range(3):
+            doc = alert("SharedDiagnose", {"db": "main"})
+            resp = it.post(doc)
+            answers.append((resp.status_code, doc["alerts"][0]["fingerprint"], resp.json()))
+        codes = [code for code, _, _ in answers]
+        assert set(codes) <= {200, 503} and codes.count(503) <= 1 and codes[-1] == 200, answers
+        for code, fingerprint, body in answers:
+            if code == 503:
+                assert "intake state database" in body["error"], body
+            else:
+                assert body["results"][0]["outcome"] == "run" and len(it.app.state.store.find(fingerprint)) == 1
+        # the dispatcher's own connections were killed too: its next claim, or its sweep, reconnects
+        runs = [r for code, fp, _ in answers if code == 200 for r in it.wait_runs("shared-diagnose", fp, 60)]
+        for r in runs:
+            httpx.delete(f"{it.api_url}/flow_runs/{r['id']}", timeout=10, headers=api_headers())
+        assert len(runs) == codes.count(200), "an acknowledged alert got no run"
+
+
+def test_a_resend_is_recognised_without_a_query_once_a_replica_has_seen_the_occurrence(
+        sandbox_state: SandboxState, playbooks: Playbooks) -> None:
+    """Most of a storm's webhooks are resends: each replica asks the database about an occurrence once, then
+    answers resends from memory (stored keys are never removed). Shown with the table locked against every
+    query: a lookup would wait for the lock, and end in a 503 after the lock timeout."""
+    with state_database(sandbox_state) as dsn:
+        stores = (PostgresStore(dsn), PostgresStore(dsn))
+        a, b = (_replica(s, playbooks) for s in stores)
+        try:
+            doc = alert("SharedDiagnose", {"db": "main"}, fingerprint="4e5e0001")
+            assert _post(a, doc)[0]["outcome"] == "run"  # stored by A: A knows it
+            assert _post(b, doc)[0]["outcome"] == "duplicate"  # B asks once
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as admin, admin.transaction():
+                admin.execute(f"LOCK TABLE {pgstore.TABLE} IN ACCESS EXCLUSIVE MODE")
+                assert [_post(r, doc)[0]["outcome"] for r in (a, b, a)] == ["duplicate"] * 3
+        finally:
+            for s in stores:
+                s.close()
+
+
 # ------------------------------------------------------------------ the CLI refusing a store it cannot use
 
 
@@ -282,3 +402,4 @@ def test_runbook_intake_names_an_unreachable_state_database_without_its_password
     flat = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode == 1, flat
     assert "intake state database unreachable" in flat and "Hq7Zk3Wp" not in flat
+

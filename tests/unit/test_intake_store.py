@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runbook.app.intake.routing import RunRequest
-from runbook.app.intake.store import SqliteStore
+from runbook.app.intake.store import KnownKeys, SqliteStore
 from runbook.engine.errors import ConfigError
 
 
@@ -79,3 +79,14 @@ def test_a_claim_is_one_dispatcher_s_until_released_and_a_restart_frees_it(tmp_p
     store.close()
     again = SqliteStore(path)  # the process that claimed k1 and k2 is gone
     assert [o.key for o in again.claim()] == ["k1", "k2"] and again.pending_count() == 2
+
+
+def test_known_keys_are_remembered_once_stored_and_bounded(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "intake.sqlite")
+    store.accept([(_req("k0"), "pending", ""), (_req("k1"), "suppressed", "cooldown")])
+    store._db.close()  # any query would fail now: what was stored is known from memory
+    assert store.known_keys(["k0", "k1", "k0"]) == {"k0", "k1"}
+    known = KnownKeys(limit=2)
+    known.add(["a", "b", "c"])  # the oldest is forgotten (and would be looked up again)
+    found, ask = known.split(["a", "b", "c", "d"])
+    assert found == {"b", "c"} and sorted(ask) == ["a", "d"]

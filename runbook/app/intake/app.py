@@ -16,6 +16,7 @@ does not hold up /healthz or the next acknowledgement.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -34,14 +35,14 @@ from starlette.requests import ClientDisconnect
 
 from runbook.app.catalog import PROCEDURES
 from runbook.app.intake.aftermath import Aftermath
-from runbook.app.intake.dispatch import Dispatcher, PrefectRejected, PrefectUnavailable
+from runbook.app.intake.dispatch import CancelOutcome, Dispatcher, PrefectRejected, PrefectUnavailable
 from runbook.app.intake.limits import Limits, RateLimitedLog
 from runbook.app.intake.metrics import CONTENT_TYPE_LATEST, Metrics
 from runbook.app.intake.models import NotAWebhook, ParsedWebhook, parse_webhook
 from runbook.app.intake.pgstore import PostgresStore
 from runbook.app.intake.policy import Decision, decide
 from runbook.app.intake.routing import RunRequest, build_request, matching_routes, occurrence_key
-from runbook.app.intake.store import Occurrence, SqliteStore, Store, StoreUnavailable
+from runbook.app.intake.store import Occurrence, Resolved, SqliteStore, Store, StoreUnavailable
 from runbook.app.review import Review, load_reviews
 from runbook.engine.config import Playbooks, Route, load_playbooks
 from runbook.engine.errors import BadInput, ConfigError
@@ -49,6 +50,12 @@ from runbook.engine.notify import notify_route
 from runbook.engine.redact import redact
 
 log = logging.getLogger(__name__)
+
+ACK_QUIET_S = 0.5  # webhooks count as still arriving this long after the last was answered (see _acknowledging)
+
+# what routing and storing a webhook yields: the results in webhook order, the resolves whose runs may need
+# cancelling, and the decisions that tripped a breaker
+Stored = tuple[list[dict[str, Any]], list[tuple[dict[str, Any], Resolved]], list[Decision]]
 
 
 @dataclass
@@ -109,6 +116,9 @@ class Intake:
         self._in_flight = 0
         self._notes = RateLimitedLog(log)
         self._aftermath = Aftermath(self.dispatcher.api_url, self.playbooks, self.reviews_dir, self._observe)
+        self.dispatcher.on_resolved = self._resolved_while_created
+        self.dispatcher.acknowledging = self._acknowledging
+        self._answered_at = 0.0  # monotonic time the last webhook was answered
         if self.reviews_dir is not None:  # /metrics' incident histograms start from the reviews already written
             for review in load_reviews(self.reviews_dir):
                 self._observe(review)
@@ -117,6 +127,11 @@ class Intake:
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await self.dispatcher.start()
         self._aftermath.start()
+        # Everything imported and wired so far lives as long as the process: out of the collector's sight. A full
+        # collection otherwise walked it all (Prefect's and pydantic's objects) and held every thread meanwhile:
+        # 120 ms on an idle machine, 600 ms on a busy one, the storm's worst acknowledgement.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -126,8 +141,10 @@ class Intake:
 
     async def healthz(self) -> JSONResponse:
         ok = self.dispatcher.healthy
+        # no store query: the count is kept by the store (SQLite: live; PostgreSQL: every replica's, as of its age)
         return JSONResponse({"status": "ok" if ok else "degraded", "prefect_api": ok,
-                             "pending": self.store.pending_count()}, status_code=200 if ok else 503)
+                             "pending": self.store.pending_count(),
+                             "pending_age_s": round(self.store.pending_age_s(), 1)}, status_code=200 if ok else 503)
 
     async def prometheus_metrics(self) -> PlainTextResponse:
         return PlainTextResponse(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -176,30 +193,46 @@ class Intake:
             return await self._handle_webhook(request, bytes(body))
         finally:
             self._in_flight -= 1
+            self._answered_at = time.monotonic()
             self.metrics.in_flight.dec()
 
     async def _handle_webhook(self, request: Request, body: bytes) -> JSONResponse:
         try:
-            hook = await asyncio.to_thread(_decode, body, self.limits.max_alerts)
-        except NotAWebhook as exc:
-            return self._refuse(request, 422, "not_a_webhook", f"not an Alertmanager or Grafana webhook: {exc}")
-        except RecursionError:
-            return self._refuse(request, 400, "malformed_json", "JSON nested too deeply")
-        except (ValueError, UnicodeDecodeError) as exc:
-            return self._refuse(request, 400, "malformed_json", f"not JSON: {str(exc)[:200]}")
-        if not self.dispatcher.healthy and not await self.dispatcher.check_health():
-            why = "refuses our auth string (see the intake's log)" if self.dispatcher.refused else "unreachable"
-            return self._refuse(request, 503, "prefect_unavailable", f"Prefect API {why}; retry later")
-        try:
-            return JSONResponse(await self._process(hook))
+            # one trip to a worker thread: decode, then (Prefect known to be up) route and store. Each hop between
+            # the loop and a worker waits for the other thread to be scheduled and take the GIL: on a busy machine
+            # that wait, not the work, was the acknowledgement's tail
+            hook, stored = await asyncio.to_thread(self._decode_and_store, body)
+            if stored is None:  # Prefect looked away: ask it before anything is stored
+                if not await self.dispatcher.check_health():
+                    why = "refuses our auth string (see the intake's log)" if self.dispatcher.refused \
+                        else "unreachable"
+                    return self._refuse(request, 503, "prefect_unavailable", f"Prefect API {why}; retry later")
+                stored = await asyncio.to_thread(self._route_and_store, hook)
+        except Undecodable as exc:
+            return self._refuse(request, exc.code, exc.reason, exc.detail)
         except StoreUnavailable as exc:  # nothing was acknowledged: Alertmanager sends it again
             return self._refuse(request, 503, "store_unavailable", str(exc))
+        return JSONResponse(await self._process(hook, stored))
 
-    async def _process(self, hook: ParsedWebhook) -> dict[str, Any]:
-        results, resolves, tripped = await asyncio.to_thread(self._route_and_store, hook)
-        for entry, occ in resolves:  # the cancellations talk to Prefect: back on the loop, through the dispatcher
-            entry["detail"] = await self._cancel(occ)
-            self._aftermath.resolved(occ, datetime.now(UTC))  # status page, review: on a thread of their own
+    def _decode_and_store(self, body: bytes) -> tuple[ParsedWebhook, Stored | None]:
+        """In a worker thread: the webhook decoded, and routed and stored unless Prefect is thought to be away
+        (then None: the caller asks Prefect first, and a malformed body is still refused before a 503)."""
+        try:
+            hook = _decode(body, self.limits.max_alerts)
+        except NotAWebhook as exc:
+            raise Undecodable(422, "not_a_webhook", f"not an Alertmanager or Grafana webhook: {exc}") from None
+        except RecursionError:
+            raise Undecodable(400, "malformed_json", "JSON nested too deeply") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Undecodable(400, "malformed_json", f"not JSON: {str(exc)[:200]}") from None
+        return hook, (self._route_and_store(hook) if self.dispatcher.healthy else None)
+
+    async def _process(self, hook: ParsedWebhook, stored: Stored) -> dict[str, Any]:
+        results, resolves, tripped = stored
+        for entry, resolved in resolves:  # the cancellations talk to Prefect: back on the loop, via the dispatcher
+            entry["detail"] = await self._cancel(resolved)
+            # status page, review: on a thread of their own
+            self._aftermath.resolved(resolved.occurrence, datetime.now(UTC))
         for d in tripped:
             self._notify_later(d.request, "breaker", d.reason)
         if any(r["outcome"] == "run" for r in results):
@@ -212,14 +245,12 @@ class Intake:
                            "were never received")
         return out
 
-    def _route_and_store(self, hook: ParsedWebhook) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any],
-                                                                                           Occurrence]],
-                                                            list[Decision]]:
+    def _route_and_store(self, hook: ParsedWebhook) -> Stored:
         """Route, validate, decide and store every accepted alert (in a worker thread): the results in webhook
         order, the resolutions whose runs may need cancelling, and the decisions that tripped a breaker."""
         metrics, store = self.metrics, self.store
         results: list[dict[str, Any]] = []
-        resolves: list[tuple[dict[str, Any], Occurrence]] = []
+        resolves: list[tuple[dict[str, Any], Resolved]] = []
         firing: list[tuple[RunRequest, Route, int]] = []
         metrics.truncated.inc(hook.truncated)
         for r in hook.rejected:
@@ -238,12 +269,12 @@ class Intake:
             for route in routes:
                 entry: dict[str, Any] = {"index": index, "fingerprint": alert.fingerprint, "route": route.name}
                 if alert.status == "resolved":
-                    occ = store.mark_resolved(occurrence_key(route.name, alert))
+                    resolved = store.mark_resolved(occurrence_key(route.name, alert))
                     entry["outcome"] = "resolved"
-                    if occ is None:
+                    if resolved is None:
                         entry["detail"] = "no run was started for this occurrence"
                     else:
-                        resolves.append((entry, occ))
+                        resolves.append((entry, resolved))
                     results.append(entry)
                     continue
                 if occurrence_key(route.name, alert) in resent:  # a resend: nothing to validate or decide
@@ -284,6 +315,11 @@ class Intake:
                 results.append(entry)
         return results, resolves, tripped
 
+    def _acknowledging(self) -> bool:
+        """Webhooks are arriving: one is being handled, or the last was answered within ACK_QUIET_S (a sender
+        posting batch after batch leaves gaps of a millisecond between them). Read by the dispatcher's thread."""
+        return self._in_flight > 0 or time.monotonic() - self._answered_at < ACK_QUIET_S
+
     def _observe(self, review: Review) -> None:
         self.metrics.observe_review(review.procedure, review.figures.time_to_remediate_s,
                                     review.figures.time_to_recover_s)
@@ -299,14 +335,30 @@ class Intake:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _cancel(self, occ: Occurrence) -> str:
+    async def _cancel(self, resolved: Resolved) -> str:
         try:
-            detail = await self.dispatcher.cancel(occ)
+            outcome = await self.dispatcher.cancel(resolved)
         except (PrefectUnavailable, PrefectRejected) as exc:  # the run carries on; say so
             return f"could not cancel: {exc}"
-        if "cancelled" in detail:
+        if outcome.cancelled:
             self.metrics.cancelled.inc()
-        return detail
+        return outcome.detail
+
+    def _resolved_while_created(self, occ: Occurrence, outcome: CancelOutcome) -> None:
+        """The dispatcher cancelled (or found started) the run of an alert that resolved while the run was being
+        created: count it as the resolve would have, and record the resolve with the run (its review too)."""
+        if outcome.cancelled:
+            self.metrics.cancelled.inc()
+        at = datetime.fromtimestamp(occ.resolved_at, UTC) if occ.resolved_at else datetime.now(UTC)
+        self._aftermath.resolved(occ, at)
+
+
+class Undecodable(Exception):
+    """The body is not a webhook (malformed JSON, another document): the whole request is refused with this."""
+
+    def __init__(self, code: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.reason, self.detail = code, reason, detail
 
 
 def _decode(body: bytes, max_alerts: int) -> ParsedWebhook:

@@ -7,6 +7,9 @@ Latency: the request handler wakes the dispatcher directly (no polling); a creat
 executor, when there is one, so its first task starts within a fraction of a second.
 Replicas sharing a PostgreSQL store: each dispatcher claims the occurrences it creates runs for (store.claim), so
 two never create one run twice; a sweep every SWEEP_S picks up what a replica that died had accepted or claimed.
+Resolves: a run is cancelled while it has not started (or waits for approval). A resolve that arrives while the
+run is being created finds no run to cancel; it is recorded on the occurrence, recording the run (mark_created)
+sees it, and the dispatcher cancels the run it just created, on the same path, instead of handing it over.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import httpx
 
 from runbook.app.intake.policy import run_parameters
 from runbook.app.intake.routing import RunRequest
-from runbook.app.intake.store import Occurrence, Store, StoreUnavailable
+from runbook.app.intake.store import WAITING, Occurrence, Resolved, Store, StoreUnavailable
 from runbook.app.remote_run import deployment_filter, unauthorized_message
 from runbook.engine.prefect_env import auth_header, env_auth_string
 
@@ -32,6 +36,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CANCELLABLE = {"SCHEDULED", "PENDING", "PAUSED"}
 SWEEP_S = 15.0
+CLAIM_BATCH = 200  # occurrences claimed at once when no webhook is arriving
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    detail: str  # what happened, for the resolve's result and the log
+    cancelled: bool  # this call cancelled a run (or a dispatch before any run): /metrics counts it, once
 
 
 class Dispatcher:
@@ -53,6 +64,14 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
+        # an occurrence resolved while its run was being created, once the run is cancelled (or found started):
+        # the intake counts the cancel and records the resolve with the run (called on the dispatcher's thread)
+        self.on_resolved: Callable[[Occurrence, CancelOutcome], None] | None = None
+        # the intake says whether webhooks are arriving (then runs are created one at a time: see _run)
+        self.acknowledging: Callable[[], bool] | None = None
+        # a test seam: called in a worker thread after a run is created and before it is recorded, so a test can
+        # hold the dispatcher there while it sends the alert's resolve (None in production)
+        self.after_create: Callable[[Occurrence, str], None] | None = None
 
     # -------------------------------------------------------------- lifecycle
     # The dispatcher runs its own event loop in its own thread: creating a hundred runs must not sit between the
@@ -140,24 +159,41 @@ class Dispatcher:
     # -------------------------------------------------------------- dispatch
 
     async def _run(self) -> None:
-        sem = asyncio.Semaphore(self.concurrency)
+        wide, narrow = asyncio.Semaphore(self.concurrency), asyncio.Semaphore(1)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), SWEEP_S)
             self._wake.clear()
-            while batch := await asyncio.to_thread(self._claim):  # the store's writes never run on the loop
+            while True:
+                # acknowledgements first: while webhooks are arriving, runs are created one at a time, a few per
+                # claim (then asked again). On one machine the Prefect server spends ~50 ms of CPU on each run
+                # it creates; eight at once starved the webhooks' threads of CPU (a storm's ack p99 on a busy
+                # machine: 41-110 ms with eight, 33-55 ms with one; the runs were all created as soon, since the
+                # server was the bottleneck either way)
+                yielding = self.acknowledging is not None and self.acknowledging()
+                limit = self.concurrency if yielding else CLAIM_BATCH
+                batch = await asyncio.to_thread(self._claim, limit)  # the store's writes never run on the loop
+                if not batch:
+                    break
+                sem = narrow if yielding else wide
                 results = await asyncio.gather(*(self._create_recorded(o, sem) for o in batch))
                 if not all(results):
                     await asyncio.sleep(1.0)  # Prefect is away: the watcher wakes us when it is back
                     if not self.healthy:
                         break
 
-    def _claim(self) -> list[Occurrence]:
+    def _claim(self, limit: int) -> list[Occurrence]:
+        """The next batch to create runs for; then the pending count /healthz reports is taken again (a shared
+        store's count includes other replicas' work: it is refreshed here, at least every sweep, never in the
+        request path)."""
         try:
-            return self.store.claim()
+            batch = self.store.claim(limit)
         except StoreUnavailable as exc:  # the next wake or sweep tries again
             log.warning("cannot read pending occurrences: %s", exc)
             return []
+        with contextlib.suppress(StoreUnavailable):  # the count just grows older: /healthz shows its age
+            self.store.refresh_pending()
+        return batch
 
     async def _create_recorded(self, occ: Occurrence, sem: asyncio.Semaphore) -> bool:
         try:
@@ -192,12 +228,29 @@ class Dispatcher:
                 await asyncio.to_thread(self.store.mark, occ.key, "failed", str(exc)[:500])
                 log.error("Prefect rejected the run for %s: %s", occ.key, exc)
                 return True
-            if self.on_created:  # first: the run may start while its record is written
-                self.on_created(run_id)
+            if self.after_create is not None:
+                await asyncio.to_thread(self.after_create, occ, run_id)
             # in a thread: a store write (an fsync, a PostgreSQL round trip) on the event loop held every webhook
-            # behind it, the storm's ack tail
-            await asyncio.to_thread(self.store.mark_created, occ.key, run_id)
+            # behind it, the storm's ack tail. Recorded before the run is handed over: an alert that resolved
+            # meanwhile must not have its run started here.
+            resolved_at = await asyncio.to_thread(self.store.mark_created, occ.key, run_id)
+            if resolved_at is not None:
+                await self._cancel_created(replace(occ, status="created", flow_run_id=run_id,
+                                                   resolved_at=resolved_at))
+            elif self.on_created:
+                self.on_created(run_id)
             return True
+
+    async def _cancel_created(self, occ: Occurrence) -> None:
+        """The alert resolved while this run was being created: cancel it as the resolve would have."""
+        assert occ.flow_run_id
+        try:
+            outcome = await self._cancel_run(occ.flow_run_id)
+        except (PrefectUnavailable, PrefectRejected) as exc:  # as for a resolve: it carries on, and a resent
+            outcome = CancelOutcome(f"could not cancel: {exc}", False)  # resolve tries again
+        log.info("alert of %s resolved while its run was being created: %s", occ.key, outcome.detail)
+        if self.on_resolved:
+            self.on_resolved(occ, outcome)
 
     async def _deployment_id(self, procedure: str) -> str:
         if procedure not in self._deployments:
@@ -207,20 +260,28 @@ class Dispatcher:
             self._deployments[procedure] = found[0]["id"]
         return self._deployments[procedure]
 
-    async def cancel(self, occ: Occurrence) -> str:
-        """Cancel the occurrence's run if it has not started or waits for approval; say what happened."""
-        return await self._in_loop(self._cancel(occ))
+    async def cancel(self, resolved: Resolved) -> CancelOutcome:
+        """Cancel a resolved occurrence's run if it has not started or waits for approval; say what happened."""
+        return await self._in_loop(self._cancel(resolved))
 
-    async def _cancel(self, occ: Occurrence) -> str:
-        if not occ.flow_run_id:
-            return "no run yet: dispatch cancelled"
-        run = await self._get(f"/flow_runs/{occ.flow_run_id}")
+    async def _cancel(self, resolved: Resolved) -> CancelOutcome:
+        occ = resolved.occurrence
+        if occ.flow_run_id:
+            return await self._cancel_run(occ.flow_run_id)
+        if occ.status in WAITING:  # claimed and being created (or to be created again): see _create
+            return CancelOutcome("run being created: will be cancelled", False)
+        if occ.status == "cancelled":
+            return CancelOutcome("no run yet: dispatch cancelled", resolved.was == "pending")
+        return CancelOutcome(f"no run ({occ.status}): nothing to cancel", False)
+
+    async def _cancel_run(self, flow_run_id: str) -> CancelOutcome:
+        run = await self._get(f"/flow_runs/{flow_run_id}")
         state = (run.get("state") or {}).get("type", "")
         if state not in CANCELLABLE:
-            return f"run {occ.flow_run_id} is {state.lower() or 'unknown'}: left to finish"
-        await self._post(f"/flow_runs/{occ.flow_run_id}/set_state", {
+            return CancelOutcome(f"run {flow_run_id} is {state.lower() or 'unknown'}: left to finish", False)
+        await self._post(f"/flow_runs/{flow_run_id}/set_state", {
             "state": {"type": "CANCELLED", "name": "Cancelled", "message": "alert resolved"}, "force": True})
-        return f"run {occ.flow_run_id} cancelled ({state.lower()})"
+        return CancelOutcome(f"run {flow_run_id} cancelled ({state.lower()})", True)
 
     # -------------------------------------------------------------- HTTP with mapped errors
 

@@ -19,7 +19,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from runbook.engine.errors import ConfigError, RunbookError
 # the dispatcher's HTTP timeout, and Prefect's idempotency key makes a second creation return the same run
 CLAIM_LEASE_S = 60.0
 WAITING = ("pending", "dispatching")  # accepted, no run yet
+KNOWN_KEYS_CACHED = 100_000  # occurrence keys a store remembers having seen stored (about 10 MB)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS occurrences (
@@ -80,6 +82,16 @@ class Occurrence:
     received_at: float
     reason: str
     fingerprint: str = ""
+    resolved_at: float | None = None  # when the alert's resolve was recorded (epoch seconds)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What recording a resolve found: the occurrence after it, and its status when this resolve was recorded
+    (``was``: "" when an earlier resolve had already been recorded, e.g. Alertmanager sending it again)."""
+
+    occurrence: Occurrence
+    was: str
 
 
 class StoreUnavailable(RunbookError):
@@ -115,13 +127,29 @@ class Store(Protocol):
 
     def release(self, key: str) -> None: ...
 
-    def mark_created(self, key: str, flow_run_id: str) -> None: ...
+    def mark_created(self, key: str, flow_run_id: str) -> float | None:
+        """Record the occurrence's run; when its alert resolved while the run was being created (the resolve found
+        no run to cancel), the time of that resolve: the caller cancels the run it just created."""
+        ...
 
     def mark(self, key: str, status: str, reason: str = "") -> None: ...
 
-    def mark_resolved(self, key: str) -> Occurrence | None: ...
+    def mark_resolved(self, key: str) -> Resolved | None:
+        """Record the resolve (once); a still-pending occurrence is cancelled before it ever becomes a run. None
+        for an occurrence never stored."""
+        ...
 
-    def pending_count(self) -> int: ...
+    def pending_count(self) -> int:
+        """Occurrences waiting for their run (pending or being dispatched), without a query: /healthz's figure."""
+        ...
+
+    def pending_age_s(self) -> float:
+        """How old ``pending_count()`` is: 0 for a count kept live, else the time since ``refresh_pending``."""
+        ...
+
+    def refresh_pending(self) -> None:
+        """Recount what ``pending_count()`` reports (the dispatcher's loop calls it; never the request path)."""
+        ...
 
     def known(self, key: str) -> bool: ...
 
@@ -134,6 +162,32 @@ class Store(Protocol):
     def find(self, fingerprint: str, route: str | None = None) -> list[Occurrence]: ...
 
     def get(self, key: str) -> Occurrence | None: ...
+
+
+class KnownKeys:
+    """Occurrence keys this process has seen stored. A store never forgets a key (occurrences are only added), so
+    a key found here is a resend without asking the database: most of a storm's webhooks are resends of the same
+    group, and with the state in PostgreSQL each lookup was a round trip that, on a busy machine, waited for two
+    processes to be scheduled (up to 120 ms). Bounded, the oldest forgotten first (then looked up again)."""
+
+    def __init__(self, limit: int = KNOWN_KEYS_CACHED) -> None:
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def split(self, keys: Collection[str]) -> tuple[set[str], list[str]]:
+        """The keys known here, and the others (to look up)."""
+        with self._lock:
+            known = {k for k in keys if k in self._keys}
+        return known, [k for k in set(keys) if k not in known]
+
+    def add(self, keys: Iterable[str]) -> None:
+        """Keys the database has just shown stored (a lookup found them, or a committed decision wrote them)."""
+        with self._lock:
+            for k in keys:
+                self._keys[k] = None
+            while len(self._keys) > self._limit:
+                self._keys.popitem(last=False)
 
 
 def insert_values(req: RunRequest, status: str, reason: str, now: float) -> tuple[Any, ...]:
@@ -149,7 +203,7 @@ def to_occurrence(row: Mapping[str, Any]) -> Occurrence:
         params=json.loads(row["params"]), mode=row["mode"], tags=json.loads(row["tags"]),
         status=row["status"], flow_run_id=row["flow_run_id"],
         alertname=row["alertname"], summary=row["summary"], received_at=row["received_at"], reason=row["reason"],
-        fingerprint=row["fingerprint"],
+        fingerprint=row["fingerprint"], resolved_at=row["resolved_at"],
     )
 
 
@@ -162,6 +216,7 @@ class SqliteStore:
         self.path = path
         self._db = _open_checked(path)
         self._lock = threading.Lock()
+        self._known = KnownKeys()
         # a claim left by a process that died: this is the only process using the file, so it is stale
         self._db.execute("UPDATE occurrences SET status = 'pending', claimed_at = NULL WHERE status = 'dispatching'")
         # kept up to date by every write below, so /healthz (unauthenticated) costs no query at all
@@ -186,6 +241,7 @@ class SqliteStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._pending += tx.added
+        self._known.add(tx.keys)
 
     def accept(self, rows: list[tuple[RunRequest, str, str]]) -> list[bool]:
         """Insert (request, status, reason) rows in one transaction; False where the key was already known."""
@@ -214,21 +270,28 @@ class SqliteStore:
             self._db.execute("UPDATE occurrences SET status = 'pending', claimed_at = NULL "
                              "WHERE key = ? AND status = 'dispatching'", (key,))
 
-    def mark_created(self, key: str, flow_run_id: str) -> None:
+    def mark_created(self, key: str, flow_run_id: str) -> float | None:
         """Record an occurrence's run without an fsync of its own (synchronous=NORMAL for this commit): a record
         lost to a power cut only sends the occurrence to dispatch again, and Prefect's idempotency key gives back
         the same run. The next webhook's commit (FULL) makes it durable anyway. One fsync per created run held the
-        store's lock, and every webhook behind it, for the whole storm."""
+        store's lock, and every webhook behind it, for the whole storm.
+        The resolve's time when the alert resolved meanwhile (read in the same transaction as the write, so a
+        resolve is either seen here or finds the run recorded)."""
         with self._lock:
-            self._leaves_pending(key)
             self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._db.execute(
-                    "UPDATE occurrences SET status = 'created', flow_run_id = ?, created_at = ? WHERE key = ?",
-                    (flow_run_id, time.time(), key),
-                )
+                with _immediate(self._db):
+                    row = self._db.execute("SELECT status, resolved_at FROM occurrences WHERE key = ?",
+                                           (key,)).fetchone()
+                    self._db.execute(
+                        "UPDATE occurrences SET status = 'created', flow_run_id = ?, created_at = ? WHERE key = ?",
+                        (flow_run_id, time.time(), key),
+                    )
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")  # an acknowledged alert survives a power cut
+            if row is not None and row["status"] in WAITING:
+                self._pending -= 1
+        return row["resolved_at"] if row is not None else None
 
     def mark(self, key: str, status: str, reason: str = "") -> None:
         with self._lock:
@@ -236,22 +299,27 @@ class SqliteStore:
                 self._leaves_pending(key)
             self._db.execute("UPDATE occurrences SET status = ?, reason = ? WHERE key = ?", (status, reason, key))
 
-    def mark_resolved(self, key: str) -> Occurrence | None:
-        """Record the resolution; a still-pending occurrence is cancelled before it ever becomes a run."""
+    def mark_resolved(self, key: str) -> Resolved | None:
+        """Record the resolve (once); a still-pending occurrence is cancelled before it ever becomes a run. One
+        transaction, so a dispatcher recording its run (mark_created) sees the resolve or is seen by it."""
         with self._lock:
-            row = self._db.execute("SELECT status FROM occurrences WHERE key = ? AND resolved_at IS NULL",
-                                   (key,)).fetchone()
-            if row is not None and row[0] == "pending":
+            with _immediate(self._db):
+                row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
+                if row is None:
+                    return None
+                was = ""
+                if row["resolved_at"] is None:
+                    was = row["status"]
+                    self._db.execute(
+                        """UPDATE occurrences SET resolved_at = ?,
+                                  status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+                                  reason = CASE WHEN status = 'pending' THEN 'resolved before dispatch'
+                                                ELSE reason END
+                            WHERE key = ?""", (time.time(), key))
+                    row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
+            if was == "pending":
                 self._pending -= 1
-            self._db.execute(
-                """UPDATE occurrences SET resolved_at = ?,
-                          status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
-                          reason = CASE WHEN status = 'pending' THEN 'resolved before dispatch' ELSE reason END
-                    WHERE key = ? AND resolved_at IS NULL""",
-                (time.time(), key),
-            )
-            row = self._db.execute("SELECT * FROM occurrences WHERE key = ?", (key,)).fetchone()
-        return to_occurrence(row) if row else None
+        return Resolved(to_occurrence(row), was)
 
     def _leaves_pending(self, key: str) -> None:
         """Count an occurrence out of the waiting ones (called under the lock, before its status changes)."""
@@ -265,13 +333,24 @@ class SqliteStore:
         """Occurrences waiting for their run, without a query (see __init__)."""
         return self._pending
 
+    def pending_age_s(self) -> float:
+        return 0.0  # kept live by this process's own writes: the only writer of its file
+
+    def refresh_pending(self) -> None:
+        pass
+
     def known(self, key: str) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM occurrences WHERE key = ?", (key,)).fetchone() is not None
 
     def known_keys(self, keys: Collection[str]) -> set[str]:
-        with self._lock:
-            return _sqlite_known(self._db, keys)
+        known, ask = self._known.split(keys)
+        if ask:
+            with self._lock:
+                found = _sqlite_known(self._db, ask)
+            self._known.add(found)
+            known |= found
+        return known
 
     def pending(self, limit: int = 200) -> list[Occurrence]:
         """Occurrences waiting for their run (claimed or not), oldest first."""
@@ -301,6 +380,7 @@ class _SqliteDecider:
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
         self.added = 0
+        self.keys: list[str] = []  # stored once committed (new or already there)
 
     def known_keys(self, keys: Collection[str]) -> set[str]:
         return _sqlite_known(self._db, keys)
@@ -325,7 +405,20 @@ class _SqliteDecider:
             new = self._db.execute(sql, insert_values(req, status, reason, now)).rowcount == 1
             out.append(new)
             self.added += new and status == "pending"
+            self.keys.append(req.key)
         return out
+
+
+@contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction (BEGIN IMMEDIATE: other connections to the file wait), committed on exit."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _sqlite_known(db: sqlite3.Connection, keys: Collection[str]) -> set[str]:
