@@ -38,6 +38,21 @@ def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
+def run_artifacts(api: str, run_id: str, timeout_s: float = 30) -> list[dict[str, Any]]:
+    """The run's artifacts once its report and findings table are both there: the engine writes them the moment
+    the final state is accepted (runbook.engine.procedure.publish_after_final_state), so a test that has just
+    seen the state may be a few milliseconds ahead of them."""
+    found: list[dict[str, Any]] = []
+
+    def both() -> bool:
+        found[:] = httpx.post(f"{api}/artifacts/filter", headers=api_headers(), timeout=10,
+                              json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).raise_for_status().json()
+        return {"markdown", "table"} <= {a.get("type") for a in found}
+
+    wait_for(both, timeout_s, f"the report artifacts of run {run_id}")
+    return found
+
+
 def create_run(http: httpx.Client, procedure: str, params: dict[str, Any], tags: list[str]) -> str:
     """A run of the procedure's deployment, created the way the Prefect UI's Run button does."""
     dep = deployment(http, procedure)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -246,12 +245,9 @@ def _run_warm(api: str, auth: str | None, procedure: str, env: str, raw: dict[st
             err.print(f"{time.monotonic() - started:5.1f}s {redact(str(line.get('message', '')))[:300]}",
                       style="dim", highlight=False, markup=False, soft_wrap=True)
 
-        def on_step(task_run: dict[str, Any]) -> None:
-            state = (task_run.get("state") or {}).get("name", "?")
-            took = task_run.get("total_run_time") or 0.0
-            name = re.sub(r"-[0-9a-f]{3}$", "", str(task_run.get("name", "?")))  # Prefect's suffix: get_x-901
-            err.print(f"{time.monotonic() - started:5.1f}s {'ok ' if state == 'Completed' else state + ' '}"
-                      f"{name} ({took:.2f} s)", style="dim", highlight=False, markup=False, soft_wrap=True)
+        def on_step(st: remote_run.Step) -> None:
+            err.print(f"{time.monotonic() - started:5.1f}s {'ok ' if st.state == 'Completed' else st.state + ' '}"
+                      f"{st.name} ({st.seconds:.2f} s)", style="dim", highlight=False, markup=False, soft_wrap=True)
 
         def on_paused(run_doc: dict[str, Any]) -> None:
             view = parse_plan_input(remote_run.waiting_plan(http, run_id) or "")

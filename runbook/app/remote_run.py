@@ -11,6 +11,7 @@ and asks for ``yes`` (or ``--yes``), and resumes it with the decision.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +32,8 @@ APPROVAL_TAG = "approval:required"  # on the deployment of a procedure that need
 WORKER_FRESH_S = 90.0  # an executor heartbeats every 15-30 s: one that missed three is gone
 FOLLOW_POLL_S = 0.05  # the run's state: one small read; the run ends within a poll of its last step
 DETAIL_POLL_S = 0.3  # steps and log lines (two filter queries): progress for a person, not on the critical path
-QUIET_LOGS = ("Finished in state", "Beginning flow run", "Created task run", "Executing ")  # said by task lines
+# said by the step lines, or about the engine's own hook (runbook.engine.procedure.publish_after_final_state)
+QUIET_LOGS = ("Finished in state", "Beginning flow run", "Created task run", "Executing ", "Running hook ", "Hook ")
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 CLAIM_TIMEOUT_S = 10.0  # a live executor claims within milliseconds (event stream) or one poll (15 s) at worst
 
@@ -170,11 +172,11 @@ class Finished:
 
 
 def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], None],
-           on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[dict[str, Any]], None] | None = None,
+           on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[Step], None] | None = None,
            progress: Progress | None = None, timeout_s: float = 3600.0) -> Finished:
     """Poll the run's state, its finished steps (task runs) and new log lines until it is final, then read its
-    report; ``on_paused`` handles an approval wait. The last steps, log lines and the report are read side by side:
-    three round trips the person is waiting on, after the run has ended."""
+    report; ``on_paused`` handles an approval wait. Once it has ended, its last log lines and its report are read
+    side by side, and the steps not shown yet come from the report."""
     progress = progress or Progress()
     started = time.monotonic()
     deadline = started + timeout_s
@@ -191,15 +193,15 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
             continue  # claimed meanwhile: follow it
         if state.get("type") in TERMINAL:
             lines: list[dict[str, Any]] = []  # printed after the steps, in order
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="follow") as pool:
-                report = pool.submit(read_report, http, run_id)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="follow") as pool:
                 logs = pool.submit(_new_logs, http, run_id, progress, lines.append)
-                if on_step is not None:
-                    _new_steps(http, run_id, progress, on_step)
+                report = read_report(http, run_id)
                 logs.result()
-                for line in lines:
-                    on_log(line)
-                return Finished(run, report.result())
+            if on_step is not None:
+                _last_steps(http, run_id, report, progress, on_step)
+            for line in lines:
+                on_log(line)
+            return Finished(run, report)
         if time.monotonic() >= details_due:
             if on_step is not None:
                 _new_steps(http, run_id, progress, on_step)
@@ -230,8 +232,17 @@ def _withdraw(http: httpx.Client, run_id: str) -> bool:
     return resp.status_code < 400 and resp.json().get("status") == "ACCEPT"
 
 
-def _new_steps(http: httpx.Client, run_id: str, progress: Progress,
-               on_step: Callable[[dict[str, Any]], None]) -> None:
+@dataclass(frozen=True)
+class Step:
+    """A finished step (task run) of the run: its name without Prefect's suffix, final state name, seconds."""
+
+    name: str
+    state: str
+    seconds: float
+
+
+def _new_steps(http: httpx.Client, run_id: str, progress: Progress, on_step: Callable[[Step], None]) -> None:
+    """Progress while the run goes: its finished task runs (the server records them up to a second late)."""
     resp = request(http, "POST", "/task_runs/filter", json={
         "flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
     if resp.status_code != 200:
@@ -239,7 +250,24 @@ def _new_steps(http: httpx.Client, run_id: str, progress: Progress,
     for task_run in resp.json():
         if (task_run.get("state") or {}).get("type") in TERMINAL and task_run["id"] not in progress.steps_done:
             progress.steps_done.add(task_run["id"])
-            on_step(task_run)
+            name = re.sub(r"-[0-9a-f]{3}$", "", str(task_run.get("name", "?")))  # Prefect's suffix: get_x-901
+            on_step(Step(name, (task_run.get("state") or {}).get("name", "?"),
+                         float(task_run.get("total_run_time") or 0.0)))
+
+
+def _last_steps(http: httpx.Client, run_id: str, report: dict[str, Any] | None, progress: Progress,
+                on_step: Callable[[Step], None]) -> None:
+    """The steps not shown yet once the run has ended: from the report, which lists every step the engine ran
+    (no request, and none missing); from the server's task runs for a run that ended without one."""
+    steps = (report or {}).get("steps")
+    if not isinstance(steps, list):
+        _new_steps(http, run_id, progress, on_step)
+        return
+    for st in steps:
+        key = str(st.get("task_run_id") or st.get("name"))
+        if key not in progress.steps_done:
+            progress.steps_done.add(key)
+            on_step(Step(str(st.get("name", "?")), str(st.get("state", "?")), float(st.get("seconds") or 0.0)))
 
 
 def _new_logs(http: httpx.Client, run_id: str, progress: Progress,

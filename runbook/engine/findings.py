@@ -116,6 +116,15 @@ class ActionResult(BaseModel):
     detail: str = ""
 
 
+class StepRecord(BaseModel):
+    """One step (Prefect task run) of the run, as it ended: what `runbook run` prints for it."""
+
+    name: str
+    state: str = Field(description="Completed or Failed")
+    seconds: float
+    task_run_id: str = ""
+
+
 class Report(BaseModel):
     procedure: str
     env: str
@@ -128,6 +137,7 @@ class Report(BaseModel):
     audit: list[str] = Field(default_factory=list, description="every decision the runner took, in order")
     outcome: str = Field("", description="Completed | Remediated | Needs attention | Not applied")
     flow_run_id: str | None = None
+    steps: list[StepRecord] = Field(default_factory=list, description="the run's steps in the order they ended")
 
     def add(self, finding: Finding) -> Finding:
         self.findings.append(finding)
@@ -188,6 +198,7 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "notes": report.notes,
         "audit": report.audit,
         "outcome": report.outcome,
+        "steps": [st.model_dump(mode="json") for st in report.steps],
     }
     redacted: dict[str, Any] = redact_obj(json.loads(json.dumps(doc, default=str)))
     return redacted
@@ -207,6 +218,7 @@ def report_from_json(doc: dict[str, Any]) -> Report:
         notes=doc.get("notes", []),
         audit=doc.get("audit", []),
         outcome=doc.get("outcome", ""),
+        steps=[StepRecord(**st) for st in doc.get("steps", [])],
     )
 
 

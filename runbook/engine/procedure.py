@@ -13,8 +13,9 @@ remediations (``run.offer(rem)``). When the body returns, the runner takes over,
   (runbook.engine.runner); partial results survive a failure;
 - announce: Grafana annotations for every change, the alert route's notifications (waiting, finished);
   delivery failures land in the report, never fail the run;
-- publish: the report artifact, every decision as a run-log line, and a final state named for the outcome
-  (``Remediated``, ``Needs attention``, ``Not applied``, ``Completed``).
+- publish: the report stored with the run, every decision as a run-log line, and a final state named for the
+  outcome (``Remediated``, ``Needs attention``, ``Not applied``, ``Completed``); the report's two UI artifacts are
+  written the moment that state is accepted (a flow hook), before the run's process lets go of it.
 
 Flows cannot apply anything themselves: ``Remediation.apply`` refuses any caller but runbook.engine.runner, which flows
 and tasks may not import (import contract).
@@ -42,7 +43,7 @@ import httpx
 from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import State
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
 from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
@@ -80,7 +81,7 @@ from runbook.engine.remediation import Remediation, StateT
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
 from runbook.engine.status_updates import StatusPageDriver
 from runbook.engine.statuspage import subject_of
-from runbook.engine.steps import step
+from runbook.engine.steps import recording_steps, step
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,9 @@ def procedure(
         # rebuilt with the flow module's globals: Prefect and pydantic resolve the (string) annotations there
         wrapper = types.FunctionType(raw.__code__, body.__globals__, body.__name__, None, raw.__closure__)
         functools.update_wrapper(wrapper, body)
-        prefect_flow = flow(name=name, log_prints=False, description=summary)(wrapper)
+        prefect_flow = flow(name=name, log_prints=False, description=summary,
+                            on_completion=[publish_after_final_state], on_failure=[publish_after_final_state],
+                            on_crashed=[publish_after_final_state])(wrapper)
         spec = ProcedureSpec(name, summary, prefect_flow, tuple(remediations), approval, tags)
         spec_box.append(spec)
         _REGISTRY[name] = spec
@@ -259,10 +262,28 @@ def publish_artifacts(report: Report) -> list[Callable[[], object]]:
     ]
 
 
+# The report's UI artifacts of runs whose flow function has returned, by flow run id, until the final state is set.
+_AFTER_FINAL_STATE: dict[UUID, list[Callable[[], object]]] = {}
+
+
+def publish_after_final_state(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # noqa: ARG001
+    """Flow hook (completion, failure, crash): write the report's artifacts once the run's final state is accepted.
+
+    A person waiting on `runbook run` needs the final state and the stored report, not the UI's two artifacts;
+    written before the final state, they made it wait for three requests to a server that is busiest right then
+    (60-80 ms of the run's own time measured, bench_operator's Prefect floor). Hooks run in the run's own thread
+    and context before its process lets go of the run (the executor's thread, an in-process run's call), so the
+    artifacts are still written by the process that ran it, a few milliseconds after the state, as Prefect's own
+    batched log lines are."""
+    calls = _AFTER_FINAL_STATE.pop(flow_run.id, None)
+    if calls:
+        _send_together(calls)
+
+
 def _send_together(calls: list[Callable[[], object]]) -> None:
-    """Make the run's closing API calls (artifacts, the stored report) at once instead of one after the other:
-    each is a round trip to the Prefect server (30-150 ms here) and the run is not finished until all are done.
-    Each runs in a copy of this context, so it finds the run and its API client; the first error is raised."""
+    """Make the run's publishing calls (its artifacts) at once instead of one after the other: each is a round
+    trip to the Prefect server (30-150 ms here). Each runs in a copy of this context, so it finds the run and its
+    API client; the first error is raised."""
     with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="publish") as pool:
         futures = [pool.submit(contextvars.copy_context().run, _published, call) for call in calls]
     for future in futures:
@@ -388,7 +409,7 @@ def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, .
     run.status_page = StatusPageDriver.for_run(
         environment, report, run.route_config, tags, ctx.flow_run.id if ctx and ctx.flow_run else None,
         subject_of(bound.arguments, env_name), run.decide)
-    with run_sessions():  # one PostgreSQL session passed from step to step, not one per step
+    with run_sessions(), recording_steps() as steps:  # one PostgreSQL session passed from step to step
         token = _CURRENT.set(run)
         try:
             body(*bound.args, **bound.kwargs)
@@ -396,35 +417,38 @@ def _pipeline(spec: ProcedureSpec, body: Callable[..., None], args: tuple[Any, .
             _CURRENT.reset(token)
         run.status_page.diagnosed()
         _remediate(run)
+        report.steps = list({st.task_run_id or str(i): st for i, st in enumerate(steps)}.values())  # last attempt
     for fn in run.finishers:
         fn(report)
     report.finish()
     report.outcome = outcome(report)
     run.decide(f"outcome: {report.outcome}")
-    closing: list[Callable[[], object]] = []
     if ctx:
         _announce_finished(run)  # first: its delivery errors belong in the published report
-        closing.extend(publish_artifacts(report))
     doc = report_to_json(report)
     if ctx and ctx.flow_run:
-        closing.append(functools.partial(_store_report, ctx.flow_run.id, doc))
-    if closing:
-        _send_together(closing)
+        _AFTER_FINAL_STATE[ctx.flow_run.id] = publish_artifacts(report)  # see publish_after_final_state
+        _store_report(ctx.flow_run.id, doc)  # before the final state: `runbook run` reads it once the run ends
     return Completed(name=report.outcome, message=_summary(report), data=doc)
 
 
 def _store_report(run_id: UUID, doc: dict[str, Any]) -> None:
     """Keep the report with the run (run input ``runbook-report``): `runbook run` on the warm path reads it back,
-    since a flow's return value is not kept on the server. Best effort: the run's outcome does not depend on it."""
-    client = get_client(sync_client=True)  # the run's own client, not entered: this runs beside other publishing
+    since a flow's return value is not kept on the server. Retried like the artifacts; best effort: the run's
+    outcome does not depend on it."""
     try:
-        try:
-            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
-        except ObjectAlreadyExists:  # a retried run (its executor died) replaces its first attempt's report
-            client.delete_flow_run_input(run_id, decisions.REPORT_INPUT_KEY)
-            client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, json.dumps(doc))
+        _published(functools.partial(_write_report_input, run_id, json.dumps(doc)))
     except Exception as exc:  # noqa: BLE001 - a storage hiccup must not turn a finished run into a failed one
         run_logger().warning("could not store the report with the run: %s", redact(str(exc))[:200])
+
+
+def _write_report_input(run_id: UUID, text: str) -> None:
+    client = get_client(sync_client=True)
+    try:
+        client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, text)
+    except ObjectAlreadyExists:  # a retried run (its executor died) replaces its first attempt's report
+        client.delete_flow_run_input(run_id, decisions.REPORT_INPUT_KEY)
+        client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, text)
 
 
 def _remediate(run: Run) -> None:

@@ -14,7 +14,7 @@ import pytest
 from runbook import sandbox
 from runbook.sandbox import SERVICES
 from tests.intake_harness import Intake, alerts_through, running_intake
-from tests.prefect_runs import api_headers
+from tests.prefect_runs import run_artifacts
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,6 @@ def test_service_down_alert_runs_service_outage_exactly_once(wired) -> None:  # 
     metrics = httpx.get(f"{it.url}/metrics", timeout=5).text
     dedup = [ln for ln in metrics.splitlines() if ln.startswith("runbook_intake_alerts_deduplicated_total")]
     assert dedup and float(dedup[0].split()[-1]) >= 1, "Alertmanager's resends were not seen as duplicates"
-    arts = httpx.post(f"{it.api_url}/artifacts/filter", headers=api_headers(), timeout=10,
-                      json={"artifacts": {"flow_run_id": {"any_": [runs[0]["id"]]}}}).json()
+    arts = run_artifacts(it.api_url, runs[0]["id"])
     assert any("service-outage on `sandbox`" in (a.get("data") or "") for a in arts)
     assert runs[0]["parameters"]["service"] == "backend" and runs[0]["parameters"]["dry_run"] is True

@@ -21,7 +21,7 @@ from runbook.app.serve import register_deployments
 from runbook.sandbox import SandboxState
 from runbook.sandbox.incidents import DbIncident
 from tests.integration.derived_env import derive
-from tests.prefect_runs import api_headers, api_settings
+from tests.prefect_runs import api_headers, api_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,31 @@ def test_a_dry_run_goes_to_the_warm_executor_and_its_report_comes_back(warm: tup
     assert doc["procedure"] == "db-slowness" and doc["dry_run"] is True and doc["outcome"], proc.stderr
     assert proc.returncode == {"Completed": 0, "Remediated": 4}.get(doc["outcome"], 3)
     assert "on the warm executor" in proc.stderr and "ok get_activity_snapshot" in proc.stderr, proc.stderr
-    assert any(s.get("message") == f"claimed by {ex.name}" for s in _states(api, doc["flow_run_id"]))
+    run_id = doc["flow_run_id"]
+    assert any(s.get("message") == f"claimed by {ex.name}" for s in _states(api, run_id))
+
+    # every step is printed once, the last ones included (from the report: the server records task runs late)
+    printed = re.findall(r"^\s*[\d.]+s ok (\S+) \(", proc.stderr, flags=re.M)
+    assert sorted(printed) == sorted(st["name"] for st in doc["steps"]), proc.stderr
+    assert {"get_pool_status", "plan-cancel-long-queries", "plan-terminate-idle-blockers"} <= set(printed), printed
+    tasks: list[dict] = []
+
+    def recorded() -> bool:
+        tasks[:] = httpx.post(f"{api}/task_runs/filter", headers=api_headers(), timeout=10,
+                              json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+        return len(tasks) >= len(doc["steps"])
+
+    wait_for(recorded, 30, "the server to record the run's task runs")
+    assert {t["id"] for t in tasks} == {st["task_run_id"] for st in doc["steps"]}
+
+    # the final state did not wait for the UI's artifacts, and the executor let go of the run only once they were
+    # written: no waiting here
+    wait_for(lambda: run_id not in ex._mine(), 30, "the executor to let go of the run")
+    arts = httpx.post(f"{api}/artifacts/filter", headers=api_headers(), timeout=10,
+                      json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    assert {a["type"] for a in arts} == {"markdown", "table"}, arts
+    ended = httpx.get(f"{api}/flow_runs/{run_id}", headers=api_headers(), timeout=10).json()["end_time"]
+    assert all(a["created"] >= ended for a in arts), (ended, [a["created"] for a in arts])
 
 
 def test_bad_parameters_are_refused_before_anything_runs(warm: tuple[str, Executor]) -> None:

@@ -17,7 +17,7 @@ import pytest
 from runbook.app.remote_run import api_client, deployment
 from runbook.sandbox.incidents import DbIncident
 from tests.intake_harness import Intake, alert, running_intake
-from tests.prefect_runs import api_headers
+from tests.prefect_runs import api_headers, run_artifacts
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +59,7 @@ def test_one_run_per_occurrence_completes_with_report_and_resends_create_nothing
     runs = intake.wait_runs("db-auto", "feed0001")
     assert len(runs) == 1
     assert intake.wait_state(runs[0]["id"], {"COMPLETED", "FAILED", "CRASHED"}) == "COMPLETED"
-    arts = httpx.post(f"{intake.api_url}/artifacts/filter", headers=api_headers(), timeout=10,
-                      json={"artifacts": {"flow_run_id": {"any_": [runs[0]["id"]]}}}).json()
+    arts = run_artifacts(intake.api_url, runs[0]["id"])
     assert any("# db-slowness on `sandbox`: APPLY" in (a.get("data") or "") for a in arts)
     # a new occurrence of the same alert (new startsAt) is a new run
     later = alert("DatabaseConnectionHigh", {"db": "main"}, fingerprint="feed0001",
@@ -139,8 +138,7 @@ def _approve_cli(intake: Intake, run_id: str, *extra: str) -> subprocess.Complet
 
 
 def _report(intake: Intake, run_id: str) -> str:
-    arts = httpx.post(f"{intake.api_url}/artifacts/filter", headers=api_headers(), timeout=10,
-                      json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    arts = run_artifacts(intake.api_url, run_id)
     return "\n".join(a.get("data") or "" for a in arts if isinstance(a.get("data"), str))
 
 

@@ -32,7 +32,7 @@ from runbook.engine.config import PROJECT_ROOT, Environment
 from runbook.sandbox import SandboxState
 from tests.intake_harness import Intake, alert, running_intake
 from tests.integration.test_notifications import Receiver
-from tests.prefect_runs import api_headers
+from tests.prefect_runs import api_headers, run_artifacts
 from tests.scenarios import db_sessions, project_containers, restored_project
 
 pytestmark = pytest.mark.integration
@@ -236,8 +236,7 @@ def _wait(w: World, run_id: str, types: set[str], timeout_s: float = 120) -> dic
 
 
 def _report(w: World, run_id: str) -> str:
-    arts = httpx.post(f"{w.intake.api_url}/artifacts/filter", headers=api_headers(), timeout=10,
-                      json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    arts = run_artifacts(w.intake.api_url, run_id)
     return "\n".join(a["data"] for a in arts if isinstance(a.get("data"), str))
 
 
