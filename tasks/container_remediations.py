@@ -28,7 +28,8 @@ from runbook.engine.clients import docker_client
 from runbook.engine.config import Environment, ServiceConfig
 from runbook.engine.errors import BadInput, RemediationFailed, TargetUnreachable
 from runbook.engine.findings import Change
-from runbook.engine.remediation import Remediation, register, wait_until
+from runbook.engine.polling import wait_until
+from runbook.engine.remediation import Remediation, register
 from tasks.containers import NUMBER_LABEL, ContainerInfo, human_bytes, memory_usage, project_filters, summarize
 
 STOPPED_STATES = {"exited", "created", "stopped", "configured"}

@@ -31,7 +31,8 @@ from runbook.engine.clients import docker_client
 from runbook.engine.config import Environment
 from runbook.engine.errors import RemediationFailed, TargetUnreachable
 from runbook.engine.findings import Change
-from runbook.engine.remediation import Remediation, register, wait_until
+from runbook.engine.polling import wait_until
+from runbook.engine.remediation import Remediation, register
 from tasks.container_remediations import answers_2xx, inspect_container, service_config, service_health_url
 from tasks.containers import NUMBER_LABEL, ContainerInfo, parse_time, project_filters, summarize
 from tasks.last_known_good import LastKnownGood, create_kwargs, load_last_known_good, short_id

@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from runbook.engine.clients import APPLICATION_NAME, postgres
 from runbook.engine.config import Environment
 from runbook.engine.findings import Change
-from runbook.engine.remediation import Remediation, register, wait_until
+from runbook.engine.polling import wait_until
+from runbook.engine.remediation import Remediation, register
 from tasks.postgres import BlockedBy, blocking_tree
 
 _ELIGIBLE = f"""

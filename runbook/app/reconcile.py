@@ -42,7 +42,8 @@ from prefect.client.schemas.objects import FlowRun, StateType, Worker
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.states import AwaitingRetry, Crashed, Failed
 
-from runbook.engine.decisions import PAUSE_KEY, PLAN_INPUT_KEY, TIMEOUT_APPROVER, parse_plan_input
+from runbook.engine.decisions import TIMEOUT_APPROVER, parse_plan_input
+from runbook.engine.run_inputs import PAUSE_KEY, PLAN_INPUT_KEY
 
 log = logging.getLogger(__name__)
 

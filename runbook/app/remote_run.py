@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 
-from runbook.engine.decisions import PAUSE_KEY, PLAN_INPUT_KEY, REPORT_INPUT_KEY
 from runbook.engine.errors import BadInput, RunbookError
 from runbook.engine.prefect_env import AUTH_ENV, AUTH_FILE, SERVER_AUTH_ENV, auth_header, env_auth_string
+from runbook.engine.run_inputs import PAUSE_KEY, PLAN_INPUT_KEY, REPORT_INPUT_KEY
 
 WORK_POOL = "runbook"
 PROCEDURE_TAG = "procedure"  # on every procedure's deployment (runbook.app.serve registers them)

@@ -25,9 +25,10 @@ from typing import Any, Literal, TypeVar
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
-from runbook.engine.decisions import PLAN_INPUT_KEY, REPORT_INPUT_KEY, PlanView, parse_plan_input
+from runbook.engine.decisions import PlanView, parse_plan_input
 from runbook.engine.errors import BadInput, RunbookError
 from runbook.engine.notify import one_line
+from runbook.engine.run_inputs import PLAN_INPUT_KEY, REPORT_INPUT_KEY
 from runbook.engine.statuspage import (
     OCCURRENCE_PREFIX,
     RECORD_KEY,

@@ -40,13 +40,12 @@ from pydantic import Field
 from runbook.engine.decisions import (
     _LOCAL,
     APPROVER_PATTERN,
-    PAUSE_KEY,
-    PLAN_INPUT_KEY,
     TIMEOUT_APPROVER,
     Decision,
     PlanView,
     parse_plan_input,
 )
+from runbook.engine.run_inputs import PAUSE_KEY, PLAN_INPUT_KEY
 
 SERVER_EXPIRY_MARGIN_S = 600
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from runbook.engine.errors import RunbookError
-from runbook.engine.remediation import wait_until
+from runbook.engine.polling import wait_until
 
 
 class DaemonFailed(RunbookError):

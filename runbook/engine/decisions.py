@@ -1,6 +1,6 @@
-"""What a person sees and decides about a run: the plan view, the decision, who decided, and the run-input keys
-they are stored under. No Prefect import: the CLI's warm path (`runbook run`, `approvals`, `approve`) reads and
-answers these over the REST API; runbook.engine.approval does the pausing."""
+"""What a person sees and decides about a run: the plan view, the decision and who decided (the run-input keys
+they are stored under: runbook.engine.run_inputs). No Prefect import: the CLI's warm path (`runbook run`,
+`approvals`, `approve`) reads and answers these over the REST API; runbook.engine.approval does the pausing."""
 
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
 
-REPORT_INPUT_KEY = "runbook-report"  # the finished run's report (JSON), read back by `runbook run` on the warm path
-PAUSE_KEY = "approval"
-PLAN_INPUT_KEY = "runbook-plan"
 DEFAULT_APPROVAL_TIMEOUT_S = 1800.0
 APPROVER_PATTERN = r"^[A-Za-z0-9_.@+ -]{1,128}$"
 TIMEOUT_APPROVER = "runbook-approval-timeout"  # who "answers" a suspended run nobody decided in time

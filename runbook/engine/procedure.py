@@ -78,6 +78,7 @@ from runbook.engine.notify import (
 from runbook.engine.progress import run_logger
 from runbook.engine.redact import install_log_redaction, masked_exceptions, redact
 from runbook.engine.remediation import Remediation, StateT
+from runbook.engine.run_inputs import REPORT_INPUT_KEY
 from runbook.engine.runner import _UNSET, apply_plan, plan_remediation
 from runbook.engine.status_updates import StatusPageDriver
 from runbook.engine.statuspage import subject_of
@@ -445,10 +446,10 @@ def _store_report(run_id: UUID, doc: dict[str, Any]) -> None:
 def _write_report_input(run_id: UUID, text: str) -> None:
     client = get_client(sync_client=True)
     try:
-        client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, text)
+        client.create_flow_run_input(run_id, REPORT_INPUT_KEY, text)
     except ObjectAlreadyExists:  # a retried run (its executor died) replaces its first attempt's report
-        client.delete_flow_run_input(run_id, decisions.REPORT_INPUT_KEY)
-        client.create_flow_run_input(run_id, decisions.REPORT_INPUT_KEY, text)
+        client.delete_flow_run_input(run_id, REPORT_INPUT_KEY)
+        client.create_flow_run_input(run_id, REPORT_INPUT_KEY, text)
 
 
 def _remediate(run: Run) -> None:

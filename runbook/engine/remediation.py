@@ -10,7 +10,6 @@ that make repeats safe (pid still running the same query, container not restarte
 from __future__ import annotations
 
 import functools
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,14 +97,3 @@ def register(cls: R) -> R:
         raise ValueError(f"remediation name {cls.name!r} registered twice")
     REGISTRY[cls.name] = cls
     return cls
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
-    """Poll ``predicate`` until true or ``timeout_s`` passed (verify steps wait for the world to settle)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval_s)

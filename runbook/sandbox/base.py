@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from runbook.engine.remediation import wait_until
+from runbook.engine.polling import wait_until
 
 from . import net, process
 from .errors import MissingSystemPackage, SandboxError

@@ -17,7 +17,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from runbook.engine.daemon import start_ticks
-from runbook.engine.remediation import wait_until
+from runbook.engine.polling import wait_until
 
 from . import net, pafar_seed, process
 from .base import Requirement, Service, ServiceRecord

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runbook.engine import daemon
 from runbook.engine.daemon import start_ticks
-from runbook.engine.remediation import wait_until
+from runbook.engine.polling import wait_until
 
 from .errors import SandboxError
 
