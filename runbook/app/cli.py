@@ -271,14 +271,17 @@ def _run_warm(api: str, auth: str | None, procedure: str, env: str, raw: dict[st
             remote_run.resume(http, run_id, decision.approved, decision.approver or operator_identity(),
                               decision.reason or decision.how)
 
+        watch = remote_run.RunWatch(api, auth, run_id).start()
         try:
-            finished = remote_run.follow(http, run_id, on_log, on_paused, on_step)
+            finished = remote_run.follow(http, run_id, on_log, on_paused, on_step, watch=watch)
         except remote_run.NotClaimed as exc:
             err.print(f"{exc}; running it in this process", style="yellow", highlight=False, markup=False,
                       soft_wrap=True)
             return
         except RunbookError as exc:
             raise _fail(EXIT_ENGINE, f"{procedure}: {exc}") from None
+        finally:
+            watch.stop()
     doc = finished.report
     global _quick_exit
     _quick_exit = True  # nothing of Prefect's in this process: no queued logs or events for atexit to flush

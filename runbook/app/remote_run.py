@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,7 +31,8 @@ WORK_POOL = "runbook"
 PROCEDURE_TAG = "procedure"  # on every procedure's deployment (runbook.app.serve registers them)
 APPROVAL_TAG = "approval:required"  # on the deployment of a procedure that needs approval to apply
 WORKER_FRESH_S = 90.0  # an executor heartbeats every 15-30 s: one that missed three is gone
-FOLLOW_POLL_S = 0.05  # the run's state: one small read; the run ends within a poll of its last step
+FOLLOW_POLL_S = 0.05  # the run's state without its event stream: one small read; the run ends within a poll
+WATCHED_POLL_S = 0.5  # with the event stream open: a safety net for an event missed while subscribing
 DETAIL_POLL_S = 0.3  # steps and log lines (two filter queries): progress for a person, not on the critical path
 # said by the step lines, or about the engine's own hook (runbook.engine.procedure.publish_after_final_state)
 QUIET_LOGS = ("Finished in state", "Beginning flow run", "Created task run", "Executing ", "Running hook ", "Hook ")
@@ -165,6 +167,64 @@ def create_run(http: httpx.Client, dep: dict[str, Any], parameters: dict[str, An
     return _ok(resp, "creating the run").json()  # type: ignore[no-any-return]
 
 
+class RunWatch:
+    """The run's own events (its state changes) from the server's event stream, a websocket, so that `follow`
+    learns the run ended the moment the server says so instead of reading the run every 50 ms: ~15 reads a run
+    that cost the server 7 ms of CPU each on the machine the run needs. Best effort: while the stream is not open
+    (refused, a proxy without websockets, a drop), `follow` polls as before. The auth string goes in the
+    protocol's auth message (and the header, for a proxy in front); every wait on the socket is bounded."""
+
+    def __init__(self, api: str, auth: str | None, run_id: str) -> None:
+        self.changed = threading.Event()  # set on each event of the run (and when the stream ends)
+        self.open = threading.Event()  # subscribed: events of the run from now on arrive
+        self._url = re.sub(r"^http", "ws", api.rstrip("/")) + "/events/out"
+        self._auth, self._run_id = auth, run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="run-events", daemon=True)
+
+    def start(self) -> RunWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        try:
+            from websockets.sync.client import connect  # here: its import (~60 ms) runs while the run does
+
+            with connect(self._url, subprotocols=["prefect"],  # type: ignore[list-item]
+                         additional_headers=auth_header(self._auth), proxy=None, open_timeout=5,
+                         close_timeout=1) as ws:
+                ws.send(json.dumps({"type": "auth", "token": self._auth}))
+                if json.loads(ws.recv(timeout=5)).get("type") != "auth_success":
+                    return
+                now = datetime.now(UTC)
+                ws.send(json.dumps({"type": "filter", "backfill": False, "filter": {
+                    "occurred": {"since": (now - timedelta(minutes=1)).isoformat(),
+                                 "until": (now + timedelta(days=1)).isoformat()},
+                    "resource": {"id": [f"prefect.flow-run.{self._run_id}"]},
+                    "event": {"exclude_name": ["prefect.flow-run.heartbeat"]}}}))  # states, not liveness
+                self.open.set()
+                while not self._stop.is_set():
+                    try:
+                        ws.recv(timeout=1)
+                    except TimeoutError:
+                        continue
+                    self.changed.set()
+        except Exception:  # noqa: BLE001, S110 - no stream: follow polls, as it does without one
+            pass
+        finally:
+            self.open.clear()
+            self.changed.set()
+
+    def wait(self, at_most_s: float) -> None:
+        """Until the run's next event, or ``at_most_s``, or one poll interval (a short one while the stream is not
+        open), whichever comes first."""
+        self.changed.wait(min(at_most_s, WATCHED_POLL_S if self.open.is_set() else FOLLOW_POLL_S))
+        self.changed.clear()
+
+
 @dataclass(frozen=True)
 class Finished:
     run: dict[str, Any]  # the flow run as the server has it, in its final state
@@ -173,9 +233,10 @@ class Finished:
 
 def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], None],
            on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[Step], None] | None = None,
-           progress: Progress | None = None, timeout_s: float = 3600.0) -> Finished:
-    """Poll the run's state, its finished steps (task runs) and new log lines until it is final, then read its
-    report; ``on_paused`` handles an approval wait. Once it has ended, its last log lines and its report are read
+           progress: Progress | None = None, timeout_s: float = 3600.0, watch: RunWatch | None = None) -> Finished:
+    """Follow the run until it is final, then read its report: its state (read again on each of its events from
+    ``watch``, else every 50 ms), its finished steps (task runs) and new log lines (every 0.3 s);
+    ``on_paused`` handles an approval wait. Once it has ended, its last log lines and its report are read
     side by side, and the steps not shown yet come from the report."""
     progress = progress or Progress()
     started = time.monotonic()
@@ -214,7 +275,10 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
             on_paused(run)
         if time.monotonic() > deadline:
             raise RemoteRunError(f"run {run_id} still {state.get('name')} after {timeout_s:g} s")
-        time.sleep(FOLLOW_POLL_S)
+        if watch is None:
+            time.sleep(FOLLOW_POLL_S)
+        else:
+            watch.wait(max(0.0, details_due - time.monotonic()))  # progress stays as frequent as before
 
 
 def _form_ready(http: httpx.Client, run_id: str, details: dict[str, Any]) -> bool:

@@ -1,0 +1,103 @@
+"""`runbook run` follows a run through the server's event stream (runbook.app.remote_run.RunWatch): it reads the
+run again when the run changes state, instead of every 50 ms; with no stream (refused, dropped) it polls as before.
+Against the sandbox's real Prefect server, which demands its auth string on the websocket too."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from runbook.app.remote_run import DETAIL_POLL_S, RunWatch, api_client, follow
+from runbook.engine.prefect_env import env_auth_string
+from runbook.sandbox import SandboxState
+from tests.prefect_runs import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def api(sandbox_state: SandboxState) -> str:
+    assert sandbox_state.prefect_api_url
+    return sandbox_state.prefect_api_url
+
+
+@pytest.fixture
+def run_id(api: str) -> Iterator[str]:
+    """A flow run nobody executes: the test moves it from state to state itself."""
+    with api_client(api) as http:
+        flow_id = http.post("/flows/", json={"name": "test-run-watch"}).raise_for_status().json()["id"]
+        run = http.post("/flow_runs/", json={"flow_id": flow_id, "name": f"watch-{uuid.uuid4().hex[:8]}",
+                                             "state": {"type": "PENDING", "name": "Pending"}}).raise_for_status()
+        yield run.json()["id"]
+        http.delete(f"/flow_runs/{run.json()['id']}")
+
+
+def _set(api: str, run_id: str, state: str) -> None:
+    with api_client(api) as http:
+        http.post(f"/flow_runs/{run_id}/set_state", json={
+            "state": {"type": state, "name": state.title()}, "force": True}).raise_for_status()
+
+
+def test_the_watch_wakes_on_each_state_change_of_its_run(api: str, run_id: str) -> None:
+    watch = RunWatch(api, env_auth_string(), run_id).start()
+    try:
+        wait_for(watch.open.is_set, 30, "the event stream to open (auth message accepted, filter sent)")
+        for state in ("RUNNING", "COMPLETED"):
+            watch.changed.clear()
+            _set(api, run_id, state)
+            assert watch.changed.wait(30), f"no event for the run entering {state}"
+            assert watch.open.is_set()
+    finally:
+        watch.stop()
+
+
+def test_a_refused_stream_ends_and_follow_polls_instead(api: str, run_id: str) -> None:
+    watch = RunWatch(api, "runbook:not-the-auth-string", run_id).start()
+    wait_for(watch.changed.is_set, 30, "the refused stream to end")
+    assert not watch.open.is_set()
+    done = threading.Timer(0.5, _set, (api, run_id, "COMPLETED"))
+    done.start()
+    try:
+        with api_client(api) as http:
+            finished = follow(http, run_id, on_log=lambda _line: None, on_paused=lambda _run: None, watch=watch)
+    finally:
+        done.join()
+    assert finished.run["state"]["type"] == "COMPLETED"
+
+
+def test_follow_reads_the_run_when_it_changes_not_every_50_ms(api: str, run_id: str) -> None:
+    reads: list[float] = []
+
+    def count(request: httpx.Request) -> None:
+        if request.method == "GET" and request.url.path.endswith(f"/flow_runs/{run_id}"):
+            reads.append(time.monotonic())
+
+    watch = RunWatch(api, env_auth_string(), run_id).start()
+    wait_for(watch.open.is_set, 30, "the event stream to open")
+
+    def drive() -> None:
+        _set(api, run_id, "RUNNING")
+        time.sleep(2.0)  # a run that takes two seconds: polling would read it ~40 times
+        _set(api, run_id, "COMPLETED")
+
+    driver = threading.Thread(target=drive)
+    with api_client(api) as http:
+        http.event_hooks["request"].append(count)
+        started = time.monotonic()
+        driver.start()
+        try:
+            finished = follow(http, run_id, on_log=lambda _line: None, on_paused=lambda _run: None, watch=watch)
+        finally:
+            driver.join()
+            watch.stop()
+    elapsed = time.monotonic() - started
+    assert finished.run["state"]["type"] == "COMPLETED"
+    # one read at the start, one per progress poll, one per state event (2) and the last: however slow the machine
+    bound = 1 + math.ceil(elapsed / DETAIL_POLL_S) + 2 + 1
+    assert len(reads) <= bound, (len(reads), bound, elapsed)
