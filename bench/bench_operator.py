@@ -7,6 +7,10 @@ Measured in one run, on the sandbox's real PostgreSQL and Prefect server:
   (n)        nothing configured (no PREFECT_API_URL): first call (starts the background server), later calls
   flow       the run's own time on the server (start to end) for the warm-path runs
   ui         create_flow_run through the API (what the UI's Run button does) -> first task running
+  by hand    the flow's work without any engine: psql -f beside the pool check's exec (Docker SDK), side by side
+  floor      a plain Prefect flow in this warm process on the same server (no runbook code): empty; 7 no-op tasks
+             (db-slowness runs 7 steps); the same plus storing one run input (the report): what Prefect's own
+             bookkeeping costs a run before any work, so "where the rest goes" is measured, not guessed
 Prints medians and ratios against the baseline. Goals (issue 14): (w) p50 <= 1.0 s; flow <= 3x baseline;
 ui <= 1.0 s p50.
 """
@@ -113,6 +117,78 @@ def ui_to_first_task(api: str) -> float:
     raise SystemExit("no task started within 120 s")
 
 
+def by_hand(psql: list[str], env: dict[str, str]) -> float:
+    """psql -f and the pool check's command in the backend container (Docker exec API), side by side: the flow's
+    work with no engine around it."""
+    import docker
+
+    from runbook.engine.config import load_playbooks
+    from tasks.containers import project_filters
+
+    environment = load_playbooks().environment("sandbox")
+    assert environment.docker is not None
+    client = docker.DockerClient(base_url=environment.docker.base_url, timeout=30)
+    try:
+        container = client.containers.list(filters=project_filters(environment, "backend"))[0]
+        command = environment.services["backend"].pool_status_command
+        started = time.perf_counter()
+        proc = subprocess.Popen(psql, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        exit_code, _ = container.exec_run(command)
+        proc.wait(timeout=60)
+        elapsed = time.perf_counter() - started
+    finally:
+        client.close()
+    if exit_code != 0 or proc.returncode != 0:
+        raise SystemExit(f"by hand: exec exited {exit_code}, psql {proc.returncode}")
+    return elapsed
+
+
+def prefect_floor(api: str, repeats: int) -> dict[str, list[float]]:
+    """Flow time (the server's start -> end) of plain Prefect flows run in this process against ``api``, with
+    the executor's Prefect shortcuts, as the warm executor runs procedures: Prefect's own share of a run."""
+    from prefect import flow, get_client, task
+    from prefect.runtime import flow_run
+    from prefect.settings import temporary_settings
+
+    from runbook.app.prefect_shortcuts import install
+    from runbook.engine.prefect_env import client_env, env_auth_string
+
+    @task
+    def noop(i: int) -> int:
+        return i
+
+    def steps() -> None:  # db-slowness's shape: three side by side, then four one after the other
+        for future in [noop.submit(i) for i in range(3)]:
+            future.result()
+        for i in range(4):
+            noop(i)
+
+    @flow(name="bench-floor-empty")
+    def empty() -> None:
+        pass
+
+    @flow(name="bench-floor-tasks")
+    def seven_tasks() -> None:
+        steps()
+
+    @flow(name="bench-floor-report")
+    def seven_tasks_and_report() -> None:
+        steps()
+        get_client(sync_client=True).create_flow_run_input(flow_run.id, "bench-report", '{"findings": []}')
+
+    out: dict[str, list[float]] = {}
+    with temporary_settings(updates=client_env(api, env_auth_string())):  # type: ignore[arg-type]
+        install(api)
+        for fn in (empty, seven_tasks, seven_tasks_and_report):
+            fn()  # warm-up
+            times = []
+            for _ in range(repeats):
+                state = fn(return_state=True)
+                times.append(run_seconds(api, str(state.state_details.flow_run_id)))
+            out[fn.name] = times
+    return out
+
+
 def main() -> None:
     print("starting sandbox (postgres, prefect)...", flush=True)
     was_running = set(sandbox.status().running())
@@ -145,6 +221,8 @@ def main() -> None:
         ui = [ui_to_first_task(api) for _ in range(REPEATS)]
         first_local = timed(CLI, local_env)[0]
         later_local = [timed(CLI, local_env)[0] for _ in range(REPEATS)]
+        hand = [by_hand(psql, base_env) for _ in range(REPEATS)]
+        floor = prefect_floor(api, REPEATS)
     finally:
         subprocess.run([sys.executable, "-m", "runbook.app.cli", "local", "stop"], env=local_env,
                        capture_output=True, check=False, timeout=60)
@@ -163,6 +241,10 @@ def main() -> None:
         ("(n) nothing configured: later calls", later_local),
         ("flow's own time on the server (warm runs)", flow),
         ("UI/API create_flow_run -> first task running", ui),
+        ("by hand: psql -f beside the pool check's exec", hand),
+        ("Prefect floor: empty flow", floor["bench-floor-empty"]),
+        ("Prefect floor: 7 no-op tasks", floor["bench-floor-tasks"]),
+        ("Prefect floor: 7 no-op tasks + store the report", floor["bench-floor-report"]),
     ]
     print(f"\nmedians ({REPEATS} runs each unless one)")
     for label, values in rows:
@@ -174,6 +256,9 @@ def main() -> None:
     w, f, u = statistics.median([t for t, _ in warm]), statistics.median(flow), statistics.median(ui)
     print(f"goal (w) <= 1.0 s: {'met' if w <= 1.0 else 'NOT met'} ({w:.2f} s)")
     print(f"goal flow <= 3x baseline: {'met' if f <= 3 * b else 'NOT met'} ({f / b:.1f}x)")
+    fl, h = statistics.median(floor["bench-floor-report"]), statistics.median(hand)
+    print(f"  where the flow's time goes: a plain Prefect flow of its shape {fl:.3f} s ({fl / b:.1f}x) and the work "
+          f"done by hand {h:.3f} s ({h / b:.1f}x) are {(fl + h) / b:.1f}x together; runbook adds {f - fl - h:+.3f} s")
     print(f"goal ui -> first task <= 1.0 s: {'met' if u <= 1.0 else 'NOT met'} ({u:.2f} s)")
 
 
