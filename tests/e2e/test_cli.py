@@ -101,8 +101,11 @@ def test_run_json_against_sandbox_has_the_documented_shape_and_no_secret(sandbox
                extra_env={"PREFECT_API_URL": sandbox_state.prefect_api_url})
     assert proc.returncode in (0, 3), proc.stderr
     doc = json.loads(proc.stdout)
-    assert set(doc) >= {"procedure", "env", "dry_run", "started", "finished", "findings", "actions"}
+    assert set(doc) >= {"procedure", "env", "dry_run", "started", "finished", "findings", "actions", "steps"}
     assert doc["procedure"] == "db-slowness" and doc["env"] == "sandbox" and doc["dry_run"] is True
+    steps = {st["name"]: st for st in doc["steps"]}  # every step the run ran, the runner's plan steps included
+    assert {"get_activity_snapshot", "get_pool_status", "plan-cancel-long-queries"} <= set(steps), doc["steps"]
+    assert all(st["state"] == "Completed" and st["task_run_id"] for st in steps.values()), doc["steps"]
     for a in doc["actions"]:
         assert set(a) >= {"name", "target", "planned", "changed", "verified"}
     assert password not in proc.stdout + proc.stderr
