@@ -239,7 +239,8 @@ def procedure(
         functools.update_wrapper(wrapper, body)
         prefect_flow = flow(name=name, log_prints=False, description=summary,
                             on_completion=[publish_after_final_state], on_failure=[publish_after_final_state],
-                            on_crashed=[publish_after_final_state])(wrapper)
+                            on_crashed=[publish_after_final_state],
+                            on_cancellation=[publish_after_final_state])(wrapper)
         spec = ProcedureSpec(name, summary, prefect_flow, tuple(remediations), approval, tags)
         spec_box.append(spec)
         _REGISTRY[name] = spec
@@ -268,7 +269,8 @@ _AFTER_FINAL_STATE: dict[UUID, list[Callable[[], object]]] = {}
 
 
 def publish_after_final_state(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:  # noqa: ARG001
-    """Flow hook (completion, failure, crash): write the report's artifacts once the run's final state is accepted.
+    """Flow hook (any final state): write the report's artifacts once the run's final state is accepted (a run
+    whose report was ready may still be cancelled or fail at the last moment: its report is published anyway).
 
     A person waiting on `runbook run` needs the final state and the stored report, not the UI's two artifacts;
     written before the final state, they made it wait for three requests to a server that is busiest right then
