@@ -1,6 +1,6 @@
 """Benchmark (issue 14): how fast an on-call engineer gets a diagnosis, against psql running the same SQL.
 
-Measured in one run, on the sandbox's real PostgreSQL and Prefect server:
+Measured in one run, on the sandbox's real PostgreSQL, Prefect server and Podman (the backend container):
   baseline   psql -f with db-slowness's diagnostic statements (bench_db_slowness.BASELINE_SQL)
   (w)        `runbook run db-slowness --env sandbox` with `runbook serve --no-intake` running: the warm path
   (i)        the same with --in-process against the same server: the flow runs in the CLI process
@@ -126,7 +126,8 @@ def by_hand(psql: list[str], env: dict[str, str]) -> float:
     from tasks.containers import project_filters
 
     environment = load_playbooks().environment("sandbox")
-    assert environment.docker is not None
+    if environment.docker is None:
+        raise SystemExit("by hand: the sandbox environment has no Docker API (podman not started)")
     client = docker.DockerClient(base_url=environment.docker.base_url, timeout=30)
     try:
         container = client.containers.list(filters=project_filters(environment, "backend"))[0]
@@ -190,9 +191,11 @@ def prefect_floor(api: str, repeats: int) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    print("starting sandbox (postgres, prefect)...", flush=True)
+    print("starting sandbox (postgres, prefect, podman)...", flush=True)
     was_running = set(sandbox.status().running())
-    state = sandbox.up(["postgres", "prefect"])
+    # podman: the environment then has its Docker API and the backend container, so db-slowness runs whole (the
+    # application's pool check included), as against a real environment
+    state = sandbox.up(["postgres", "prefect", "podman"])
     os.environ.update(state.engine_env())  # point the engine at the sandbox explicitly
     api = state.prefect_api_url
     assert api

@@ -177,6 +177,7 @@ class RunWatch:
     def __init__(self, api: str, auth: str | None, run_id: str) -> None:
         self.changed = threading.Event()  # set on each event of the run (and when the stream ends)
         self.open = threading.Event()  # subscribed: events of the run from now on arrive
+        self.ended = threading.Event()  # the server said the run entered a final state
         self._url = re.sub(r"^http", "ws", api.rstrip("/")) + "/events/out"
         self._auth, self._run_id = auth, run_id
         self._stop = threading.Event()
@@ -208,9 +209,12 @@ class RunWatch:
                 self.open.set()
                 while not self._stop.is_set():
                     try:
-                        ws.recv(timeout=1)
+                        message = json.loads(ws.recv(timeout=1))
                     except TimeoutError:
                         continue
+                    resource = (message.get("event") or {}).get("resource") or {}
+                    if resource.get("prefect.state-type") in TERMINAL:  # (the event's name is the state's name)
+                        self.ended.set()
                     self.changed.set()
         except Exception:  # noqa: BLE001, S110 - no stream: follow polls, as it does without one
             pass
@@ -237,27 +241,46 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
     """Follow the run until it is final, then read its report: its state (read again on each of its events from
     ``watch``, else every 50 ms), its finished steps (task runs) and new log lines (every 0.3 s);
     ``on_paused`` handles an approval wait. Once it has ended, its last log lines and its report are read
-    side by side, and the steps not shown yet come from the report."""
+    side by side (beside the state itself when the stream said it ended), and the steps not shown yet come from
+    the report."""
     progress = progress or Progress()
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="follow") as pool:
+        return _follow(http, run_id, on_log, on_paused, on_step, progress, timeout_s, watch, pool)
+
+
+def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], None],
+            on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[Step], None] | None,
+            progress: Progress, timeout_s: float, watch: RunWatch | None, pool: ThreadPoolExecutor) -> Finished:
     started = time.monotonic()
     deadline = started + timeout_s
     asked: set[str] = set()
     scheduled_since: dict[str, float] = {}  # per state: a run resumed after approval is scheduled again
     details_due = 0.0
     while True:
+        lines: list[dict[str, Any]] = []  # log lines read with the final state: printed after the last steps
+        last = None
+        if watch is not None and watch.ended.is_set():  # the server said it ended: read all that is left at once
+            watch.ended.clear()
+            last = (pool.submit(read_report, http, run_id), pool.submit(_new_logs, http, run_id, progress,
+                                                                          lines.append))
         run = _ok(request(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
         state = run.get("state") or {}
+        if last is not None and state.get("type") not in TERMINAL:  # e.g. crashed, then rescheduled for a retry
+            last[1].result()
+            for line in lines:
+                on_log(line)
+            last = None
         waiting_since = scheduled_since.setdefault(str(state.get("id")), time.monotonic())
         if state.get("type") == "SCHEDULED" and time.monotonic() - waiting_since > CLAIM_TIMEOUT_S:
             if _withdraw(http, run_id):
                 raise NotClaimed(f"no executor claimed run {run_id} within {CLAIM_TIMEOUT_S:g} s (withdrawn)")
             continue  # claimed meanwhile: follow it
         if state.get("type") in TERMINAL:
-            lines: list[dict[str, Any]] = []  # printed after the steps, in order
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="follow") as pool:
-                logs = pool.submit(_new_logs, http, run_id, progress, lines.append)
-                report = read_report(http, run_id)
-                logs.result()
+            if last is None:
+                last = (pool.submit(read_report, http, run_id), pool.submit(_new_logs, http, run_id, progress,
+                                                                              lines.append))
+            report = last[0].result()
+            last[1].result()
             if on_step is not None:
                 _last_steps(http, run_id, report, progress, on_step)
             for line in lines:

@@ -38,10 +38,10 @@ def run_id(api: str) -> Iterator[str]:
         http.delete(f"/flow_runs/{run.json()['id']}")
 
 
-def _set(api: str, run_id: str, state: str) -> None:
+def _set(api: str, run_id: str, state: str, name: str | None = None) -> None:
     with api_client(api) as http:
         http.post(f"/flow_runs/{run_id}/set_state", json={
-            "state": {"type": state, "name": state.title()}, "force": True}).raise_for_status()
+            "state": {"type": state, "name": name or state.title()}, "force": True}).raise_for_status()
 
 
 def test_the_watch_wakes_on_each_state_change_of_its_run(api: str, run_id: str) -> None:
@@ -50,9 +50,10 @@ def test_the_watch_wakes_on_each_state_change_of_its_run(api: str, run_id: str) 
         wait_for(watch.open.is_set, 30, "the event stream to open (auth message accepted, filter sent)")
         for state in ("RUNNING", "COMPLETED"):
             watch.changed.clear()
-            _set(api, run_id, state)
+            _set(api, run_id, state, "Needs attention" if state == "COMPLETED" else None)  # an outcome's name
             assert watch.changed.wait(30), f"no event for the run entering {state}"
             assert watch.open.is_set()
+            assert watch.ended.is_set() == (state == "COMPLETED")  # final by its type, whatever its name
     finally:
         watch.stop()
 
