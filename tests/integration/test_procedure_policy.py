@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -122,14 +123,21 @@ def _no_fresh_backup(w: World) -> Iterator[Incident]:
 
 @contextmanager
 def _corrupted_bk(w: World) -> Iterator[Incident]:
+    from runbook.engine.clients import database_name
     from tasks.backup_dump import take_backup
+    from tasks.backup_files import backup_name, utc_stamp
     from tasks.backup_store import open_store
     from tests.backup_env import corrupt, create_db, databases, drop_all, row_counts
 
     drop_all(w.state)
     create_db(w.state)
     with open_store(w.bk_env) as store:
-        take_backup(w.bk_env, "main", store)
+        # backups are named to the second and never overwritten: the previous test's may have this second's name
+        taken = {f.name for f in store.list_files()}
+        dbname, at = database_name(w.bk_env, "main"), datetime.now(UTC)
+        while backup_name(dbname, utc_stamp(at)) in taken:
+            at += timedelta(seconds=1)
+        take_backup(w.bk_env, "main", store, name=backup_name(dbname, utc_stamp(at)))
     corrupt(w.state)
     yield Incident(lambda: (sorted(databases(w.state)), row_counts(w.state)))
 
