@@ -37,7 +37,7 @@ from bench.bench_db_slowness import BASELINE_SQL  # noqa: E402
 from runbook import sandbox  # noqa: E402
 from runbook.app.remote_run import api_client, deployment  # noqa: E402
 from runbook.sandbox.incidents import DbIncident  # noqa: E402
-from tests.prefect_runs import api_headers  # noqa: E402
+from tests.prefect_runs import api_headers, api_settings  # noqa: E402
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "7"))
 CLI = [sys.executable, "-m", "runbook.app.cli", "run", "db-slowness", "--env", "sandbox", "--output", "json"]
@@ -152,7 +152,6 @@ def prefect_floor(api: str, repeats: int) -> dict[str, list[float]]:
     from prefect.settings import temporary_settings
 
     from runbook.app.prefect_shortcuts import install
-    from runbook.engine.prefect_env import client_env, env_auth_string
 
     @task
     def noop(i: int) -> int:
@@ -178,7 +177,7 @@ def prefect_floor(api: str, repeats: int) -> dict[str, list[float]]:
         get_client(sync_client=True).create_flow_run_input(flow_run.id, "bench-report", '{"findings": []}')
 
     out: dict[str, list[float]] = {}
-    with temporary_settings(updates=client_env(api, env_auth_string())):  # type: ignore[arg-type]
+    with temporary_settings(updates=api_settings(api)):  # type: ignore[arg-type]
         install(api)
         for fn in (empty, seven_tasks, seven_tasks_and_report):
             fn()  # warm-up
