@@ -370,6 +370,10 @@ def test_cli_dry_run_then_apply(world: World, proc: str) -> None:
         assert any(a["applied"] and a["verified"] for a in doc["actions"])
         assert any(line.startswith("policy: mode manual") for line in doc["audit"])
         assert inc.snapshot() != before
+        # the report lists the runner's plan and apply steps it ran, as every report lists every step
+        steps = {st["name"] for st in doc["steps"] if st["state"] == "Completed"}
+        assert {f"plan-{a['name']}" for a in doc["actions"]} <= steps, doc["steps"]
+        assert {f"apply-{a['name']}" for a in doc["actions"] if a["applied"]} <= steps, doc["steps"]
 
 
 # ------------------------------------------------------------------ approval is never a parameter
