@@ -34,7 +34,7 @@ from prefect.client.schemas import OrchestrationResult, State
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
-from prefect.exceptions import Pause
+from prefect.exceptions import Abort, Pause
 from prefect.flow_engine import run_flow
 from prefect.settings import (
     PREFECT_API_AUTH_STRING,
@@ -43,7 +43,7 @@ from prefect.settings import (
 )
 from prefect.states import AwaitingRetry, Failed, Pending
 
-from runbook.app import prefect_shortcuts
+from runbook.app import handback, prefect_shortcuts
 from runbook.app.catalog import PROCEDURES
 from runbook.app.reconcile import Reconciler, Verdict, claim_message, executor_name
 from runbook.app.remote_run import WORK_POOL
@@ -91,6 +91,7 @@ class Executor:
         self._api_url = str(PREFECT_API_URL.value() or "")
         self._api_headers = auth_header(PREFECT_API_AUTH_STRING.value())  # what Prefect's own client sends
         prefect_shortcuts.install(self._api_url)
+        handback.install()
         with temporary_settings(updates=prefect_shortcuts.run_settings(self._api_url, self._api_headers)):
             ctx = contextvars.copy_context()
         # one heartbeat before anything can be claimed: a run claimed by an executor the pool has never heard of
@@ -110,8 +111,10 @@ class Executor:
     def stop(self, grace_s: float = 30.0) -> list[str]:
         """Drain: claim nothing more, give running runs ``grace_s`` to finish, hand the rest back to the pool
         (``AwaitingRetry``: the next executor, or this one restarted, runs them again; their remediations re-check
-        every change) and leave the pool. Returns the runs handed back: their threads still run, so a caller that
-        got any must exit the process right away (the CLI does) rather than let them finish a second time."""
+        every change) and leave the pool. A run whose final state was accepted is never handed back, even while its
+        thread still writes its artifacts (runbook.app.handback). Returns the runs handed back: their threads write
+        none of their states any more and apply nothing (the fence before applying), but still run until their next
+        state, so a caller that got any should exit the process (the CLI does)."""
         self._draining.set()
         self._stop.set()
         self._handoff.put(None)
@@ -133,10 +136,15 @@ class Executor:
 
     def _hand_back(self, run_id: str) -> bool:
         message = f"executor {self.name} stopped before this run finished: handed back to the pool"
-        try:
+
+        def write() -> None:
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(UUID(run_id), AwaitingRetry(scheduled_time=datetime.now(UTC),
                                                                        message=message), force=True)
+        try:
+            if not handback.hand_back_unless_final(run_id, write):
+                log.info("flow run %s finished while the executor stopped: not handed back", run_id)
+                return False
         except Exception as exc:  # Prefect unreachable: the reconciler finds the run when this executor is gone
             log.warning("could not hand back flow run %s: %s", run_id, redact(str(exc))[:200])
             return False
@@ -236,7 +244,8 @@ class Executor:
                 return
             self._claimed.add(run_id)
         try:
-            self._run_if_ours(run_id)
+            with handback.holding(run_id):
+                self._run_if_ours(run_id)
         finally:
             with self._changed:
                 self._claimed.discard(run_id)  # once claimed it is no longer SCHEDULED: no second start
@@ -266,6 +275,9 @@ class Executor:
             state: object = run_flow(flow, flow_run=flow_run, return_type="state")  # type: ignore[arg-type]
         except Pause:  # suspended waiting for approval: the thread is free; the answer reschedules the run
             log.info("flow run %s suspended for approval after %.1f s", run_id, time.monotonic() - started)
+            return
+        except Abort as exc:  # handed back by this executor's drain (or aborted by the server): not ours any more
+            log.info("flow run %s stopped after %.1f s: %s", run_id, time.monotonic() - started, exc)
             return
         except Exception as exc:  # the engine failed before the run could record it (e.g. bad parameters)
             message = redact(f"could not start: {type(exc).__name__}: {exc}")[:500]
