@@ -222,11 +222,12 @@ class RunWatch:
             self.open.clear()
             self.changed.set()
 
-    def wait(self, at_most_s: float) -> None:
+    def wait(self, at_most_s: float) -> bool:
         """Until the run's next event, or ``at_most_s``, or one poll interval (a short one while the stream is not
-        open), whichever comes first."""
-        self.changed.wait(min(at_most_s, WATCHED_POLL_S if self.open.is_set() else FOLLOW_POLL_S))
+        open), whichever comes first. True when an event (or the stream's end) woke it."""
+        woke = self.changed.wait(min(at_most_s, WATCHED_POLL_S if self.open.is_set() else FOLLOW_POLL_S))
         self.changed.clear()
+        return woke
 
 
 @dataclass(frozen=True)
@@ -256,15 +257,22 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
     asked: set[str] = set()
     scheduled_since: dict[str, float] = {}  # per state: a run resumed after approval is scheduled again
     details_due = 0.0
+    read_due = 0.0  # with the stream open: the run is read on its events, and at least every WATCHED_POLL_S
+    run: dict[str, Any] = {}
+    state: dict[str, Any] = {}
     while True:
         lines: list[dict[str, Any]] = []  # log lines read with the final state: printed after the last steps
         last = None
-        if watch is not None and watch.ended.is_set():  # the server said it ended: read all that is left at once
+        ended = watch is not None and watch.ended.is_set()
+        if ended:  # the server said it ended: read all that is left at once
+            assert watch is not None
             watch.ended.clear()
             last = (pool.submit(read_report, http, run_id), pool.submit(_new_logs, http, run_id, progress,
                                                                           lines.append))
-        run = _ok(request(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
-        state = run.get("state") or {}
+        if ended or time.monotonic() >= read_due:
+            run = _ok(request(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
+            state = run.get("state") or {}
+            read_due = time.monotonic() + WATCHED_POLL_S
         if last is not None and state.get("type") not in TERMINAL:  # e.g. crashed, then rescheduled for a retry
             last[1].result()
             for line in lines:
@@ -274,6 +282,7 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
         if state.get("type") == "SCHEDULED" and time.monotonic() - waiting_since > CLAIM_TIMEOUT_S:
             if _withdraw(http, run_id):
                 raise NotClaimed(f"no executor claimed run {run_id} within {CLAIM_TIMEOUT_S:g} s (withdrawn)")
+            read_due = 0.0
             continue  # claimed meanwhile: follow it
         if state.get("type") in TERMINAL:
             if last is None:
@@ -286,22 +295,36 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
             for line in lines:
                 on_log(line)
             return Finished(run, report)
-        if time.monotonic() >= details_due:
-            if on_step is not None:
-                _new_steps(http, run_id, progress, on_step)
-            _new_logs(http, run_id, progress, on_log)
-            details_due = time.monotonic() + DETAIL_POLL_S
         details = state.get("state_details") or {}
-        if state.get("type") == "PAUSED" and details.get("pause_key") == PAUSE_KEY and state["id"] not in asked \
-                and _form_ready(http, run_id, details):
-            asked.add(state["id"])
-            on_paused(run)
+        if state.get("type") == "PAUSED" and details.get("pause_key") == PAUSE_KEY and state["id"] not in asked:
+            if _form_ready(http, run_id, details):
+                asked.add(state["id"])
+                on_paused(run)
+            read_due = 0.0  # the answer, or the form once it is stored, shows at the next read
+        if time.monotonic() >= details_due and not (watch is not None and watch.ended.is_set()):
+            _new_details(http, run_id, progress, on_log, on_step, pool)
+            details_due = time.monotonic() + DETAIL_POLL_S
         if time.monotonic() > deadline:
             raise RemoteRunError(f"run {run_id} still {state.get('name')} after {timeout_s:g} s")
         if watch is None:
             time.sleep(FOLLOW_POLL_S)
-        else:
-            watch.wait(max(0.0, details_due - time.monotonic()))  # progress stays as frequent as before
+            read_due = 0.0
+        elif not watch.open.is_set():  # no stream: poll as without one
+            watch.wait(FOLLOW_POLL_S)
+            read_due = 0.0
+        elif watch.wait(max(0.0, min(details_due, read_due) - time.monotonic())):  # an event of the run
+            read_due = 0.0
+
+
+def _new_details(http: httpx.Client, run_id: str, progress: Progress, on_log: Callable[[dict[str, Any]], None],
+                 on_step: Callable[[Step], None] | None, pool: ThreadPoolExecutor) -> None:
+    """Progress while the run goes: its finished steps and new log lines, the two reads side by side (the state
+    is not read for it: the run's events say when that changed), printed steps first."""
+    task_runs = pool.submit(_read_task_runs, http, run_id) if on_step is not None else None
+    lines = _read_logs(http, run_id, progress.since)
+    if task_runs is not None and on_step is not None:
+        _show_steps(task_runs.result(), progress, on_step)
+    _show_logs(lines, progress, on_log)
 
 
 def _form_ready(http: httpx.Client, run_id: str, details: dict[str, Any]) -> bool:
@@ -330,11 +353,17 @@ class Step:
 
 def _new_steps(http: httpx.Client, run_id: str, progress: Progress, on_step: Callable[[Step], None]) -> None:
     """Progress while the run goes: its finished task runs (the server records them up to a second late)."""
+    _show_steps(_read_task_runs(http, run_id), progress, on_step)
+
+
+def _read_task_runs(http: httpx.Client, run_id: str) -> list[dict[str, Any]]:
     resp = request(http, "POST", "/task_runs/filter", json={
         "flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200})
-    if resp.status_code != 200:
-        return
-    for task_run in resp.json():
+    return resp.json() if resp.status_code == 200 else []
+
+
+def _show_steps(task_runs: list[dict[str, Any]], progress: Progress, on_step: Callable[[Step], None]) -> None:
+    for task_run in task_runs:
         if (task_run.get("state") or {}).get("type") in TERMINAL and task_run["id"] not in progress.steps_done:
             progress.steps_done.add(task_run["id"])
             name = re.sub(r"-[0-9a-f]{3}$", "", str(task_run.get("name", "?")))  # Prefect's suffix: get_x-901
@@ -359,13 +388,19 @@ def _last_steps(http: httpx.Client, run_id: str, report: dict[str, Any] | None, 
 
 def _new_logs(http: httpx.Client, run_id: str, progress: Progress,
               on_log: Callable[[dict[str, Any]], None]) -> None:
+    _show_logs(_read_logs(http, run_id, progress.since), progress, on_log)
+
+
+def _read_logs(http: httpx.Client, run_id: str, since: str | None) -> list[dict[str, Any]]:
     body: dict[str, Any] = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
-    if progress.since:
-        body["logs"]["timestamp"] = {"after_": progress.since}
+    if since:
+        body["logs"]["timestamp"] = {"after_": since}
     resp = request(http, "POST", "/logs/filter", json=body)
-    if resp.status_code != 200:
-        return  # progress is best effort; the report is what counts
-    for line in resp.json():
+    return resp.json() if resp.status_code == 200 else []  # progress is best effort; the report is what counts
+
+
+def _show_logs(lines: list[dict[str, Any]], progress: Progress, on_log: Callable[[dict[str, Any]], None]) -> None:
+    for line in lines:
         if line["id"] in progress.seen:
             continue
         progress.seen.add(line["id"])
