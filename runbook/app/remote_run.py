@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -175,9 +175,12 @@ class RunWatch:
     protocol's auth message (and the header, for a proxy in front); every wait on the socket is bounded."""
 
     def __init__(self, api: str, auth: str | None, run_id: str) -> None:
-        self.changed = threading.Event()  # set on each event of the run (and when the stream ends)
+        self.changed = threading.Event()  # set on each event of the run, when the stream ends, and by poke()
+        self._events = 0  # events of the run received (and stream ends), counted by the watching thread only
+        self._reported = 0  # ... as wait() last reported them
         self.open = threading.Event()  # subscribed: events of the run from now on arrive
         self.ended = threading.Event()  # the server said the run entered a final state
+        self.final: dict[str, Any] | None = None  # that final state, as its event gives it (type, name, message)
         self._url = re.sub(r"^http", "ws", api.rstrip("/")) + "/events/out"
         self._auth, self._run_id = auth, run_id
         self._stop = threading.Event()
@@ -214,25 +217,38 @@ class RunWatch:
                         continue
                     resource = (message.get("event") or {}).get("resource") or {}
                     if resource.get("prefect.state-type") in TERMINAL:  # (the event's name is the state's name)
+                        self.final = {"type": resource["prefect.state-type"],
+                                      "name": resource.get("prefect.state-name"),
+                                      "message": resource.get("prefect.state-message")}
                         self.ended.set()
+                    self._events += 1
                     self.changed.set()
         except Exception:  # noqa: BLE001, S110 - no stream: follow polls, as it does without one
             pass
         finally:
             self.open.clear()
+            self._events += 1
             self.changed.set()
 
     def wait(self, at_most_s: float) -> bool:
-        """Until the run's next event, or ``at_most_s``, or one poll interval (a short one while the stream is not
-        open), whichever comes first. True when an event (or the stream's end) woke it."""
-        woke = self.changed.wait(min(at_most_s, WATCHED_POLL_S if self.open.is_set() else FOLLOW_POLL_S))
+        """Until the run's next event, a poke, ``at_most_s`` or one poll interval (a short one while the stream is
+        not open), whichever comes first. True when an event of the run (or the stream's end) came meanwhile."""
+        self.changed.wait(min(at_most_s, WATCHED_POLL_S if self.open.is_set() else FOLLOW_POLL_S))
         self.changed.clear()
-        return woke
+        events = self._events
+        fresh, self._reported = events != self._reported, events
+        return fresh
+
+    def poke(self) -> None:
+        """Wake ``wait`` without an event (a progress read came back)."""
+        self.changed.set()
 
 
 @dataclass(frozen=True)
 class Finished:
-    run: dict[str, Any]  # the flow run as the server has it, in its final state
+    # the flow run as the server has it, in its final state; when the event stream said it ended and its report
+    # is there, only its id and that final state (type, name, message), as the event gave them: not read again
+    run: dict[str, Any]
     report: dict[str, Any] | None  # the report the engine stored with it (None: it ended without one)
 
 
@@ -240,13 +256,19 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
            on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[Step], None] | None = None,
            progress: Progress | None = None, timeout_s: float = 3600.0, watch: RunWatch | None = None) -> Finished:
     """Follow the run until it is final, then read its report: its state (read again on each of its events from
-    ``watch``, else every 50 ms), its finished steps (task runs) and new log lines (every 0.3 s);
-    ``on_paused`` handles an approval wait. Once it has ended, its last log lines and its report are read
-    side by side (beside the state itself when the stream said it ended), and the steps not shown yet come from
-    the report."""
+    ``watch``, else every 50 ms), its finished steps (task runs) and new log lines (every 0.3 s, read in the
+    background: the end of the run is never kept waiting on one); ``on_paused`` handles an approval wait. Once it
+    has ended, its last log lines and its report are read side by side (beside the state itself when the stream
+    said it ended), and the steps not shown yet come from the report."""
     progress = progress or Progress()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="follow") as pool:
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="follow")
+    try:
         return _follow(http, run_id, on_log, on_paused, on_step, progress, timeout_s, watch, pool)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a progress read still in flight is not waited for
+
+
+Details = tuple["Future[list[dict[str, Any]]] | None", "Future[list[dict[str, Any]]]"]  # task runs, log lines
 
 
 def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], None],
@@ -257,6 +279,7 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
     asked: set[str] = set()
     scheduled_since: dict[str, float] = {}  # per state: a run resumed after approval is scheduled again
     details_due = 0.0
+    details: Details | None = None  # the progress read in flight
     read_due = 0.0  # with the stream open: the run is read on its events, and at least every WATCHED_POLL_S
     run: dict[str, Any] = {}
     state: dict[str, Any] = {}
@@ -267,8 +290,12 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
         if ended:  # the server said it ended: read all that is left at once
             assert watch is not None
             watch.ended.clear()
+            details = None  # a progress read in flight is left to finish unseen: the reads below cover it
             last = (pool.submit(read_report, http, run_id), pool.submit(_new_logs, http, run_id, progress,
                                                                           lines.append))
+            final = watch.final
+            if final is not None and last[0].result() is not None:  # ended with its report: no need to read it
+                return _finish(http, run_id, {"id": run_id, "state": final}, last, lines, progress, on_log, on_step)
         if ended or time.monotonic() >= read_due:
             run = _ok(request(http, "GET", f"/flow_runs/{run_id}"), "reading the run").json()
             state = run.get("state") or {}
@@ -286,24 +313,22 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
             continue  # claimed meanwhile: follow it
         if state.get("type") in TERMINAL:
             if last is None:
+                details = None
                 last = (pool.submit(read_report, http, run_id), pool.submit(_new_logs, http, run_id, progress,
                                                                               lines.append))
-            report = last[0].result()
-            last[1].result()
-            if on_step is not None:
-                _last_steps(http, run_id, report, progress, on_step)
-            for line in lines:
-                on_log(line)
-            return Finished(run, report)
-        details = state.get("state_details") or {}
-        if state.get("type") == "PAUSED" and details.get("pause_key") == PAUSE_KEY and state["id"] not in asked:
-            if _form_ready(http, run_id, details):
+            return _finish(http, run_id, run, last, lines, progress, on_log, on_step)
+        pause = state.get("state_details") or {}
+        if state.get("type") == "PAUSED" and pause.get("pause_key") == PAUSE_KEY and state["id"] not in asked:
+            if _form_ready(http, run_id, pause):
                 asked.add(state["id"])
                 on_paused(run)
             read_due = 0.0  # the answer, or the form once it is stored, shows at the next read
-        if time.monotonic() >= details_due and not (watch is not None and watch.ended.is_set()):
-            _new_details(http, run_id, progress, on_log, on_step, pool)
-            details_due = time.monotonic() + DETAIL_POLL_S
+        if details is not None and all(f is None or f.done() for f in details):
+            _show_details(details, progress, on_log, on_step)
+            details, details_due = None, time.monotonic() + DETAIL_POLL_S
+        if details is None and time.monotonic() >= details_due:
+            details = _read_details(http, run_id, progress, on_step is not None, pool, watch)
+            details_due = float("inf")  # due again once this one is shown
         if time.monotonic() > deadline:
             raise RemoteRunError(f"run {run_id} still {state.get('name')} after {timeout_s:g} s")
         if watch is None:
@@ -316,15 +341,48 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
             read_due = 0.0
 
 
-def _new_details(http: httpx.Client, run_id: str, progress: Progress, on_log: Callable[[dict[str, Any]], None],
-                 on_step: Callable[[Step], None] | None, pool: ThreadPoolExecutor) -> None:
-    """Progress while the run goes: its finished steps and new log lines, the two reads side by side (the state
-    is not read for it: the run's events say when that changed), printed steps first."""
-    task_runs = pool.submit(_read_task_runs, http, run_id) if on_step is not None else None
-    lines = _read_logs(http, run_id, progress.since)
+def _finish(http: httpx.Client, run_id: str, run: dict[str, Any], last: tuple[Future[Any], Future[Any]],
+            lines: list[dict[str, Any]], progress: Progress, on_log: Callable[[dict[str, Any]], None],
+            on_step: Callable[[Step], None] | None) -> Finished:
+    """The end of a run: its report and last log lines (``last``, read side by side), then its last steps."""
+    report = last[0].result()
+    last[1].result()
+    if on_step is not None:
+        _last_steps(http, run_id, report, progress, on_step)
+    for line in lines:
+        on_log(line)
+    return Finished(run, report)
+
+
+def _read_details(http: httpx.Client, run_id: str, progress: Progress, steps: bool, pool: ThreadPoolExecutor,
+                  watch: RunWatch | None) -> Details:
+    """Start reading the run's progress, its task runs (with ``steps``) and new log lines, side by side in the
+    background; the watch is poked when both are back. The run itself is not read for it: its events say when
+    its state changed."""
+    task_runs = pool.submit(_read_task_runs, http, run_id) if steps else None
+    lines = pool.submit(_read_logs, http, run_id, progress.since)
+    if watch is not None:
+        both = [f for f in (task_runs, lines) if f is not None]
+        for f in both:
+            f.add_done_callback(lambda _f: watch.poke() if all(g.done() for g in both) else None)
+    return task_runs, lines
+
+
+def _show_details(details: Details, progress: Progress, on_log: Callable[[dict[str, Any]], None],
+                  on_step: Callable[[Step], None] | None) -> None:
+    """Print a progress read that came back: finished steps first, then the log lines."""
+    task_runs, lines = details
     if task_runs is not None and on_step is not None:
-        _show_steps(task_runs.result(), progress, on_step)
-    _show_logs(lines, progress, on_log)
+        _show_steps(_quietly(task_runs), progress, on_step)
+    _show_logs(_quietly(lines), progress, on_log)
+
+
+def _quietly(f: Future[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A progress read's answer, or nothing when it failed (progress is best effort: the report is what counts)."""
+    try:
+        return f.result()
+    except (httpx.HTTPError, RemoteRunError):
+        return []
 
 
 def _form_ready(http: httpx.Client, run_id: str, details: dict[str, Any]) -> bool:

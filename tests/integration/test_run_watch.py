@@ -4,6 +4,7 @@ Against the sandbox's real Prefect server, which demands its auth string on the 
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from runbook.app.remote_run import WATCHED_POLL_S, RunWatch, api_client, follow
 from runbook.engine.prefect_env import env_auth_string
+from runbook.engine.run_inputs import REPORT_INPUT_KEY
 from runbook.sandbox import SandboxState
 from tests.prefect_runs import wait_for
 
@@ -54,6 +56,8 @@ def test_the_watch_wakes_on_each_state_change_of_its_run(api: str, run_id: str) 
             assert watch.changed.wait(30), f"no event for the run entering {state}"
             assert watch.open.is_set()
             assert watch.ended.is_set() == (state == "COMPLETED")  # final by its type, whatever its name
+        assert watch.final is not None
+        assert (watch.final["type"], watch.final["name"]) == ("COMPLETED", "Needs attention"), watch.final
     finally:
         watch.stop()
 
@@ -103,3 +107,38 @@ def test_follow_reads_the_run_when_it_changes_not_every_50_ms(api: str, run_id: 
     # slow the machine: progress polls (steps and logs, every 0.3 s) do not read the run (they did: 9 reads here)
     bound = 1 + math.ceil(elapsed / WATCHED_POLL_S) + 2
     assert len(reads) <= bound, (len(reads), bound, elapsed)
+
+
+def test_a_run_that_ended_with_its_report_is_not_read_again(api: str, run_id: str) -> None:
+    watch = RunWatch(api, env_auth_string(), run_id).start()
+    wait_for(watch.open.is_set, 30, "the event stream to open")
+    reads_after_end: list[str] = []
+    ended_at: list[float] = []
+
+    def count(request: httpx.Request) -> None:
+        if request.method == "GET" and request.url.path.endswith(f"/flow_runs/{run_id}") and ended_at:
+            reads_after_end.append(request.url.path)
+
+    def drive() -> None:
+        _set(api, run_id, "RUNNING")
+        with api_client(api) as http:  # what the engine stores just before the final state
+            http.post(f"/flow_runs/{run_id}/input", json={"key": REPORT_INPUT_KEY,
+                                                          "value": json.dumps({"outcome": "Completed"})}
+                      ).raise_for_status()
+        ended_at.append(time.monotonic())
+        _set(api, run_id, "COMPLETED", "Needs attention")
+
+    driver = threading.Thread(target=drive)
+    with api_client(api) as http:
+        http.event_hooks["request"].append(count)
+        driver.start()
+        try:
+            finished = follow(http, run_id, on_log=lambda _line: None, on_paused=lambda _run: None, watch=watch)
+        finally:
+            driver.join()
+            watch.stop()
+    assert finished.report == {"outcome": "Completed"}
+    # the final state as its event gave it, not the run read again (that would carry flow_id, tags, ...)
+    assert finished.run == {"id": run_id, "state": {"type": "COMPLETED", "name": "Needs attention",
+                                                    "message": finished.run["state"]["message"]}}, finished.run
+    assert len(reads_after_end) <= 1, reads_after_end  # a safety poll under way as it ended may still land
