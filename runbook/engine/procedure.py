@@ -471,7 +471,9 @@ def _remediate(run: Run) -> None:
                                                skipped_reason="diagnose-only policy: remediations not planned"))
         run.decide("diagnose-only policy: no remediation planned")
         return
-    plans = [plan_step(o.rem, o.state) for o in run.offers]
+    # planned side by side: each reads live state and changes nothing (applying stays one change at a time), and
+    # one plan never waits on another's task bookkeeping and query (db-slowness's two: 19 ms -> 14-17 ms, medians)
+    plans = [future.result() for future in [plan_step.submit(o.rem, o.state) for o in run.offers]]
     planned = [p for p in plans if p.planned and not p.error]
     for p in plans:
         run.decide(f"planned {p.name} on {p.target}: " + (p.error or f"{len(p.planned)} change(s)"))
