@@ -53,6 +53,15 @@ def _start(api: str, fl: Any) -> tuple[str, threading.Thread, dict[str, Any]]:
     return run_id, thread, out
 
 
+def _hand_back_then_release(api: str, run_id: str, thread: threading.Thread, release: threading.Event) -> bool:
+    """Hand the run back while its thread is held, then let the thread go on and wait for it."""
+    with temporary_settings(updates=api_settings(api)):
+        handed = handback.hand_back_unless_final(run_id, _hand_back_writer(run_id))
+    release.set()
+    thread.join(TIMEOUT_S)
+    return handed
+
+
 def _states(api: str, run_id: str) -> list[str]:
     with api_client(api, timeout_s=10) as http:
         return [f"{s['type']}:{s['name']}" for s in run_history(http, run_id)]
@@ -74,11 +83,7 @@ def test_a_run_whose_final_state_was_accepted_is_not_handed_back(sandbox_state: 
 
     run_id, thread, out = _start(api, finished)
     assert final_accepted.wait(TIMEOUT_S), out
-    with temporary_settings(updates=api_settings(api)):
-        handed = handback.hand_back_unless_final(run_id, _hand_back_writer(run_id))
-    release.set()
-    thread.join(TIMEOUT_S)
-    assert handed is False
+    assert _hand_back_then_release(api, run_id, thread, release) is False
     assert _states(api, run_id)[-1] == "COMPLETED:Completed", _states(api, run_id)
     assert out["state"].is_completed(), out
 
@@ -97,11 +102,7 @@ def test_a_handed_back_run_writes_no_state_over_the_hand_back(sandbox_state: San
 
     run_id, thread, out = _start(api, long)
     assert running.wait(TIMEOUT_S), out
-    with temporary_settings(updates=api_settings(api)):
-        handed = handback.hand_back_unless_final(run_id, _hand_back_writer(run_id))
-    release.set()
-    thread.join(TIMEOUT_S)
-    assert handed is True
+    assert _hand_back_then_release(api, run_id, thread, release) is True
     states = _states(api, run_id)
     assert states[-1] == "SCHEDULED:AwaitingRetry", states  # not the thread's Completed
     assert "COMPLETED:Completed" not in states, states

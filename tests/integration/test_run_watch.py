@@ -9,12 +9,12 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
-from runbook.app.remote_run import WATCHED_POLL_S, RunWatch, api_client, follow
+from runbook.app.remote_run import WATCHED_POLL_S, Finished, RunWatch, api_client, follow
 from runbook.engine.prefect_env import env_auth_string
 from runbook.engine.run_inputs import REPORT_INPUT_KEY
 from runbook.sandbox import SandboxState
@@ -44,6 +44,21 @@ def _set(api: str, run_id: str, state: str, name: str | None = None) -> None:
     with api_client(api) as http:
         http.post(f"/flow_runs/{run_id}/set_state", json={
             "state": {"type": state, "name": name or state.title()}, "force": True}).raise_for_status()
+
+
+def _follow_driven(api: str, run_id: str, watch: RunWatch, drive: Callable[[], None],
+                   on_request: Callable[[httpx.Request], None]) -> Finished:
+    """Follow the run while ``drive`` moves it from state to state, every request of follow's seen by
+    ``on_request``."""
+    driver = threading.Thread(target=drive)
+    with api_client(api) as http:
+        http.event_hooks["request"].append(on_request)
+        driver.start()
+        try:
+            return follow(http, run_id, on_log=lambda _line: None, on_paused=lambda _run: None, watch=watch)
+        finally:
+            driver.join()
+            watch.stop()
 
 
 def test_the_watch_wakes_on_each_state_change_of_its_run(api: str, run_id: str) -> None:
@@ -91,16 +106,8 @@ def test_follow_reads_the_run_when_it_changes_not_every_50_ms(api: str, run_id: 
         time.sleep(2.0)  # a run that takes two seconds: polling would read it ~40 times
         _set(api, run_id, "COMPLETED")
 
-    driver = threading.Thread(target=drive)
-    with api_client(api) as http:
-        http.event_hooks["request"].append(count)
-        started = time.monotonic()
-        driver.start()
-        try:
-            finished = follow(http, run_id, on_log=lambda _line: None, on_paused=lambda _run: None, watch=watch)
-        finally:
-            driver.join()
-            watch.stop()
+    started = time.monotonic()
+    finished = _follow_driven(api, run_id, watch, drive, count)
     elapsed = time.monotonic() - started
     assert finished.run["state"]["type"] == "COMPLETED"
     # one read at the start, one per state event (2, the last is the final read) and one per safety poll, however
@@ -128,15 +135,7 @@ def test_a_run_that_ended_with_its_report_is_not_read_again(api: str, run_id: st
         ended_at.append(time.monotonic())
         _set(api, run_id, "COMPLETED", "Needs attention")
 
-    driver = threading.Thread(target=drive)
-    with api_client(api) as http:
-        http.event_hooks["request"].append(count)
-        driver.start()
-        try:
-            finished = follow(http, run_id, on_log=lambda _line: None, on_paused=lambda _run: None, watch=watch)
-        finally:
-            driver.join()
-            watch.stop()
+    finished = _follow_driven(api, run_id, watch, drive, count)
     assert finished.report == {"outcome": "Completed"}
     # the final state as its event gave it, not the run read again (that would carry flow_id, tags, ...)
     assert finished.run == {"id": run_id, "state": {"type": "COMPLETED", "name": "Needs attention",
