@@ -3,8 +3,8 @@
 ``Executor.stop`` hands the runs still running after the grace period back to the pool (``AwaitingRetry``, forced:
 Prefect lets a run leave RUNNING for SCHEDULED only by force). A run's thread lets go of the run a moment after its
 final state is accepted (the after-final-state hook writes its artifacts first), so "still claimed" does not mean
-"unfinished": a forced hand-back in that window turned a Completed run back into a scheduled one, which the next
-executor then ran a second time (seen once in CI). The other order is as bad: a handed-back run whose thread
+"unfinished": a forced hand-back in that window turned a Completed run back into a scheduled one, for the next
+executor to run a second time (caught once in CI). The other order is as bad: a handed-back run whose thread
 still runs would write its final state over the hand-back, or over the successor's run of it.
 
 Prefect's orchestration cannot settle this (it lets a Completed run without a persisted result be rescheduled;
