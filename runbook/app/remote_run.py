@@ -286,13 +286,12 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
     while True:
         lines: list[dict[str, Any]] = []  # log lines read with the final state: printed after the last steps
         last = None
-        ended = watch is not None and watch.ended.is_set()
-        if ended:  # the server said it ended: read all that is left at once
-            assert watch is not None
+        ended = False
+        if watch is not None and watch.ended.is_set():  # the server said it ended: read all that is left at once
+            ended = True
             watch.ended.clear()
             details = None  # a progress read in flight is left to finish unseen: the reads below cover it
-            last = (pool.submit(read_report, http, run_id), pool.submit(_new_logs, http, run_id, progress,
-                                                                          lines.append))
+            last = _read_last(http, run_id, progress, pool, lines)
             final = watch.final
             if final is not None and last[0].result() is not None:  # ended with its report: no need to read it
                 return _finish(http, run_id, {"id": run_id, "state": final}, last, lines, progress, on_log, on_step)
@@ -313,9 +312,7 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
             continue  # claimed meanwhile: follow it
         if state.get("type") in TERMINAL:
             if last is None:
-                details = None
-                last = (pool.submit(read_report, http, run_id), pool.submit(_new_logs, http, run_id, progress,
-                                                                              lines.append))
+                last = _read_last(http, run_id, progress, pool, lines)
             return _finish(http, run_id, run, last, lines, progress, on_log, on_step)
         pause = state.get("state_details") or {}
         if state.get("type") == "PAUSED" and pause.get("pause_key") == PAUSE_KEY and state["id"] not in asked:
@@ -339,6 +336,12 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
             read_due = 0.0
         elif watch.wait(max(0.0, min(details_due, read_due) - time.monotonic())):  # an event of the run
             read_due = 0.0
+
+
+def _read_last(http: httpx.Client, run_id: str, progress: Progress, pool: ThreadPoolExecutor,
+               lines: list[dict[str, Any]]) -> tuple[Future[Any], Future[Any]]:
+    """Start reading what is left of an ended run, side by side: its report, and its last log lines into ``lines``."""
+    return pool.submit(read_report, http, run_id), pool.submit(_new_logs, http, run_id, progress, lines.append)
 
 
 def _finish(http: httpx.Client, run_id: str, run: dict[str, Any], last: tuple[Future[Any], Future[Any]],
