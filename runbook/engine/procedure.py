@@ -47,6 +47,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
 from prefect.events.worker import EventsWorker
 from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
+from prefect.futures import PrefectFuture
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 from prefect.states import Completed
@@ -324,6 +325,7 @@ class _Offer:
     rem: Remediation[Any]
     after: Callable[[Report, ActionResult], None] | None
     state: Any
+    plan: PrefectFuture[ActionResult] | None = None  # started when offered, unless the policy plans nothing
 
 
 @dataclass
@@ -347,7 +349,11 @@ class Run:
         """Hand a remediation to the runner; ``after`` sees its result; ``state`` reuses a check already made."""
         if not isinstance(rem, self.spec.remediations or ()):
             raise TypeError(f"{self.spec.name} offers {rem.name!r}, which its @procedure does not declare")
-        self.offers.append(_Offer(rem, after, state))
+        # planned from now, beside the rest of the diagnosis: a plan only reads (applying waits for the runner,
+        # the policy and any approval, and re-checks each change), so a plan need not wait for the body's last
+        # step (db-slowness's two plans ran after the application's pool check; now during it)
+        plan = plan_step.submit(rem, state) if self.mode != "diagnose" else None
+        self.offers.append(_Offer(rem, after, state, plan))
 
     def on_finish(self, fn: Callable[[Report], None]) -> None:
         """Run ``fn(report)`` after remediation, before publishing (e.g. the incident channel message)."""
@@ -471,9 +477,9 @@ def _remediate(run: Run) -> None:
                                                skipped_reason="diagnose-only policy: remediations not planned"))
         run.decide("diagnose-only policy: no remediation planned")
         return
-    # planned side by side: each reads live state and changes nothing (applying stays one change at a time), and
-    # one plan never waits on another's task bookkeeping and query (db-slowness's two: 19 ms -> 14-17 ms, medians)
-    plans = [future.result() for future in [plan_step.submit(o.rem, o.state) for o in run.offers]]
+    # planned side by side, each from when it was offered (Run.offer): each reads live state and changes nothing
+    # (applying stays one change at a time), and one plan never waits on another's task bookkeeping and query
+    plans = [(o.plan if o.plan is not None else plan_step.submit(o.rem, o.state)).result() for o in run.offers]
     planned = [p for p in plans if p.planned and not p.error]
     for p in plans:
         run.decide(f"planned {p.name} on {p.target}: " + (p.error or f"{len(p.planned)} change(s)"))
