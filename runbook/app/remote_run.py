@@ -37,6 +37,9 @@ DETAIL_POLL_S = 0.3  # steps and log lines (two filter queries): progress for a 
 # said by the step lines, or about the engine's own hook (runbook.engine.procedure.publish_after_final_state)
 QUIET_LOGS = ("Finished in state", "Beginning flow run", "Created task run", "Executing ", "Running hook ", "Hook ")
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# states whose events `follow` need not act on at once (they wake it without a read of the run): a paused or ended
+# run needs acting on; a claim that never comes (CLAIM_TIMEOUT_S) is measured from the safety poll's reads
+UNEVENTFUL = {"SCHEDULED", "PENDING", "RUNNING"}
 CLAIM_TIMEOUT_S = 10.0  # a live executor claims within milliseconds (event stream) or one poll (15 s) at worst
 
 
@@ -181,6 +184,7 @@ class RunWatch:
         self.open = threading.Event()  # subscribed: events of the run from now on arrive
         self.ended = threading.Event()  # the server said the run entered a final state
         self.final: dict[str, Any] | None = None  # that final state, as its event gives it (type, name, message)
+        self.latest: str | None = None  # the state type of the run's latest event
         self._url = re.sub(r"^http", "ws", api.rstrip("/")) + "/events/out"
         self._auth, self._run_id = auth, run_id
         self._stop = threading.Event()
@@ -216,6 +220,7 @@ class RunWatch:
                     except TimeoutError:
                         continue
                     resource = (message.get("event") or {}).get("resource") or {}
+                    self.latest = resource.get("prefect.state-type")
                     if resource.get("prefect.state-type") in TERMINAL:  # (the event's name is the state's name)
                         self.final = {"type": resource["prefect.state-type"],
                                       "name": resource.get("prefect.state-name"),
@@ -256,9 +261,9 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
            on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[Step], None] | None = None,
            progress: Progress | None = None, timeout_s: float = 3600.0, watch: RunWatch | None = None) -> Finished:
     """Follow the run until it is final, then read its report: its state (read again on each of its events from
-    ``watch``, else every 50 ms), its finished steps (task runs) and new log lines (every 0.3 s, read in the
-    background: the end of the run is never kept waiting on one); ``on_paused`` handles an approval wait. Once it
-    has ended, its last log lines and its report are read side by side (beside the state itself when the stream
+    ``watch`` that may need acting on, else every 50 ms), its finished steps (task runs) and new log
+    lines (every 0.3 s from 0.3 s after it was created, read in the background: the end of the run is never kept
+    waiting on one); ``on_paused`` handles an approval wait. Once it has ended, its last log lines and its report are read side by side (beside the state itself when the stream
     said it ended), and the steps not shown yet come from the report."""
     progress = progress or Progress()
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="follow")
@@ -278,7 +283,7 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
     deadline = started + timeout_s
     asked: set[str] = set()
     scheduled_since: dict[str, float] = {}  # per state: a run resumed after approval is scheduled again
-    details_due = 0.0
+    details_due = started + DETAIL_POLL_S  # a run just created has no steps or log lines to show yet
     details: Details | None = None  # the progress read in flight
     read_due = 0.0  # with the stream open: the run is read on its events, and at least every WATCHED_POLL_S
     run: dict[str, Any] = {}
@@ -334,8 +339,8 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
         elif not watch.open.is_set():  # no stream: poll as without one
             watch.wait(FOLLOW_POLL_S)
             read_due = 0.0
-        elif watch.wait(max(0.0, min(details_due, read_due) - time.monotonic())):  # an event of the run
-            read_due = 0.0
+        elif watch.wait(max(0.0, min(details_due, read_due) - time.monotonic())) and watch.latest not in UNEVENTFUL:
+            read_due = 0.0  # an event of the run that may need acting on (paused, scheduled again, ended)
 
 
 def _read_last(http: httpx.Client, run_id: str, progress: Progress, pool: ThreadPoolExecutor,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from runbook.app import remote_run
 from runbook.app.remote_run import WATCHED_POLL_S, Finished, RunWatch, api_client, follow
 from runbook.engine.prefect_env import env_auth_string
 from runbook.engine.run_inputs import REPORT_INPUT_KEY
@@ -114,6 +115,34 @@ def test_follow_reads_the_run_when_it_changes_not_every_50_ms(api: str, run_id: 
     # slow the machine: progress polls (steps and logs, every 0.3 s) do not read the run (they did: 9 reads here)
     bound = 1 + math.ceil(elapsed / WATCHED_POLL_S) + 2
     assert len(reads) <= bound, (len(reads), bound, elapsed)
+
+
+def test_follow_reads_the_run_on_an_event_it_must_act_on_not_on_a_running_one(
+        api: str, run_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's RUNNING event wakes follow without a read of the run (nothing to do); a PAUSED one is read at once
+    (an approval form may be waiting). The safety poll is pushed out of the way so only events cause reads."""
+    monkeypatch.setattr(remote_run, "WATCHED_POLL_S", 30.0)
+    reads: list[float] = []
+    marks: dict[str, float] = {}
+
+    def count(request: httpx.Request) -> None:
+        if request.method == "GET" and request.url.path.endswith(f"/flow_runs/{run_id}"):
+            reads.append(time.monotonic())
+
+    watch = RunWatch(api, env_auth_string(), run_id).start()
+    wait_for(watch.open.is_set, 30, "the event stream to open")
+
+    def drive() -> None:
+        for state, name in (("RUNNING", None), ("PAUSED", "Paused"), ("COMPLETED", None)):
+            time.sleep(1.0)
+            marks[state] = time.monotonic()
+            _set(api, run_id, state, name)
+
+    finished = _follow_driven(api, run_id, watch, drive, count)
+    assert finished.run["state"]["type"] == "COMPLETED"
+    between = {state: sum(1 for t in reads if start <= t < end) for state, start, end in (
+        ("RUNNING", marks["RUNNING"], marks["PAUSED"]), ("PAUSED", marks["PAUSED"], marks["COMPLETED"]))}
+    assert between == {"RUNNING": 0, "PAUSED": 1}, (between, reads, marks)
 
 
 def test_a_run_that_ended_with_its_report_is_not_read_again(api: str, run_id: str) -> None:
