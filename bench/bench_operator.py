@@ -8,6 +8,8 @@ Measured in one run, on the sandbox's real PostgreSQL, Prefect server and Podman
   flow       the run's own time on the server (start to end) for the warm-path runs
   ui         create_flow_run through the API (what the UI's Run button does) -> first task running
   by hand    the flow's work without any engine: psql -f beside the pool check's exec (Docker SDK), side by side
+  cpu        CPU time every process on the host used per warm run, by role (Prefect server, PostgreSQL, executor,
+             Podman, the CLI): on a small host the run's time is bounded by the CPU all of them need
   floor      a plain Prefect flow in this warm process on the same server (no runbook code): empty; 7 no-op tasks
              (db-slowness runs 7 steps); the same plus storing one run input (the report): what Prefect's own
              bookkeeping costs a run before any work, so "where the rest goes" is measured, not guessed
@@ -77,6 +79,47 @@ def phases(api: str, doc: dict) -> list[float]:
     task_end = max(at(t["end_time"]) for t in tasks if t.get("end_time"))
     marks = [cli_start, created, first["PENDING"], first["RUNNING"], task_start, task_end, first["COMPLETED"], cli_end]
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+
+# role: (its command line contains one of these, or its process name is one of these)
+ROLES = {"Prefect server": (("prefect server start",), ()), "PostgreSQL": ((), ("postgres",)),
+         "executor (runbook serve)": (("runbook.app.cli serve",), ()),
+         "Podman (API, conmon, crun)": ((), ("podman", "conmon", "crun"))}
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every process on the host, by role (ROLES, else "other"), from /proc. This
+    process counts only its reaped children: the CLI runs it started and waited for."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rfind(")") + 2:].split()
+        utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+        pid = int(entry.name)
+        if pid == os.getpid():
+            out[pid] = ("CLI (runbook run)", (cutime + cstime) / tick)
+            continue
+        comm = stat[stat.find("(") + 1:stat.rfind(")")]
+        role = next((name for name, (marks, names) in ROLES.items()
+                     if comm in names or any(m in cmdline for m in marks)), "other")
+        out[pid] = (role, (utime + stime + cutime + cstime) / tick)
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role used between two snapshots (a process that ended meanwhile counts only through the
+    parent that reaped it)."""
+    used: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        used[role] = used.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    return used
 
 
 def wait_ready(api: str, timeout_s: float = 120) -> None:
@@ -216,7 +259,9 @@ def main() -> None:
         baseline = [timed(psql, base_env)[0] for _ in range(REPEATS)]
         wait_ready(api)
         timed(CLI, served_env)  # warm-up: the executor's first run pays its connections
+        cpu_before, wall_before = cpu_snapshot(), time.perf_counter()
         warm = [timed(CLI, served_env) for _ in range(REPEATS)]
+        cpu_wall, cpu = time.perf_counter() - wall_before, cpu_by_role(cpu_before, cpu_snapshot())
         flow = [run_seconds(api, doc["flow_run_id"]) for _, doc in warm]
         split = [phases(api, doc) for _, doc in warm]
         in_process = [timed([*CLI, "--in-process"], served_env)[0] for _ in range(3)]
@@ -255,6 +300,11 @@ def main() -> None:
     print(f"\nwhere a warm run's time goes (medians of {REPEATS}; the server's timestamps)")
     for i, label in enumerate(PHASES):
         print(f"  {label:<52} {statistics.median(p[i] for p in split):8.3f} s")
+    print(f"\nCPU per warm run, every process on this host ({os.cpu_count()} cores; /proc, over the {REPEATS} runs: "
+          f"{1000 * cpu_wall / REPEATS:.0f} ms of wall each)")
+    for role, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]):
+        print(f"  {role:<52} {1000 * seconds / REPEATS:8.0f} ms")
+    print(f"  {'all':<52} {1000 * sum(cpu.values()) / REPEATS:8.0f} ms")
     w, f, u = statistics.median([t for t, _ in warm]), statistics.median(flow), statistics.median(ui)
     print(f"goal (w) <= 1.0 s: {'met' if w <= 1.0 else 'NOT met'} ({w:.2f} s)")
     print(f"goal flow <= 3x baseline: {'met' if f <= 3 * b else 'NOT met'} ({f / b:.1f}x)")
