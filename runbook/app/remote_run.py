@@ -261,10 +261,11 @@ def follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], N
            on_paused: Callable[[dict[str, Any]], None], on_step: Callable[[Step], None] | None = None,
            progress: Progress | None = None, timeout_s: float = 3600.0, watch: RunWatch | None = None) -> Finished:
     """Follow the run until it is final, then read its report: its state (read again on each of its events from
-    ``watch`` that may need acting on, else every 50 ms), its finished steps (task runs) and new log
-    lines (every 0.3 s from 0.3 s after it was created, read in the background: the end of the run is never kept
-    waiting on one); ``on_paused`` handles an approval wait. Once it has ended, its last log lines and its report are read side by side (beside the state itself when the stream
-    said it ended), and the steps not shown yet come from the report."""
+    ``watch`` that may need acting on, else every 50 ms), its finished steps (task runs) and new log lines (every
+    0.3 s from 0.3 s after it was created, read in the background: the end of the run is never kept waiting on
+    one); ``on_paused`` handles an approval wait. Once it has ended, its last log lines and its report are read
+    side by side (beside the state itself when the stream said it ended), and the steps not shown yet come from
+    the report."""
     progress = progress or Progress()
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="follow")
     try:
