@@ -82,7 +82,8 @@ def test_runs_of_a_killed_executor_are_finished_and_an_alert_run_retried_once(
 
         with _executor(api) as successor:  # a restart on the same host: the dead process is recognised at once
             wait_for(lambda: run_state(http, cli_run)["type"] in TERMINAL, 60, "the zombie CLI run to be finished")
-            wait_for(lambda: run_state(http, alert_run)["type"] in TERMINAL, 120, "the retried alert run to finish")
+            # the reconciler marks the alert run Crashed, then AwaitingRetry: final only once it ran again
+            wait_for(lambda: _ended_after_retry(http, alert_run), 120, "the retried alert run to finish")
 
         cli_final = run_state(http, cli_run)
         assert cli_final["type"] == "CRASHED", cli_final
@@ -97,6 +98,13 @@ def test_runs_of_a_killed_executor_are_finished_and_an_alert_run_retried_once(
         assert _claimed_by(http, alert_run)[-1] == claim_message(successor.name), "the retry ran on the successor"
         assert {v.run_id for v in successor.recovered} == {alert_run, cli_run}
         assert [v.retried for v in sorted(successor.recovered, key=lambda v: v.run_id != alert_run)] == [True, False]
+
+
+def _ended_after_retry(http: httpx.Client, run_id: str) -> bool:
+    """The run was rescheduled for a retry and is final again (a poll between the reconciler's Crashed and its
+    AwaitingRetry sees a final state that is not the end)."""
+    names = [s["name"] for s in run_history(http, run_id)]
+    return "AwaitingRetry" in names and run_state(http, run_id)["type"] in TERMINAL
 
 
 def test_sigterm_lets_a_short_run_finish_and_hands_a_long_one_back(
