@@ -92,7 +92,9 @@ def test_a_refused_stream_ends_and_follow_polls_instead(api: str, run_id: str) -
     assert finished.run["state"]["type"] == "COMPLETED"
 
 
-def test_follow_reads_the_run_when_it_changes_not_every_50_ms(api: str, run_id: str) -> None:
+def _watched(api: str, run_id: str) -> tuple[RunWatch, list[float], Callable[[httpx.Request], None]]:
+    """An open watch of the run, and a request hook that notes when follow reads the run (and the list it notes
+    the times in)."""
     reads: list[float] = []
 
     def count(request: httpx.Request) -> None:
@@ -101,6 +103,11 @@ def test_follow_reads_the_run_when_it_changes_not_every_50_ms(api: str, run_id: 
 
     watch = RunWatch(api, env_auth_string(), run_id).start()
     wait_for(watch.open.is_set, 30, "the event stream to open")
+    return watch, reads, count
+
+
+def test_follow_reads_the_run_when_it_changes_not_every_50_ms(api: str, run_id: str) -> None:
+    watch, reads, count = _watched(api, run_id)
 
     def drive() -> None:
         _set(api, run_id, "RUNNING")
@@ -111,8 +118,9 @@ def test_follow_reads_the_run_when_it_changes_not_every_50_ms(api: str, run_id: 
     finished = _follow_driven(api, run_id, watch, drive, count)
     elapsed = time.monotonic() - started
     assert finished.run["state"]["type"] == "COMPLETED"
-    # one read at the start, one per state event (2, the last is the final read) and one per safety poll, however
-    # slow the machine: progress polls (steps and logs, every 0.3 s) do not read the run (they did: 9 reads here)
+    # one read at the start, one once it ended and one per safety poll (and one to spare), however slow the
+    # machine: neither its RUNNING event nor progress polls (steps and logs, every 0.3 s) read the run (they did:
+    # 9 reads here)
     bound = 1 + math.ceil(elapsed / WATCHED_POLL_S) + 2
     assert len(reads) <= bound, (len(reads), bound, elapsed)
 
@@ -122,15 +130,8 @@ def test_follow_reads_the_run_on_an_event_it_must_act_on_not_on_a_running_one(
     """A run's RUNNING event wakes follow without a read of the run (nothing to do); a PAUSED one is read at once
     (an approval form may be waiting). The safety poll is pushed out of the way so only events cause reads."""
     monkeypatch.setattr(remote_run, "WATCHED_POLL_S", 30.0)
-    reads: list[float] = []
+    watch, reads, count = _watched(api, run_id)
     marks: dict[str, float] = {}
-
-    def count(request: httpx.Request) -> None:
-        if request.method == "GET" and request.url.path.endswith(f"/flow_runs/{run_id}"):
-            reads.append(time.monotonic())
-
-    watch = RunWatch(api, env_auth_string(), run_id).start()
-    wait_for(watch.open.is_set, 30, "the event stream to open")
 
     def drive() -> None:
         for state, name in (("RUNNING", None), ("PAUSED", "Paused"), ("COMPLETED", None)):
