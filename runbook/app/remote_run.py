@@ -341,7 +341,7 @@ def _follow(http: httpx.Client, run_id: str, on_log: Callable[[dict[str, Any]], 
             watch.wait(FOLLOW_POLL_S)
             read_due = 0.0
         elif watch.wait(max(0.0, min(details_due, read_due) - time.monotonic())) and watch.latest not in UNEVENTFUL:
-            read_due = 0.0  # an event of the run that may need acting on (paused, scheduled again, ended)
+            read_due = 0.0  # an event of the run that may need acting on (paused, cancelling, ended)
 
 
 def _read_last(http: httpx.Client, run_id: str, progress: Progress, pool: ThreadPoolExecutor,
