@@ -352,8 +352,12 @@ class Run:
         # planned from now, beside the rest of the diagnosis: a plan only reads (applying waits for the runner,
         # the policy and any approval, and re-checks each change), so a plan need not wait for the body's last
         # step (db-slowness's two plans ran after the application's pool check; now during it)
-        plan = plan_step.submit(rem, state) if self.mode != "diagnose" else None
-        self.offers.append(_Offer(rem, after, state, plan))
+        self.offers.append(_Offer(rem, after, state, plan_step.submit(rem, state) if self.plans else None))
+
+    @property
+    def plans(self) -> bool:
+        """Whether the policy plans what the body offers (a diagnose-only policy plans nothing)."""
+        return self.mode != "diagnose"
 
     def on_finish(self, fn: Callable[[Report], None]) -> None:
         """Run ``fn(report)`` after remediation, before publishing (e.g. the incident channel message)."""
@@ -471,7 +475,7 @@ def _remediate(run: Run) -> None:
     run.decide(f"policy: mode {run.mode}" + (f" (route {run.route})" if run.route else "")
                + ("; dry run: plan only" if not applying else "; apply")
                + ("; approval required" if needs_approval else ""))
-    if run.mode == "diagnose":
+    if not run.plans:
         for o in run.offers:
             report.actions.append(ActionResult(name=o.rem.name, target=o.rem.target, dry_run=True,
                                                skipped_reason="diagnose-only policy: remediations not planned"))
